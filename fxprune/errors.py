@@ -1,0 +1,37 @@
+"""The exceptions fxprune raises. Every message says what is wrong and what to do about it."""
+
+
+class FxPruneError(Exception):
+    """Base class of every error fxprune raises on purpose."""
+
+
+class CaptureError(FxPruneError):
+    """torch.export could not capture the model with the given example inputs."""
+
+
+class ConfigError(FxPruneError, ValueError):
+    """An option is out of range, conflicts with another, or matches nothing."""
+
+
+class NothingToPruneError(FxPruneError):
+    """Every channel group is frozen, so there is nothing a method may remove."""
+
+
+class TargetError(FxPruneError):
+    """A FLOPs or parameter target cannot be reached with the prunable groups."""
+
+
+class RewriteError(FxPruneError):
+    """A decision cannot be applied (for example a non-selection T where consumers cannot absorb it)."""
+
+
+class VerificationError(FxPruneError):
+    """The slim model does not agree with its reference; the message names the group or module."""
+
+
+class DataError(FxPruneError):
+    """Calibration or training data is missing, empty, malformed or not finite."""
+
+
+class ExportError(FxPruneError):
+    """ONNX export failed or the exported file disagrees with torch."""
