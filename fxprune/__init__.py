@@ -1,0 +1,30 @@
+"""fxprune: a structured-pruning compiler for PyTorch.
+
+    import fxprune
+    slim = fxprune.compile(model, example_inputs, method="l1", target_flops=0.5)
+
+See README.md for the pipeline (capture -> analysis -> method -> rewrite -> verify -> ONNX).
+"""
+
+from .api import PruneResult, compile, describe_groups, groups, prune  # noqa: A004
+from .errors import (CaptureError, ConfigError, DataError, ExportError, FxPruneError, NothingToPruneError,
+                     RewriteError, TargetError, VerificationError)
+from .rewrite import Decision
+
+__version__ = "0.1.0"
+
+_LAZY = {"export_onnx": "export", "benchmark": "bench", "finetune": "finetune", "evaluate": "finetune",
+         "load_fashion_mnist": "data", "count_flops": "cost", "count_params": "cost"}
+
+
+def __getattr__(name):
+    # the deploy helpers import onnx/onnxruntime; load them only when asked for
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'fxprune' has no attribute {name!r}")
+
+
+__all__ = ["compile", "prune", "groups", "describe_groups", "PruneResult", "Decision", "FxPruneError",
+           "CaptureError", "ConfigError", "DataError", "ExportError", "NothingToPruneError", "RewriteError",
+           "TargetError", "VerificationError", *_LAZY]

@@ -1,0 +1,356 @@
+"""Analysis: which channels are coupled, as groups with index maps, and which are frozen and why.
+
+Every tensor node gets a channel map (``CMap``): the dim that carries channels and, per position along it, an
+element id (and a tag: the spatial sub-position once C*H*W features are flattened). Producers (conv/linear
+outputs) mint fresh elements; ops from the table in ops.py move, slice, concatenate or unite them; anything not
+in the table is a barrier that freezes what reaches it. Union-find over elements gives channel classes;
+classes minted by the same producer form a group, and every parameter dim that carries channels (a ``Slot``)
+maps its positions to (group, index).
+
+Example::
+
+    an = analyze(capture(model, x))
+    for g in an.groups:
+        print(g.describe())
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.fx import GraphModule, Node
+
+from .capture import node_module_path
+from .ops import op_name, rule_for
+
+# ops between Z and a consumer that commute with a channel-linear map Z -> Z[:, keep] @ T
+COMMUTING = {"aten.avg_pool1d", "aten.avg_pool2d", "aten.avg_pool3d", "aten.adaptive_avg_pool1d",
+             "aten.adaptive_avg_pool2d", "aten._adaptive_avg_pool2d", "aten.mean", "aten.sum", "aten.view",
+             "aten.reshape", "aten._unsafe_view", "aten.flatten", "aten.squeeze", "aten.unsqueeze",
+             "aten.dropout", "aten.clone", "aten.contiguous", "aten.alias", "aten.constant_pad_nd",
+             "aten.upsample_nearest2d", "aten.upsample_bilinear2d", "aten.permute", "aten.transpose"}
+
+
+@dataclass
+class CMap:
+    """Channel map of one tensor: which dim carries channels, and the element id at each position."""
+    dim: int
+    ids: np.ndarray
+    tags: np.ndarray
+
+    def with_dim(self, dim: int) -> "CMap":
+        return CMap(dim, self.ids, self.tags)
+
+
+@dataclass
+class Slot:
+    """A parameter/buffer dim whose positions are channels: 'out' rows of a producer, per-channel 'member'
+    entries (bias, BatchNorm, depthwise kernels), or the 'in' dim of a consumer that folds T."""
+    fqn: str
+    dim: int
+    role: str
+    ids: np.ndarray
+    tags: np.ndarray
+    node: str = ""       # the (first) graph node that uses it this way
+    foldable: bool = True  # 'in' slots: a full-rank linear consumer (plain conv, linear)
+
+
+@dataclass
+class Group:
+    """Channels that must be removed together. ``width`` channels, numbered 0..width-1."""
+    gid: int
+    width: int
+    producers: list[str] = field(default_factory=list)   # weight FQNs whose rows mint the channels
+    members: list[str] = field(default_factory=list)     # per-channel params sliced alongside
+    consumers: list[str] = field(default_factory=list)   # weight FQNs whose input dim reads the channels
+    modules: list[str] = field(default_factory=list)     # producer module paths
+    frozen: str | None = None
+    z_node: str | None = None      # node whose output is Z (all consumers read it) when T may be folded
+    fold_reason: str | None = None  # why only a selection T is allowed
+
+    @property
+    def prunable(self) -> bool:
+        return self.frozen is None and self.width > 1
+
+    def describe(self) -> str:
+        head = f"group {self.gid}: width {self.width}"
+        if self.frozen:
+            head += f"  FROZEN: {self.frozen}"
+        lines = [head, f"  producers: {', '.join(self.producers)}"]
+        if self.consumers:
+            lines.append(f"  consumers: {', '.join(self.consumers)}")
+        if self.members:
+            lines.append(f"  follow:    {', '.join(self.members)}")
+        if not self.frozen:
+            lines.append(f"  reconstruction: folded at {self.z_node}" if self.z_node
+                         else f"  reconstruction: selection only ({self.fold_reason})")
+        return "\n".join(lines)
+
+
+class _UnionFind:
+    def __init__(self):
+        self.parent: list[int] = []
+        self.reason: dict[int, str] = {}
+
+    def fresh(self, n: int, frozen: str | None = None) -> np.ndarray:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        ids = np.arange(start, start + n, dtype=np.int64)
+        if frozen:
+            for i in ids:
+                self.reason[int(i)] = frozen
+        return ids
+
+    def find(self, i: int) -> int:
+        root = i
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[i] != root:
+            self.parent[i], i = root, self.parent[i]
+        return root
+
+    def union(self, a: np.ndarray, b: np.ndarray):
+        for x, y in zip(a.tolist(), b.tolist()):
+            rx, ry = self.find(x), self.find(y)
+            if rx != ry:
+                self.parent[ry] = rx
+                if ry in self.reason and rx not in self.reason:
+                    self.reason[rx] = self.reason[ry]
+
+    def freeze(self, ids: np.ndarray, why: str):
+        for i in ids.tolist():
+            self.reason.setdefault(self.find(i), why)
+
+    def roots(self, ids: np.ndarray) -> np.ndarray:
+        return np.fromiter((self.find(i) for i in ids.tolist()), dtype=np.int64, count=len(ids))
+
+
+def concrete(size) -> int:
+    """A dim size as an int; symbolic (batch) sizes become a large odd stand-in so they never equal a width."""
+    if isinstance(size, int):
+        return size
+    try:
+        expr = size.node.expr
+        return int(expr.subs({s: 1_000_003 + 2 * i for i, s in enumerate(sorted(expr.free_symbols, key=str))}))
+    except Exception:  # noqa: BLE001
+        return 1_000_003
+
+
+def shape_of(node) -> list[int] | None:
+    val = node.meta.get("val") if isinstance(node, Node) else None
+    return [concrete(s) for s in val.shape] if isinstance(val, torch.Tensor) else None
+
+
+def _where(node: Node) -> str:
+    mod = node_module_path(node)
+    return f"node '{node.name}'" + (f" in module '{mod}'" if mod else "")
+
+
+class Analysis:
+    """Runs the rules over a captured graph; result in ``groups``, ``slots`` and ``cmaps``."""
+
+    def __init__(self, gm: GraphModule):
+        self.gm = gm
+        self.uf = _UnionFind()
+        self.cmaps: dict[Node, object] = {}
+        self.slots: dict[tuple[str, int], Slot] = {}
+        self.barrier_nodes: list[Node] = []
+        self.param_users: dict[str, list[Node]] = {}
+        from . import rules  # the rule functions, one per rule name in ops.py
+        self._rules = rules.RULES
+        for node in gm.graph.nodes:
+            self._visit(node)
+        self._freeze_params_at_barriers()
+        self.groups: list[Group] = []
+        self.class_index: dict[int, tuple[int, int]] = {}
+        self._build_groups()
+
+    # ---- graph walk -------------------------------------------------------------------------------------
+    def _visit(self, node: Node):
+        if node.op == "placeholder" or node.op == "get_attr":
+            self.cmaps[node] = None  # model inputs and raw parameters carry no tracked channels
+        elif node.op == "output":
+            for arg in _flat_nodes(node.args):
+                for cm in _flat_cmaps(self.cmaps.get(arg)):
+                    self.uf.freeze(cm.ids, "reaches the model output (its width is part of the interface)")
+        elif node.op == "call_function":
+            rule = rule_for(node.target)
+            if rule == "ignore":
+                self.cmaps[node] = None
+            elif rule is None:
+                self.barrier(node, f"op {op_name(node.target)} is not in fxprune's op table")
+            else:
+                self.cmaps[node] = self._rules[rule](self, node)
+        else:  # call_module (guards) / call_method: nothing tracked flows through
+            if isinstance(node.meta.get("val"), torch.Tensor):
+                self.barrier(node, f"{node.op} {node.target} is opaque to the analysis")
+            else:
+                self.cmaps[node] = None
+
+    # ---- helpers the rules use ----------------------------------------------------------------------------
+    def cmap(self, arg) -> CMap | None:
+        cm = self.cmaps.get(arg) if isinstance(arg, Node) else None
+        return cm if isinstance(cm, CMap) else None
+
+    def barrier(self, node: Node, why: str) -> None:
+        why = f"{why} ({_where(node)})"
+        for arg in _flat_nodes(node.args) + _flat_nodes(node.kwargs):
+            for cm in _flat_cmaps(self.cmaps.get(arg)):
+                self.uf.freeze(cm.ids, why)
+        self.barrier_nodes.append(node)
+        self.cmaps[node] = None
+
+    def param_fqn(self, arg) -> str | None:
+        return arg.target if isinstance(arg, Node) and arg.op == "get_attr" else None
+
+    def slot(self, node: Node, arg, dim: int, role: str, cm: CMap | None, foldable: bool = True):
+        """Record that parameter ``arg``'s dim ``dim`` carries channels ``cm`` (a fresh map if cm is None).
+        A parameter used twice (shared weights) unites the channels of both uses. Returns the slot's CMap."""
+        fqn = self.param_fqn(arg)
+        if fqn is None:
+            return cm
+        self.param_users.setdefault(fqn, []).append(node)
+        size = shape_of(arg)[dim]
+        key = (fqn, dim)
+        if key in self.slots:
+            s = self.slots[key]
+            if cm is not None and len(cm.ids) == len(s.ids) and np.array_equal(cm.tags, s.tags):
+                self.uf.union(s.ids, cm.ids)
+            elif cm is not None:
+                self.uf.freeze(np.concatenate([s.ids, cm.ids]), f"parameter {fqn} is shared by uses that disagree")
+            s.foldable = s.foldable and foldable
+            return CMap(0, s.ids, s.tags)
+        if cm is None:
+            cm = CMap(0, self.uf.fresh(size), np.zeros(size, dtype=np.int64))
+        self.slots[key] = Slot(fqn, dim, role, cm.ids, cm.tags, node.name, foldable)
+        return cm
+
+    def _freeze_params_at_barriers(self):
+        # A parameter that a barrier also reads cannot be sliced without breaking that op.
+        for node in self.barrier_nodes:
+            for arg in _flat_nodes(node.args):
+                fqn = self.param_fqn(arg)
+                for (f, _), s in self.slots.items():
+                    if f == fqn:
+                        self.uf.freeze(s.ids, f"parameter {fqn} is also read by {_where(node)}")
+
+    # ---- groups -------------------------------------------------------------------------------------------
+    def _build_groups(self):
+        uf = self.uf
+        comp = _UnionFind()  # over producer slots: classes minted by one producer belong to one group
+        slot_list = [s for s in self.slots.values() if s.role == "out"]
+        owner: dict[int, int] = {}
+        comp.fresh(len(slot_list))
+        for si, s in enumerate(slot_list):
+            for r in uf.roots(s.ids).tolist():
+                if r in owner:
+                    comp.union(np.array([owner[r]]), np.array([si]))
+                else:
+                    owner[r] = si
+        by_comp: dict[int, list[int]] = {}
+        for si in range(len(slot_list)):
+            by_comp.setdefault(comp.find(si), []).append(si)
+        for sis in by_comp.values():
+            classes: list[int] = []
+            seen = set()
+            for si in sis:
+                for r in uf.roots(slot_list[si].ids).tolist():
+                    if r not in seen:
+                        seen.add(r)
+                        classes.append(r)
+            g = Group(gid=len(self.groups), width=len(classes))
+            for i, r in enumerate(classes):
+                self.class_index[r] = (g.gid, i)
+            reasons = [uf.reason[r] for r in classes if r in uf.reason]
+            g.frozen = reasons[0] if reasons else None
+            self.groups.append(g)
+        for s in self.slots.values():
+            for gid in sorted({self.class_index[r][0] for r in uf.roots(s.ids).tolist() if r in self.class_index}):
+                g = self.groups[gid]
+                {"out": g.producers, "member": g.members, "in": g.consumers}[s.role].append(s.fqn)
+                if s.role == "out":
+                    mod = s.fqn.rsplit(".", 1)[0]
+                    if mod not in g.modules:
+                        g.modules.append(mod)
+        for g in self.groups:
+            self._fold_point(g)
+
+    def positions(self, slot_or_cmap) -> tuple[np.ndarray, np.ndarray]:
+        """(group id, index in group) per position; group id -1 where a position is in no group."""
+        roots = self.uf.roots(slot_or_cmap.ids)
+        gi = np.array([self.class_index.get(r, (-1, -1)) for r in roots.tolist()], dtype=np.int64).reshape(-1, 2)
+        return gi[:, 0], gi[:, 1]
+
+    def _fold_point(self, g: Group):
+        """Where T can be folded: every consumer is a full linear map that sees the whole group, and all of
+        them read one tensor Z up to ops that commute with a channel-linear map."""
+        nodes = {n.name: n for n in self.gm.graph.nodes}
+        sources = set()
+        for s in self.slots.values():
+            if s.role != "in":
+                continue
+            gid, idx = self.positions(s)
+            mine = gid == g.gid
+            if not mine.any():
+                continue
+            if not s.foldable:
+                g.fold_reason = f"consumer {s.fqn} is not a plain linear map of its input"
+                return
+            for tag in np.unique(s.tags[mine]):
+                if len(set(idx[mine & (s.tags == tag)].tolist())) != g.width:
+                    g.fold_reason = f"consumer {s.fqn} does not read every channel of the group"
+                    return
+            for user in self.param_users.get(s.fqn, []):
+                sources.add(self._source(user.args[0], g.gid))
+        if not sources:
+            g.fold_reason = "the group has no consumer"
+        elif len(sources) > 1:
+            g.fold_reason = ("its consumers read different tensors (" + ", ".join(sorted(sources)) +
+                             "), e.g. along a residual stream")
+        else:
+            g.z_node = sources.pop()
+            assert g.z_node in nodes
+
+    def _source(self, node: Node, gid: int) -> str:
+        while node.op == "call_function":
+            name = op_name(node.target)
+            if name == "aten.cat":
+                carriers = {a for a in node.args[0] if self._carries(a, gid)}
+                if len(carriers) != 1:
+                    break
+                node = carriers.pop()
+            elif name in COMMUTING:
+                node = node.args[0]
+            else:
+                break
+        return node.name
+
+    def _carries(self, node, gid: int) -> bool:
+        cm = self.cmap(node)
+        return cm is not None and bool((self.positions(cm)[0] == gid).any())
+
+
+def _flat_nodes(args) -> list[Node]:
+    out: list[Node] = []
+    torch.fx.node.map_aggregate(args, lambda a: out.append(a) if isinstance(a, Node) else None)
+    return out
+
+
+def _flat_cmaps(cm) -> list[CMap]:
+    if isinstance(cm, CMap):
+        return [cm]
+    if isinstance(cm, (list, tuple)):
+        return [c for c in cm if isinstance(c, CMap)]
+    return []
+
+
+def analyze(gm: GraphModule) -> Analysis:
+    """Run the channel analysis on a captured GraphModule."""
+    return Analysis(gm)
+
+
+def prod(xs) -> int:
+    return math.prod(xs) if xs else 1

@@ -1,0 +1,86 @@
+"""What a method pass sees: the groups, their targets, the model (read-only) and helpers that turn per-channel
+scores into decisions. A pass returns {group id: Decision}; it never edits a tensor.
+
+Example (a whole method)::
+
+    def decide(ctx):
+        scores = {g: my_scores(ctx, g) for g in ctx.prunable}
+        return ctx.select_top(scores)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .analysis import Analysis
+from .rewrite import Decision
+from .targets import CostModel, fit_global, fit_uniform, uniform_widths
+
+
+@dataclass
+class Target:
+    """Exactly one of: per-group amounts (fraction removed), or a global fraction of flops/params kept."""
+    amounts: dict[int, float] | None = None
+    metric: str | None = None     # "flops" | "params"
+    value: float | None = None
+    round_to: int | None = None
+
+
+@dataclass
+class PruneContext:
+    model: nn.Module               # the (copied) eager model, full width; read it, never write it
+    analysis: Analysis
+    cost: CostModel
+    target: Target
+    example_inputs: tuple
+    calib: object = None           # calibration data as the user gave it (tensor, DataLoader, iterable)
+    progress: bool = True
+    notes: list[str] = field(default_factory=list)  # lines the method wants in the report
+
+    @property
+    def groups(self):
+        return self.analysis.groups
+
+    @property
+    def prunable(self) -> list[int]:
+        return [g.gid for g in self.analysis.groups if g.prunable]
+
+    def producer_rows(self, gid: int):
+        """Yield (weight tensor with channels in dim 0, group index per row) for every producer of a group."""
+        params = dict(self.analysis.gm.named_parameters())
+        for s in self.analysis.slots.values():
+            if s.role != "out":
+                continue
+            g, idx = self.analysis.positions(s)
+            mine = g == gid
+            if mine.any():
+                w = params[s.fqn].detach().movedim(s.dim, 0)[torch.as_tensor(np.flatnonzero(mine))]
+                yield w, idx[mine]
+
+    def widths(self, scores: dict[int, np.ndarray] | None = None) -> dict[int, int]:
+        """Kept count per prunable group for this target: uniform amounts, or a global fit (by score when
+        scores are given, else the same amount everywhere)."""
+        t, an = self.target, self.analysis
+        if t.amounts is not None:
+            w = uniform_widths(an, t.amounts, t.round_to)
+        elif scores is not None:
+            w = fit_global(an, scores, self.cost, t.value, t.metric, t.round_to)
+        else:
+            w = fit_uniform(an, self.cost, self.prunable, t.value, t.metric, t.round_to)
+        return {g: int(w[g]) for g in self.prunable}
+
+    def select_top(self, scores: dict[int, np.ndarray], widths: dict[int, int] | None = None) -> dict[int, Decision]:
+        """Keep the highest-scoring channels of each group (ties: lower index first)."""
+        widths = widths or self.widths(scores)
+        out = {}
+        for g, s in scores.items():
+            k = widths[g]
+            if k >= len(s):
+                continue
+            order = np.lexsort((np.arange(len(s)), -np.asarray(s, dtype=np.float64)))
+            out[g] = Decision(keep=np.sort(order[:k]), info={"score_kept": float(np.sum(np.asarray(s)[order[:k]]))})
+        return out

@@ -1,0 +1,212 @@
+"""The one rewrite engine: decisions {group id: Decision(keep, T)} -> physically smaller tensors.
+
+Producers' rows and every per-channel parameter that follows them (bias, BatchNorm, depthwise kernels) are
+sliced to ``keep``; consumers fold T (Z ~ Z[:, keep] @ T) into their input dim; module attributes and graph
+shape constants (view sizes, split sizes, slice bounds, depthwise ``groups``) are updated. Methods never edit
+tensors: this file is the only place that does.
+
+Example::
+
+    plan = Plan(analysis, {3: Decision(keep=np.array([0, 2, 5]), T=None)})
+    plan.apply_params(model)      # the user's eager module (by parameter FQN)
+    plan.apply_params(gm); plan.fix_graph(gm)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .analysis import Analysis, Slot
+from .errors import RewriteError
+from .ops import op_name
+
+
+@dataclass
+class Decision:
+    """What a method decides for one group: the kept channel indices (sorted) and a k x n reconstruction
+    matrix T (None means plain selection). ``info`` is free-form report data (scores, ID error, ...)."""
+    keep: np.ndarray
+    T: np.ndarray | None = None
+    info: dict = field(default_factory=dict)
+
+    def is_selection(self) -> bool:
+        if self.T is None:
+            return True
+        sel = np.zeros_like(self.T)
+        sel[np.arange(len(self.keep)), self.keep] = 1.0
+        return np.array_equal(self.T, sel)
+
+
+def segments(gid: np.ndarray, idx: np.ndarray, tags: np.ndarray) -> dict[tuple, np.ndarray]:
+    """Positions grouped by (group, tag, copy); a concat of the same tensor twice gives copies 0 and 1.
+    Within a segment positions are ordered by group index, so a complete one is indexable by channel."""
+    seen: dict[tuple, int] = {}
+    out: dict[tuple, list] = {}
+    for p, (g, i, t) in enumerate(zip(gid.tolist(), idx.tolist(), tags.tolist())):
+        if g < 0:
+            continue
+        c = seen.get((g, i, t), 0)
+        seen[(g, i, t)] = c + 1
+        out.setdefault((g, t, c), []).append((i, p))
+    return {k: np.array([p for _, p in sorted(v)], dtype=np.int64) for k, v in out.items()}
+
+
+class Plan:
+    """Validated decisions plus the index bookkeeping every edit needs."""
+
+    def __init__(self, an: Analysis, decisions: dict[int, Decision]):
+        self.an = an
+        self.decisions = {g: self._check(g, d) for g, d in decisions.items()}
+        self.keep_mask = {g: np.isin(np.arange(an.groups[g].width), d.keep) for g, d in self.decisions.items()}
+
+    def _check(self, gid: int, d: Decision) -> Decision:
+        if not 0 <= gid < len(self.an.groups):
+            raise RewriteError(f"decision for unknown group {gid}")
+        g = self.an.groups[gid]
+        keep = np.asarray(d.keep, dtype=np.int64)
+        if g.frozen:
+            raise RewriteError(f"group {gid} is frozen ({g.frozen}); a method must not decide for it")
+        if keep.ndim != 1 or len(keep) == 0 or np.any(np.diff(keep) <= 0) or keep[0] < 0 or keep[-1] >= g.width:
+            raise RewriteError(f"group {gid}: keep must be sorted unique indices in [0, {g.width}), at least one")
+        T = None if d.T is None else np.asarray(d.T, dtype=np.float64)
+        if T is not None and T.shape != (len(keep), g.width):
+            raise RewriteError(f"group {gid}: T must be {len(keep)} x {g.width}, got {T.shape}")
+        d = Decision(keep, T, d.info)
+        if not d.is_selection() and g.z_node is None:
+            raise RewriteError(
+                f"group {gid} ({', '.join(g.modules)}) cannot absorb a reconstruction matrix T: {g.fold_reason}. "
+                "Use a selection for this group (T=None).")
+        return d
+
+    # ---- per-position masks ------------------------------------------------------------------------------
+    def kept_positions(self, ids_holder) -> np.ndarray:
+        gid, idx = self.an.positions(ids_holder)
+        mask = np.ones(len(gid), dtype=bool)
+        for g, km in self.keep_mask.items():
+            sel = gid == g
+            mask[sel] = km[idx[sel]]
+        return mask
+
+    def new_size(self, ids_holder) -> int:
+        return int(self.kept_positions(ids_holder).sum())
+
+    # ---- parameters ---------------------------------------------------------------------------------------
+    def new_tensor(self, s: Slot, tensor: torch.Tensor) -> torch.Tensor:
+        kept = self.kept_positions(s)
+        index = torch.as_tensor(np.flatnonzero(kept), device=tensor.device)
+        out = tensor.index_select(s.dim, index)
+        if s.role != "in":
+            return out
+        slim_pos = np.cumsum(kept) - 1
+        gid, idx = self.an.positions(s)
+        for (g, _, _), P in segments(gid, idx, s.tags).items():
+            d = self.decisions.get(g)
+            if d is None or d.T is None or d.is_selection():
+                continue
+            Q = torch.as_tensor(slim_pos[P[d.keep]], device=tensor.device)
+            W = tensor.index_select(s.dim, torch.as_tensor(P, device=tensor.device)).movedim(s.dim, -1)
+            folded = (W.double() @ torch.as_tensor(d.T.T)).to(tensor.dtype).movedim(-1, s.dim)
+            out.index_copy_(s.dim, Q, folded)
+        return out
+
+    def apply_params(self, module: nn.Module):
+        """Replace every touched parameter/buffer of ``module`` (found by FQN) by its slim version."""
+        by_fqn: dict[str, list[Slot]] = {}
+        for s in self.an.slots.values():
+            by_fqn.setdefault(s.fqn, []).append(s)
+        touched = {g for g in self.decisions}
+        for fqn, slots in by_fqn.items():
+            if not any(self._touches(s, touched) for s in slots):
+                continue
+            owner_path, _, attr = fqn.rpartition(".")
+            owner = module.get_submodule(owner_path)
+            old = getattr(owner, attr)
+            with torch.no_grad():
+                new = old.detach()
+                for s in slots:
+                    new = self.new_tensor(s, new)
+            if isinstance(old, nn.Parameter):
+                setattr(owner, attr, nn.Parameter(new.clone(), requires_grad=old.requires_grad))
+            else:
+                owner._buffers[attr] = new.clone()
+        for mod in module.modules():
+            _update_attributes(mod)
+
+    def _touches(self, s: Slot, touched: set) -> bool:
+        gid, _ = self.an.positions(s)
+        return bool(np.isin(gid, list(touched)).any())
+
+    # ---- graph constants ----------------------------------------------------------------------------------
+    def fix_graph(self, gm: torch.fx.GraphModule):
+        """Rewrite shape constants that carry a pruned width, then recompile the graph."""
+        cmap_of = {n.name: cm for n, cm in self.an.cmaps.items()}  # gm may be a copy of the analysed graph
+        for node in gm.graph.nodes:
+            if node.op != "call_function":
+                continue
+            name = op_name(node.target)
+            cm = cmap_of.get(node.name)
+            src = cmap_of.get(node.args[0].name) if node.args and isinstance(node.args[0], torch.fx.Node) else None
+            if name in ("aten.view", "aten.reshape", "aten._unsafe_view") and cm is not None:
+                sizes = list(node.args[1])
+                if isinstance(sizes[cm.dim], int) and sizes[cm.dim] != -1:
+                    sizes[cm.dim] = self.new_size(cm)
+                    node.args = (node.args[0], sizes, *node.args[2:])
+            elif name in ("aten.split", "aten.split_with_sizes", "aten.chunk", "aten.tensor_split"):
+                if isinstance(cm, list) and cm and cm[0] is not None and src is not None and cm[0].dim == src.dim:
+                    node.target = torch.ops.aten.split_with_sizes.default
+                    node.args = (node.args[0], [self.new_size(c) for c in cm], cm[0].dim)
+                    node.kwargs = {}
+            elif name in ("aten.slice", "aten.narrow") and cm is not None and src is not None:
+                self._fix_slice(node, name, src)
+            elif name in ("aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.convolution"):
+                gi = 8 if name == "aten.convolution" else 6
+                groups = node.args[gi] if len(node.args) > gi else node.kwargs.get("groups", 1)
+                if groups > 1 and src is not None and cm is not None and src.ids is cm.ids:
+                    args = list(node.args) + [1] * (gi + 1 - len(node.args))
+                    args[gi] = self.new_size(src)
+                    node.args = tuple(args)
+        gm.recompile()
+
+    def _fix_slice(self, node, name, src):
+        dim = node.args[1] if len(node.args) > 1 else 0
+        dim = dim + len(node.meta["val"].shape) if dim < 0 else dim
+        if dim != src.dim:
+            return
+        kept = np.concatenate([[0], np.cumsum(self.kept_positions(src))])
+        n = len(src.ids)
+        clamp = lambda v: min(max(v + n if v < 0 else v, 0), n)  # noqa: E731
+        if name == "aten.narrow":
+            start, length = clamp(node.args[2]), node.args[3]
+            node.args = (node.args[0], dim, int(kept[start]), int(kept[clamp(start + length)] - kept[start]))
+            return
+        start = clamp(node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0)
+        end = clamp(node.args[3] if len(node.args) > 3 and node.args[3] is not None else n)
+        step = node.args[4] if len(node.args) > 4 else 1
+        if step != 1:
+            raise RewriteError(f"node '{node.name}' slices channels with step {step}; freeze that group instead")
+        node.args = (node.args[0], dim, int(kept[start]), int(kept[end]), 1)
+
+
+def _update_attributes(mod: nn.Module):
+    """Keep the standard modules' size attributes (used by repr, state-dict loading, F.* calls) true."""
+    w = getattr(mod, "weight", None)
+    if isinstance(mod, nn.modules.conv._ConvNd) and w is not None:
+        transposed = mod.transposed
+        out_c = w.shape[1] * mod.groups if transposed else w.shape[0]
+        depthwise = mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
+        if depthwise and not transposed:
+            mod.groups = w.shape[0]
+            mod.in_channels = mod.out_channels = w.shape[0]
+        else:
+            mod.out_channels = out_c
+            mod.in_channels = (w.shape[0] if transposed else w.shape[1] * mod.groups)
+    elif isinstance(mod, nn.Linear) and w is not None:
+        mod.out_features, mod.in_features = w.shape
+    elif isinstance(mod, nn.modules.batchnorm._NormBase):
+        ref = w if w is not None else mod.running_mean
+        if ref is not None:
+            mod.num_features = ref.shape[0]

@@ -1,0 +1,242 @@
+"""The channel rules named in ops.py. Each takes (analysis, node) and returns the node's channel map:
+a CMap, a list of them for multi-output ops, or None when no tracked channel flows out."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.fx import Node
+
+from .analysis import CMap, shape_of, prod
+
+
+def _arg(node: Node, i: int, name: str, default=None):
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _norm(d: int, rank: int) -> int:
+    return d + rank if d < 0 else d
+
+
+def _multi(node: Node, cm):
+    val = node.meta.get("val")
+    return [cm] * len(val) if isinstance(val, (tuple, list)) else cm
+
+
+def passthrough(an, node):
+    return an.cmap(node.args[0])
+
+
+def pool(an, node):
+    cm = an.cmap(node.args[0])
+    if cm is not None and cm.dim != 1:
+        return an.barrier(node, "pooling over the channel dim")
+    return _multi(node, cm)
+
+
+def join(an, node, inputs=None):
+    """Element-wise with broadcasting: every input that spans the channel dim holds the SAME channels."""
+    inputs = [a for a in (inputs if inputs is not None else list(node.args)) if isinstance(a, Node)]
+    out = shape_of(node)
+    tracked = [(a, an.cmap(a)) for a in inputs if an.cmap(a) is not None]
+    if not tracked or out is None:
+        return None
+    aligned = {cm.dim + len(out) - len(shape_of(a)) for a, cm in tracked}
+    if len(aligned) != 1:
+        return an.barrier(node, "inputs carry channels in different dims")
+    d = aligned.pop()
+    first = tracked[0][1]
+    for a, cm in tracked[1:]:
+        if len(cm.ids) != len(first.ids) or not np.array_equal(cm.tags, first.tags):
+            return an.barrier(node, "inputs carry channels of different layouts")
+        an.uf.union(first.ids, cm.ids)
+    for a in inputs:
+        if an.cmap(a) is not None:
+            continue
+        shape = shape_of(a)
+        di = d - (len(out) - len(shape)) if shape is not None else -1
+        if shape is None or di < 0 or shape[di] == 1:
+            continue  # broadcast along the channel dim: no coupling
+        if an.param_fqn(a) is not None and np.all(first.tags == 0):
+            an.slot(node, a, di, "member", first)
+        else:
+            an.uf.freeze(first.ids, f"combined element-wise with untracked tensor '{a.name}' at node '{node.name}'")
+    return CMap(d, first.ids, first.tags)
+
+
+def conv(an, node):
+    x, w, b = node.args[0], node.args[1], _arg(node, 2, "bias")
+    if node.target is torch.ops.aten.convolution.default:
+        transposed, groups = node.args[6], node.args[8]
+    else:
+        transposed, groups = False, _arg(node, 6, "groups", 1)
+    cm = an.cmap(x)
+    if cm is not None and cm.dim != 1:
+        return an.barrier(node, "convolution over a tensor whose channels are not in dim 1")
+    cin, cout = shape_of(x)[1], shape_of(node)[1]
+    out_dim, in_dim = (1, 0) if transposed else (0, 1)
+    if groups == 1:
+        if cm is not None:
+            an.slot(node, w, in_dim, "in", cm)
+        out = an.slot(node, w, out_dim, "out", None)
+        an.slot(node, b, 0, "member", out)
+        return CMap(1, out.ids, np.zeros(len(out.ids), dtype=np.int64))
+    if groups == cin == cout and not transposed:  # depthwise: channel c in -> channel c out
+        if cm is None:
+            return None
+        an.slot(node, w, 0, "member", cm)
+        an.slot(node, b, 0, "member", cm)
+        return cm
+    why = f"grouped convolution (groups={groups}) would need equal widths per group; not supported yet"
+    if cm is not None:
+        an.uf.freeze(cm.ids, f"{why} (node '{node.name}')")
+    return CMap(1, an.uf.fresh(cout, frozen=f"{why} (node '{node.name}')"), np.zeros(cout, dtype=np.int64))
+
+
+def linear(an, node):
+    x, w, b = node.args[0], node.args[1], _arg(node, 2, "bias")
+    cm = an.cmap(x)
+    rank = len(shape_of(node))
+    if cm is not None and cm.dim != len(shape_of(x)) - 1:
+        return cm  # the linear map acts on another dim; channels pass through untouched
+    if cm is not None:
+        an.slot(node, w, 1, "in", cm)
+    out = an.slot(node, w, 0, "out", None)
+    an.slot(node, b, 0, "member", out)
+    return CMap(rank - 1, out.ids, np.zeros(len(out.ids), dtype=np.int64))
+
+
+def batch_norm(an, node):
+    cm = an.cmap(node.args[0])
+    if cm is not None and cm.dim != 1:
+        return an.barrier(node, "normalization whose channel dim is not dim 1")
+    if cm is not None:
+        for i in range(1, 5):
+            an.slot(node, node.args[i], 0, "member", cm)
+    return _multi(node, cm)
+
+
+def reduce(an, node):
+    cm = an.cmap(node.args[0])
+    if cm is None:
+        return None
+    rank = len(shape_of(node.args[0]))
+    dims = _arg(node, 1, "dim")
+    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+        return an.barrier(node, "reduction over every dim, channels included")
+    dims = {_norm(d, rank) for d in ([dims] if isinstance(dims, int) else dims)}
+    if cm.dim in dims:
+        return an.barrier(node, "reduction over the channel dim mixes channels")
+    keep = _arg(node, 2, "keepdim", False)
+    return cm if keep else cm.with_dim(cm.dim - sum(d < cm.dim for d in dims))
+
+
+def reshape(an, node):
+    """The channel dim may move (around size-1 dims) or merge with the dims right after it (C*H*W)."""
+    cm = an.cmap(node.args[0])
+    if cm is None:
+        return None
+    ins, outs = shape_of(node.args[0]), shape_of(node)
+    d, c = cm.dim, ins[cm.dim]
+    pre = prod(ins[:d])
+    for e in range(len(outs)):
+        if prod(outs[:e]) != pre or outs[e] % c or (outs[e] == 1 and c != 1):
+            continue
+        r, merged = outs[e] // c, 1
+        for size in [1] + ins[d + 1:]:
+            merged *= size
+            if merged == r:
+                ids = np.repeat(cm.ids, r)
+                tags = (np.repeat(cm.tags, r) * r + np.tile(np.arange(r), len(cm.ids))).astype(np.int64)
+                return CMap(e, ids, tags) if r > 1 else CMap(e, cm.ids, cm.tags)
+            if merged > r:
+                break
+    return an.barrier(node, f"reshape {ins} -> {outs} splits the channel dim or merges it with the batch")
+
+
+def permute(an, node):
+    cm = an.cmap(node.args[0])
+    if cm is None:
+        return None
+    rank = len(shape_of(node))
+    if node.target is torch.ops.aten.permute.default:
+        perm = [_norm(p, rank) for p in node.args[1]]
+        return cm.with_dim(perm.index(cm.dim))
+    d0, d1 = (0, 1) if len(node.args) < 3 else (_norm(node.args[1], rank), _norm(node.args[2], rank))
+    return cm.with_dim({d0: d1, d1: d0}.get(cm.dim, cm.dim))
+
+
+def cat(an, node):
+    tensors = list(node.args[0])
+    rank = len(shape_of(node))
+    d = _norm(_arg(node, 1, "dim", 0), rank)
+    dims = {an.cmap(t).dim for t in tensors if an.cmap(t) is not None}
+    if not dims:
+        return None
+    if len(dims) > 1:
+        return an.barrier(node, "concatenated tensors carry channels in different dims")
+    if dims.pop() != d:
+        return join(an, node, tensors)
+    ids, tags = [], []
+    for t in tensors:
+        cm = an.cmap(t)
+        if cm is None:  # positions from an untracked tensor stay as they are
+            n = shape_of(t)[d]
+            cm = CMap(d, an.uf.fresh(n, frozen=f"comes from untracked tensor '{t.name}'"), np.zeros(n, np.int64))
+        ids.append(cm.ids)
+        tags.append(cm.tags)
+    return CMap(d, np.concatenate(ids), np.concatenate(tags))
+
+
+def split(an, node):
+    cm = an.cmap(node.args[0])
+    pieces = node.meta.get("val")
+    if cm is None:
+        return [None] * len(pieces)
+    rank = len(shape_of(node.args[0]))
+    d = _norm(_arg(node, 2, "dim", 0), rank)
+    if d != cm.dim:
+        return [cm] * len(pieces)
+    out, start = [], 0
+    for p in pieces:
+        n = int(p.shape[d])
+        out.append(CMap(d, cm.ids[start:start + n], cm.tags[start:start + n]))
+        start += n
+    return out
+
+
+def slice_(an, node):
+    cm = an.cmap(node.args[0])
+    if cm is None:
+        return None
+    rank = len(shape_of(node.args[0]))
+    d = _norm(_arg(node, 1, "dim", 0), rank)
+    if d != cm.dim:
+        return cm
+    if node.target is torch.ops.aten.narrow.default:
+        start = node.args[2]
+        sl = slice(start, start + node.args[3])
+    else:
+        sl = slice(_arg(node, 2, "start"), _arg(node, 3, "end"), _arg(node, 4, "step", 1))
+    return CMap(d, cm.ids[sl], cm.tags[sl])
+
+
+def pad(an, node):
+    cm = an.cmap(node.args[0])
+    if cm is not None and cm.dim >= len(shape_of(node)) - len(node.args[1]) // 2:
+        return an.barrier(node, "padding of the channel dim")
+    return cm
+
+
+def getitem(an, node):
+    src = an.cmaps.get(node.args[0])
+    return src[node.args[1]] if isinstance(src, list) else None
+
+
+RULES = {
+    "pass": passthrough, "pool": pool, "join": join, "conv": conv, "linear": linear,
+    "batch_norm": batch_norm, "reduce": reduce, "reshape": reshape, "permute": permute, "cat": cat,
+    "split": split, "slice": slice_, "pad": pad, "getitem": getitem,
+}

@@ -1,0 +1,190 @@
+"""Targets: how many channels each group keeps, for an amount or a global FLOPs/params target.
+
+The cost model takes every op's FLOPs from torch.utils.flop_counter.FlopCounterMode (run once per op on meta
+tensors, batch 1) and scales it by the kept fraction of the op's input and output channels; parameters scale
+the same way along their channel dims. For conv/linear this is exact, so a width vector can be priced without
+building the slim model, and a solver can try thousands of them.
+
+Example::
+
+    cm = CostModel(an)
+    widths = fit_global(an, scores, cm, target=0.5, metric="flops", round_to=8)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .analysis import Analysis, CMap
+from .errors import ConfigError, TargetError
+
+
+def _meta(arg):
+    val = arg.meta.get("val") if isinstance(arg, torch.fx.Node) else None
+    if isinstance(val, torch.Tensor):
+        shape = [s if isinstance(s, int) else 1 for s in val.shape]  # batch 1
+        return torch.empty(shape, dtype=val.dtype, device="meta")
+    return arg
+
+
+def _op_flops(node) -> int:
+    args = torch.fx.node.map_aggregate(node.args, _meta)
+    kwargs = torch.fx.node.map_aggregate(node.kwargs, _meta)
+    try:
+        with FlopCounterMode(display=False) as fc:
+            node.target(*args, **kwargs)
+        return fc.get_total_flops()
+    except Exception:  # noqa: BLE001 - ops that cannot run on meta tensors cost nothing we can count
+        return 0
+
+
+class CostModel:
+    """FLOPs and parameters as functions of the kept width of every group."""
+
+    def __init__(self, an: Analysis):
+        self.an = an
+        self.n = np.array([g.width for g in an.groups], dtype=np.float64)
+        self.flop_terms = []   # (flops, in fraction vector, out fraction vector)
+        for node in an.gm.graph.nodes:
+            if node.op != "call_function" or node.target is getattr(__import__("operator"), "getitem"):
+                continue
+            f = _op_flops(node) if "conv" in str(node.target) or "linear" in str(node.target) \
+                or "mm" in str(node.target) or "matmul" in str(node.target) else 0
+            if not f:
+                continue
+            src, out = an.cmap(node.args[0]), an.cmap(node)
+            fin = self._fraction(src) if src is not None and (out is None or src.ids is not out.ids) else None
+            self.flop_terms.append((float(f), fin, self._fraction(out) if out is not None else None))
+        self.param_terms = []  # (numel, [fraction vectors of its channel dims])
+        slots_by_fqn: dict[str, list] = {}
+        for s in an.slots.values():
+            slots_by_fqn.setdefault(s.fqn, []).append(s)
+        for fqn, tensor in list(an.gm.named_parameters()):
+            fr = [self._fraction(s) for s in slots_by_fqn.get(fqn, [])]
+            self.param_terms.append((float(tensor.numel()), fr))
+        self.base_flops = self.flops(self.n)
+        self.base_params = self.params(self.n)
+
+    def _fraction(self, holder) -> tuple[float, np.ndarray]:
+        """(constant part, per-group coefficient): kept fraction = const + coef . (k / n)."""
+        gid, _ = self.an.positions(holder)
+        m = len(gid)
+        coef = np.bincount(gid[gid >= 0], minlength=len(self.n)).astype(np.float64) / m
+        return float((gid < 0).sum()) / m, coef
+
+    @staticmethod
+    def _eval(fr, ratio):
+        return 1.0 if fr is None else fr[0] + fr[1] @ ratio
+
+    def flops(self, widths) -> float:
+        ratio = np.asarray(widths, dtype=np.float64) / self.n
+        return sum(f * self._eval(fi, ratio) * self._eval(fo, ratio) for f, fi, fo in self.flop_terms)
+
+    def params(self, widths) -> float:
+        ratio = np.asarray(widths, dtype=np.float64) / self.n
+        return sum(p * math.prod(self._eval(fr, ratio) for fr in frs) for p, frs in self.param_terms)
+
+    def fraction(self, widths, metric: str) -> float:
+        if metric == "flops":
+            return self.flops(widths) / max(self.base_flops, 1.0)
+        return self.params(widths) / max(self.base_params, 1.0)
+
+
+def round_width(k: int, n: int, round_to: int | None) -> int:
+    """Round a kept count up to a multiple of round_to (never above n, never below 1)."""
+    k = max(1, min(int(k), n))
+    if round_to and round_to > 1:
+        k = min(n, int(math.ceil(k / round_to)) * round_to)
+    return k
+
+
+def uniform_widths(an: Analysis, amounts: dict[int, float], round_to: int | None) -> np.ndarray:
+    """Keep n - round(amount * n) channels in each prunable group (amounts keyed by group id)."""
+    widths = np.array([g.width for g in an.groups])
+    for gid, a in amounts.items():
+        n = an.groups[gid].width
+        widths[gid] = round_width(n - int(round(a * n)), n, round_to)
+    return widths
+
+
+def fit_uniform(an: Analysis, cost: CostModel, prunable: list[int], target: float, metric: str,
+                round_to: int | None) -> np.ndarray:
+    """The largest uniform amount whose cost stays within target (bisection)."""
+    check_reachable(an, cost, prunable, target, metric, round_to)
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        w = uniform_widths(an, {g: mid for g in prunable}, round_to)
+        lo, hi = (lo, mid) if cost.fraction(w, metric) <= target else (mid, hi)
+    return fill(an, cost, uniform_widths(an, {g: hi for g in prunable}, round_to), None, target, metric, round_to)
+
+
+def fit_global(an: Analysis, scores: dict[int, np.ndarray], cost: CostModel, target: float, metric: str,
+               round_to: int | None) -> np.ndarray:
+    """Global ranking: a group keeps its channels whose normalized score is above one shared threshold;
+    the threshold is bisected to the cheapest width vector within target, then filled back up greedily."""
+    prunable = list(scores)
+    check_reachable(an, cost, prunable, target, metric, round_to)
+    norm = {g: np.sort(s / max(float(np.mean(s)), 1e-30))[::-1] for g, s in scores.items()}
+    thresholds = np.unique(np.concatenate(list(norm.values()) + [np.array([0.0])]))
+
+    def widths_at(t):
+        w = np.array([g.width for g in an.groups])
+        for g, s in norm.items():
+            w[g] = round_width(int((s >= t).sum()), len(s), round_to)
+        return w
+
+    lo, hi = 0, len(thresholds)  # find the smallest threshold index whose widths fit
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cost.fraction(widths_at(thresholds[mid]), metric) <= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    w = widths_at(thresholds[lo]) if lo < len(thresholds) else minimum_widths(an, prunable, round_to)
+    return fill(an, cost, w, norm, target, metric, round_to)
+
+
+def fill(an, cost, widths, norm, target, metric, round_to) -> np.ndarray:
+    """Add channels back, best score (or widest relative cut) first, while the cost stays within target."""
+    widths = widths.copy()
+    step = max(1, round_to or 1)
+    while True:
+        best, best_key = None, None
+        for g in range(len(an.groups)):
+            n = an.groups[g].width
+            if widths[g] >= n or not an.groups[g].prunable:
+                continue
+            trial = widths.copy()
+            trial[g] = min(n, widths[g] + step)
+            if cost.fraction(trial, metric) > target:
+                continue
+            key = norm[g][widths[g]] if norm is not None and g in norm else 1.0 - widths[g] / n
+            if best_key is None or key > best_key:
+                best, best_key = g, key
+        if best is None:
+            return widths
+        widths[best] = min(an.groups[best].width, widths[best] + step)
+
+
+def minimum_widths(an: Analysis, prunable, round_to) -> np.ndarray:
+    w = np.array([g.width for g in an.groups])
+    for g in prunable:
+        w[g] = round_width(1, an.groups[g].width, round_to)
+    return w
+
+
+def check_reachable(an, cost, prunable, target, metric, round_to):
+    if not 0.0 < target <= 1.0:
+        raise ConfigError(f"target_{metric} must be in (0, 1] (the fraction of {metric} kept), got {target}")
+    floor = cost.fraction(minimum_widths(an, prunable, round_to), metric)
+    if floor > target:
+        raise TargetError(
+            f"target_{metric}={target:g} is unreachable: pruning every prunable group down to "
+            f"{'one channel' if not round_to else f'{round_to} channels'} still keeps {floor:.3f} of the {metric}. "
+            "Frozen groups (see fxprune.groups(model, x)) and layers that do not shrink set this floor; "
+            f"ask for {metric} >= {math.ceil(floor * 1000) / 1000:g}.")
