@@ -1,0 +1,73 @@
+"""FLOPs and parameter counts, measured by torch itself.
+
+FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` rather than a hand-written table, so every op torch
+knows a formula for (conv, linear/addmm, matmul, bmm, attention) is counted the same way everywhere in fxprune.
+Its conventions: one multiply-accumulate is 2 FLOPs; biases, BatchNorm, activations, pooling and element-wise
+adds are not counted.
+
+Example::
+
+    >>> import torch, torch.nn as nn
+    >>> from fxprune.cost import count_flops, count_params
+    >>> net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.Flatten(), nn.Linear(8 * 26 * 26, 10))
+    >>> count_flops(net, torch.randn(1, 1, 28, 28))   # 2*8*26*26*1*3*3 + 2*5408*10
+    205504
+    >>> count_params(net)
+    54170
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence, Union
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .errors import ConfigError
+
+Inputs = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def as_input_tuple(example_inputs: Inputs) -> tuple:
+    """Normalise "a tensor or a tuple of tensors" to a tuple of tensors."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
+        return tuple(example_inputs)
+    raise ConfigError(
+        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}; "
+        "wrap several inputs as a tuple: (x, y)"
+    )
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the block, then restore every submodule's own flag.
+
+    Restoring per submodule (not just ``model.train(old)``) keeps deliberate mixes such as frozen BatchNorm
+    layers inside a model that is otherwise training.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def count_flops(model: nn.Module, example_inputs: Inputs) -> int:
+    """FLOPs of one forward pass on ``example_inputs`` (eval mode, no grad), as FlopCounterMode counts them."""
+    inputs = as_input_tuple(example_inputs)
+    with eval_mode(model), torch.no_grad():
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(*inputs)
+    return int(counter.get_total_flops())
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameter elements (buffers such as BatchNorm running stats are not parameters)."""
+    return sum(p.numel() for p in model.parameters())
