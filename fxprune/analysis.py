@@ -304,7 +304,7 @@ class Analysis:
                     g.fold_reason = f"consumer {s.fqn} does not read every channel of the group"
                     return
             for user in self.param_users.get(s.fqn, []):
-                sources.add(self._source(user.args[0], g.gid))
+                sources.add(self.source(user.args[0], g.gid))
         if not sources:
             g.fold_reason = "the group has no consumer"
         elif len(sources) > 1:
@@ -314,7 +314,7 @@ class Analysis:
             g.z_node = sources.pop()
             assert g.z_node in nodes
 
-    def _source(self, node: Node, gid: int) -> str:
+    def source(self, node: Node, gid: int) -> str:
         while node.op == "call_function":
             name = op_name(node.target)
             if name == "aten.cat":

@@ -51,12 +51,12 @@ class PruneResult:
         return format_report(self)
 
 
-def _validate(method, amount, target_flops, target_params, round_to, amounts):
+def _validate(method, amount, target_flops, target_params, round_to, amounts, options):
     given = [n for n, v in (("amount", amount), ("target_flops", target_flops), ("target_params", target_params))
              if v is not None]
     if len(given) > 1:
         raise ConfigError(f"give one of amount / target_flops / target_params, not {' and '.join(given)}")
-    if not given and not amounts:
+    if not given and not amounts and options.get("tol") is None:  # ID may choose k by error tolerance
         raise ConfigError("say how much to prune: amount=0.5 (fraction of channels removed per group), "
                           "target_flops=0.5 or target_params=0.5 (fraction kept)")
     for name, v in (("amount", amount), *(((f"amounts[{k!r}]", a) for k, a in (amounts or {}).items()))):
@@ -102,7 +102,7 @@ def prune(model: nn.Module, example_inputs, method: str = "l1", *, amount: float
           ignore=(), amounts: dict | None = None, calib=None, verify: bool = True, inplace: bool = False,
           progress: bool = True, **method_options) -> PruneResult:
     """Prune and return the full result (slim model, slim graph, decisions, costs). See ``compile``."""
-    decide = _validate(method, amount, target_flops, target_params, round_to, amounts)
+    decide = _validate(method, amount, target_flops, target_params, round_to, amounts, method_options)
     example = as_tuple(example_inputs)
     ignored = _match_modules(model, ignore, "ignore")
     per_module = _match_modules(model, list(amounts or {}), "amounts")
@@ -130,6 +130,8 @@ def prune(model: nn.Module, example_inputs, method: str = "l1", *, amount: float
         target = Target(amounts=group_amounts, round_to=round_to)
     elif amount is not None:
         target = Target(amounts={g.gid: amount for g in prunable}, round_to=round_to)
+    elif target_flops is None and target_params is None:
+        target = Target(round_to=round_to)  # the method chooses widths itself (ID's tol=)
     else:
         metric, value = ("flops", target_flops) if target_flops is not None else ("params", target_params)
         target = Target(metric=metric, value=value, round_to=round_to)

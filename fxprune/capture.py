@@ -20,31 +20,8 @@ import warnings
 import torch
 from torch import nn
 
+from .cost import as_input_tuple as as_tuple, eval_mode
 from .errors import CaptureError
-
-
-def as_tuple(example_inputs) -> tuple:
-    """The user's example inputs as a tuple (a single tensor is the common case)."""
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise CaptureError(
-        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}; "
-        "pass e.g. torch.randn(1, 3, 32, 32) or (x, mask)"
-    )
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Put the model in eval mode and restore every submodule's own training flag afterwards."""
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
 
 
 def _batch_dims(args: tuple):

@@ -27,12 +27,16 @@ from .rewrite import Plan, segments
 RTOL = 1e-4
 
 
-class _HookedReference(Interpreter):
-    """Runs the original graph, replacing each consumer's input channels by their reconstruction."""
+class HookedInterpreter(Interpreter):
+    """Runs the original graph, replacing each consumer's input channels by their reconstruction.
+    ``capture`` names nodes whose outputs are kept in ``captured`` (calibration reads the partly-pruned
+    model's activations this way, at full width and with the original group numbering)."""
 
-    def __init__(self, gm: GraphModule, plan: Plan):
+    def __init__(self, gm: GraphModule, plan: Plan, capture: set[str] = frozenset()):
         super().__init__(gm)
         self.plan = plan
+        self.capture = set(capture)
+        self.captured: dict[str, torch.Tensor] = {}
         an = plan.an
         self.hooks: dict[str, list] = {}
         for s in an.slots.values():
@@ -51,8 +55,12 @@ class _HookedReference(Interpreter):
             x = args[0]
             for s, gid, idx, dim in self.hooks[n.name]:
                 x = self._reconstruct(x, s, gid, idx, dim)
-            return getattr(self, n.op)(n.target, (x, *args[1:]), kwargs)
-        return super().run_node(n)
+            out = getattr(self, n.op)(n.target, (x, *args[1:]), kwargs)
+        else:
+            out = super().run_node(n)
+        if n.name in self.capture:
+            self.captured[n.name] = out
+        return out
 
     def _reconstruct(self, x: torch.Tensor, s, gid, idx, dim) -> torch.Tensor:
         z = x.movedim(dim, -1)
@@ -104,7 +112,7 @@ def _flat(out) -> list[torch.Tensor]:
 def check_against_reference(plan: Plan, original_gm: GraphModule, slim_gm: GraphModule, inputs: tuple,
                             rtol: float = RTOL) -> float:
     """Slim graph vs the hooked full-width original. Returns the relative difference or raises."""
-    ref = _HookedReference(original_gm, plan).run(*inputs)
+    ref = HookedInterpreter(original_gm, plan).run(*inputs)
     got = slim_gm(*inputs)
     diff = rel_diff(got, ref)
     if not diff <= rtol:
