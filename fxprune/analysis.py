@@ -30,7 +30,7 @@ from .ops import op_name, rule_for
 COMMUTING = {"aten.avg_pool1d", "aten.avg_pool2d", "aten.avg_pool3d", "aten.adaptive_avg_pool1d",
              "aten.adaptive_avg_pool2d", "aten._adaptive_avg_pool2d", "aten.mean", "aten.sum", "aten.view",
              "aten.reshape", "aten._unsafe_view", "aten.flatten", "aten.squeeze", "aten.unsqueeze",
-             "aten.dropout", "aten.clone", "aten.contiguous", "aten.alias", "aten.constant_pad_nd",
+             "aten.dropout", "aten.clone", "aten.contiguous", "aten.alias",
              "aten.upsample_nearest2d", "aten.upsample_bilinear2d", "aten.permute", "aten.transpose"}
 
 
@@ -166,6 +166,7 @@ class Analysis:
         self._freeze_params_at_barriers()
         self.groups: list[Group] = []
         self.class_index: dict[int, tuple[int, int]] = {}
+        self._elem_group: np.ndarray | None = None
         self._build_groups()
 
     # ---- graph walk -------------------------------------------------------------------------------------
@@ -280,8 +281,15 @@ class Analysis:
 
     def positions(self, slot_or_cmap) -> tuple[np.ndarray, np.ndarray]:
         """(group id, index in group) per position; group id -1 where a position is in no group."""
-        roots = self.uf.roots(slot_or_cmap.ids)
-        gi = np.array([self.class_index.get(r, (-1, -1)) for r in roots.tolist()], dtype=np.int64).reshape(-1, 2)
+        if self._elem_group is None:  # groups are final: resolve every element once, then index
+            n = len(self.uf.parent)
+            roots = self.uf.roots(np.arange(n, dtype=np.int64))
+            table = np.full((n, 2), -1, dtype=np.int64)
+            for e, r in enumerate(roots.tolist()):
+                if r in self.class_index:
+                    table[e] = self.class_index[r]
+            self._elem_group = table
+        gi = self._elem_group[slot_or_cmap.ids]
         return gi[:, 0], gi[:, 1]
 
     def _fold_point(self, g: Group):
@@ -322,7 +330,7 @@ class Analysis:
                 if len(carriers) != 1:
                     break
                 node = carriers.pop()
-            elif name in COMMUTING:
+            elif name in COMMUTING or _zero_pad(node):
                 node = node.args[0]
             else:
                 break
@@ -331,6 +339,17 @@ class Analysis:
     def _carries(self, node, gid: int) -> bool:
         cm = self.cmap(node)
         return cm is not None and bool((self.positions(cm)[0] == gid).any())
+
+
+def _zero_pad(node: Node) -> bool:
+    name = op_name(node.target)
+    if name == "aten.constant_pad_nd":
+        return (node.args[2] if len(node.args) > 2 else 0) == 0
+    if name == "aten.pad":
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
+        return mode == "constant" and not value
+    return False
 
 
 def _flat_nodes(args) -> list[Node]:

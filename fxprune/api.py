@@ -28,7 +28,7 @@ from .analysis import Analysis, analyze
 from .capture import as_tuple, capture, eval_mode
 from .context import PruneContext, Target
 from .cost import count_flops, count_params
-from .errors import ConfigError, NothingToPruneError
+from .errors import ConfigError, NothingToPruneError, TargetError
 from .rewrite import Decision, Plan
 from .targets import CostModel
 
@@ -139,6 +139,7 @@ def prune(model: nn.Module, example_inputs, method: str = "l1", *, amount: float
                        calib=calib, progress=progress)
     decisions = decide(ctx, **method_options)
     plan = Plan(an, decisions)
+    _check_target(ctx, plan)
     with warnings.catch_warnings():  # deep-copying an exported module warns about pytree internals
         warnings.simplefilter("ignore")
         slim_gm = copy.deepcopy(gm)
@@ -159,6 +160,18 @@ def prune(model: nn.Module, example_inputs, method: str = "l1", *, amount: float
         _transplant(work, model)
         result.model = model
     return result
+
+
+def _check_target(ctx: PruneContext, plan: Plan):
+    """A method must never return more than the target asked for (the cost model is exact for conv/linear)."""
+    t = ctx.target
+    if t.metric is None:
+        return
+    widths = [len(plan.decisions[g.gid].keep) if g.gid in plan.decisions else g.width for g in ctx.groups]
+    got = ctx.cost.fraction(widths, t.metric)
+    if got > t.value + 1e-9:
+        raise TargetError(f"the method kept {got:.4f} of the {t.metric}, above target_{t.metric}={t.value:g}; "
+                          "this is a bug in the method pass, please report it")
 
 
 def compile(model: nn.Module, example_inputs, method: str = "l1", **options) -> nn.Module:  # noqa: A001

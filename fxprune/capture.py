@@ -37,6 +37,9 @@ def capture(model: nn.Module, example_inputs) -> torch.fx.GraphModule:
     The model is not changed: its training flags are restored and no parameter is touched.
     """
     args = as_tuple(example_inputs)
+    # a batch of 1 would be specialized (0/1 specialization) and calibration batches of 100 would then fail
+    args = tuple(a.expand(2, *a.shape[1:]).clone() if isinstance(a, torch.Tensor) and a.dim() > 0
+                 and a.shape[0] == 1 else a for a in args)
     with eval_mode(model), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         try:

@@ -61,6 +61,7 @@ RULES = {
     **{op: "split" for op in ("aten.split", "aten.split_with_sizes", "aten.chunk", "aten.tensor_split")},
     **{op: "slice" for op in ("aten.slice", "aten.narrow")},
     "aten.constant_pad_nd": "pad",
+    "aten.pad": "pad",
     "_operator.getitem": "getitem",
     **{op: "ignore" for op in (
         "aten._assert_tensor_metadata", "aten._assert_scalar", "aten.sym_size", "aten.sym_numel",

@@ -146,29 +146,33 @@ def fit_global(an: Analysis, scores: dict[int, np.ndarray], cost: CostModel, tar
         else:
             lo = mid + 1
     w = widths_at(thresholds[lo]) if lo < len(thresholds) else minimum_widths(an, prunable, round_to)
-    return fill(an, cost, w, norm, target, metric, round_to)
+    return fill(an, cost, w, lambda g, k: norm[g][k] if g in norm else -np.inf, target, metric, round_to)
 
 
-def fill(an, cost, widths, norm, target, metric, round_to) -> np.ndarray:
-    """Add channels back, best score (or widest relative cut) first, while the cost stays within target."""
+def fill(an, cost, widths, gain, target, metric, round_to, upper=None) -> np.ndarray:
+    """Add channels back while the cost stays within target, the largest gain(group, width) first (default:
+    the group cut most, relative to its width), never past upper (default: the full widths). Lands the cost
+    just under the target."""
     widths = widths.copy()
+    upper = upper if upper is not None else np.array([g.width for g in an.groups])
     step = max(1, round_to or 1)
+    gain = gain or (lambda g, w: 1.0 - w / an.groups[g].width)
     while True:
         best, best_key = None, None
         for g in range(len(an.groups)):
-            n = an.groups[g].width
+            n = int(upper[g])
             if widths[g] >= n or not an.groups[g].prunable:
                 continue
             trial = widths.copy()
             trial[g] = min(n, widths[g] + step)
             if cost.fraction(trial, metric) > target:
                 continue
-            key = norm[g][widths[g]] if norm is not None and g in norm else 1.0 - widths[g] / n
+            key = gain(g, int(widths[g]))
             if best_key is None or key > best_key:
                 best, best_key = g, key
         if best is None:
             return widths
-        widths[best] = min(an.groups[best].width, widths[best] + step)
+        widths[best] = min(int(upper[best]), widths[best] + step)
 
 
 def minimum_widths(an: Analysis, prunable, round_to) -> np.ndarray:

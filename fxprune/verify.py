@@ -63,17 +63,20 @@ class HookedInterpreter(Interpreter):
         return out
 
     def _reconstruct(self, x: torch.Tensor, s, gid, idx, dim) -> torch.Tensor:
-        z = x.movedim(dim, -1)
-        out = z.clone()
+        out = x.clone()
         for (g, _, _), P in segments(gid, idx, s.tags).items():
             d = self.plan.decisions.get(g)
             if d is None:
                 continue
+            pos = torch.as_tensor(P)
             if d.T is None or d.is_selection() or len(P) != self.plan.an.groups[g].width:
-                out[..., P] = z[..., P] * torch.as_tensor(self.plan.keep_mask[g][idx[P]], dtype=z.dtype)
+                dropped = pos[torch.as_tensor(~self.plan.keep_mask[g][idx[P]])]
+                out.index_fill_(dim, dropped, 0.0)
             else:
-                out[..., P] = (z[..., P[d.keep]].double() @ torch.as_tensor(d.T)).to(z.dtype)
-        return out.movedim(-1, dim)
+                zk = x.index_select(dim, pos[torch.as_tensor(d.keep)]).movedim(dim, -1)
+                rebuilt = (zk @ torch.as_tensor(d.T, dtype=x.dtype)).movedim(-1, dim)
+                out.index_copy_(dim, pos, rebuilt)
+        return out
 
 
 def random_like(example: tuple, seed: int = 0) -> tuple:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from fxprune.calibrate import DEFAULT_SAMPLES, stream
 from fxprune.rewrite import Decision, segments
-from fxprune.targets import round_width
+from fxprune.targets import check_reachable, fill, round_width
 
 from . import register
 from ._id_math import GramAccumulator, id_from_gram
@@ -89,6 +89,7 @@ def _step_down(w: int, n: int, round_to: int | None) -> int | None:
 def _allocate(ctx, widths: np.ndarray, curves: dict[int, np.ndarray], target: float, metric: str):
     """Greedy: remove the step that adds the least ID error per unit of cost saved until within target."""
     cost, r = ctx.cost, ctx.target.round_to
+    upper = widths.copy()
     frac = cost.fraction(widths, metric)
     bar = tqdm(total=round(max(frac - target, 0) * 1000), desc="allocating widths", disable=not ctx.progress,
                leave=False)
@@ -112,7 +113,9 @@ def _allocate(ctx, widths: np.ndarray, curves: dict[int, np.ndarray], target: fl
         frac -= best[3]
         bar.update(round(best[3] * 1000))
     bar.close()
-    return widths
+    # the last steps may overshoot on coarse groups: add back what fits, largest error reduction first
+    gain = lambda g, w: curves[g][w - 1] - curves[g][min(w + (r or 1), len(curves[g])) - 1] if g in curves else -1.0  # noqa: E731
+    return fill(ctx.analysis, cost, widths, gain, target, metric, r, upper)
 
 
 @register("id")
@@ -122,6 +125,8 @@ def decide(ctx, tol: float | None = None, rounds: int = 3, calib_samples: int = 
     trans = {g: np.eye(ctx.groups[g].width) for g in prunable}       # current T (k x n)
     info: dict[int, dict] = {}
     t = ctx.target
+    if t.metric is not None:
+        check_reachable(ctx.analysis, ctx.cost, prunable, t.value, t.metric, t.round_to)
     stages = [None] if t.metric is None else [t.value ** ((i + 1) / max(rounds, 1)) for i in range(max(rounds, 1))]
     for i, stage in enumerate(stages):
         decisions = _decisions(ctx, kept, trans)
