@@ -24,7 +24,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .capture import node_module_path
-from .ops import op_name, rule_for
+from .ops import barrier_reason, op_name, rule_for
 
 # ops between Z and a consumer that commute with a channel-linear map Z -> Z[:, keep] @ T
 COMMUTING = {"aten.avg_pool1d", "aten.avg_pool2d", "aten.avg_pool3d", "aten.adaptive_avg_pool1d",
@@ -70,6 +70,11 @@ class Group:
     frozen: str | None = None
     z_node: str | None = None      # node whose output is Z (all consumers read it) when T may be folded
     fold_reason: str | None = None  # why only a selection T is allowed
+    block_of: np.ndarray | None = None  # channel -> block; every block keeps the same count (grouped conv, chunk)
+
+    @property
+    def blocks(self) -> int:
+        return 1 if self.block_of is None else int(self.block_of.max()) + 1
 
     @property
     def prunable(self) -> bool:
@@ -84,6 +89,8 @@ class Group:
             lines.append(f"  consumers: {', '.join(self.consumers)}")
         if self.members:
             lines.append(f"  follow:    {', '.join(self.members)}")
+        if self.blocks > 1:
+            lines.append(f"  blocks:    {self.blocks} (each keeps the same number of channels)")
         if not self.frozen:
             lines.append(f"  reconstruction: folded at {self.z_node}" if self.z_node
                          else f"  reconstruction: selection only ({self.fold_reason})")
@@ -159,6 +166,7 @@ class Analysis:
         self.slots: dict[tuple[str, int], Slot] = {}
         self.barrier_nodes: list[Node] = []
         self.param_users: dict[str, list[Node]] = {}
+        self.block_constraints: list[tuple[np.ndarray, int, str]] = []  # (ids in order, blocks, where)
         from . import rules  # the rule functions, one per rule name in ops.py
         self._rules = rules.RULES
         for node in gm.graph.nodes:
@@ -182,7 +190,7 @@ class Analysis:
             if rule == "ignore":
                 self.cmaps[node] = None
             elif rule is None:
-                self.barrier(node, f"op {op_name(node.target)} is not in fxprune's op table")
+                self.barrier(node, barrier_reason(node.target))
             else:
                 self.cmaps[node] = self._rules[rule](self, node)
         else:  # call_module (guards) / call_method: nothing tracked flows through
@@ -271,13 +279,15 @@ class Analysis:
         for s in self.slots.values():
             for gid in sorted({self.class_index[r][0] for r in uf.roots(s.ids).tolist() if r in self.class_index}):
                 g = self.groups[gid]
-                {"out": g.producers, "member": g.members, "in": g.consumers}[s.role].append(s.fqn)
+                {"out": g.producers, "member": g.members, "in": g.consumers, "grouped_in": g.consumers}[s.role].append(s.fqn)
                 if s.role == "out":
                     mod = s.fqn.rsplit(".", 1)[0]
                     if mod not in g.modules:
                         g.modules.append(mod)
         for g in self.groups:
             self._fold_point(g)
+        for ids, blocks, where in self.block_constraints:
+            self._apply_blocks(ids, blocks, where)
 
     def positions(self, slot_or_cmap) -> tuple[np.ndarray, np.ndarray]:
         """(group id, index in group) per position; group id -1 where a position is in no group."""
@@ -292,13 +302,31 @@ class Analysis:
         gi = self._elem_group[slot_or_cmap.ids]
         return gi[:, 0], gi[:, 1]
 
+    def _apply_blocks(self, ids: np.ndarray, blocks: int, where: str):
+        """Positions split into ``blocks`` equal runs must keep equal counts per run: record it on the group."""
+        gid, idx = self.positions(CMap(0, ids, ids))
+        if gid[0] < 0:
+            return
+        g = self.groups[gid[0]]
+        block_of = np.full(g.width, -1)
+        block_of[idx] = np.arange(len(ids)) // (len(ids) // blocks)
+        if (gid != gid[0]).any() or len(set(idx.tolist())) != g.width or len(ids) != g.width:
+            why = f"{where} splits channels of several groups into blocks; not supported"
+        elif g.block_of is not None and _finer(g.block_of, block_of) is None:
+            why = f"{where} needs blocks that disagree with another grouped op on the same channels"
+        else:
+            g.block_of = block_of if g.block_of is None else _finer(g.block_of, block_of)
+            return
+        for gg in set(gid.tolist()) - {-1}:
+            self.groups[gg].frozen = self.groups[gg].frozen or why
+
     def _fold_point(self, g: Group):
         """Where T can be folded: every consumer is a full linear map that sees the whole group, and all of
         them read one tensor Z up to ops that commute with a channel-linear map."""
         nodes = {n.name: n for n in self.gm.graph.nodes}
         sources = set()
         for s in self.slots.values():
-            if s.role != "in":
+            if s.role not in ("in", "grouped_in"):
                 continue
             gid, idx = self.positions(s)
             mine = gid == g.gid
@@ -339,6 +367,14 @@ class Analysis:
     def _carries(self, node, gid: int) -> bool:
         cm = self.cmap(node)
         return cm is not None and bool((self.positions(cm)[0] == gid).any())
+
+
+def _finer(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
+    """The finer of two equal-size block partitions when one nests in the other (equal counts per fine block
+    then give equal counts per coarse block), else None."""
+    fine, coarse = (a, b) if a.max() >= b.max() else (b, a)
+    nested = all(len(set(coarse[fine == k].tolist())) == 1 for k in range(int(fine.max()) + 1))
+    return fine if nested else None
 
 
 def _zero_pad(node: Node) -> bool:

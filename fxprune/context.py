@@ -81,6 +81,15 @@ class PruneContext:
             k = widths[g]
             if k >= len(s):
                 continue
-            order = np.lexsort((np.arange(len(s)), -np.asarray(s, dtype=np.float64)))
-            out[g] = Decision(keep=np.sort(order[:k]), info={"score_kept": float(np.sum(np.asarray(s)[order[:k]]))})
+            keep = top_k(np.asarray(s, dtype=np.float64), k, self.groups[g].block_of)
+            out[g] = Decision(keep=keep, info={"score_kept": float(np.sum(np.asarray(s)[keep]))})
         return out
+
+
+def top_k(scores: np.ndarray, k: int, block_of: np.ndarray | None = None) -> np.ndarray:
+    """Sorted indices of the k best scores (ties: lower index); with blocks, the k/blocks best of each block."""
+    if block_of is None:
+        return np.sort(np.lexsort((np.arange(len(scores)), -scores))[:k])
+    blocks = int(block_of.max()) + 1
+    picks = [np.flatnonzero(block_of == b)[top_k(scores[block_of == b], k // blocks)] for b in range(blocks)]
+    return np.sort(np.concatenate(picks))

@@ -70,12 +70,33 @@ RULES = {
     )},
 }
 
+# Barriers we know: why each freezes the channels that reach it (anything else: "not in fxprune's op table").
+MIXING = {
+    "aten.layer_norm": "normalizes across channels (LayerNorm statistics mix them)",
+    "aten.group_norm": "normalizes across channels within groups",
+    "aten.native_layer_norm": "normalizes across channels (LayerNorm statistics mix them)",
+    "aten.softmax": "mixes the entries of the dim it normalizes",
+    "aten._softmax": "mixes the entries of the dim it normalizes",
+    "aten.matmul": "is a matrix product with a non-parameter operand",
+    "aten.bmm": "is a batched matrix product",
+    "aten.mm": "is a matrix product with a non-parameter operand",
+    "aten.scaled_dot_product_attention": "is attention (heads couple channels)",
+    "aten.index_select": "reorders channels by data",
+    "aten.select": "removes a dim by picking one index",
+    "aten.sort": "reorders by value",
+}
+
 
 def op_name(target) -> str:
     """'aten.relu' for torch.ops.aten.relu.default; '_operator.getitem' for operator.getitem."""
     if hasattr(target, "overloadpacket"):
         return f"aten.{target.overloadpacket.__name__}" if target.namespace == "aten" else str(target)
     return f"{getattr(target, '__module__', '')}.{getattr(target, '__name__', str(target))}"
+
+
+def barrier_reason(target) -> str:
+    name = op_name(target)
+    return f"{name} {MIXING[name]}" if name in MIXING else f"op {name} is not in fxprune's op table"
 
 
 def rule_for(target) -> str | None:

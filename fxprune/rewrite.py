@@ -75,6 +75,9 @@ class Plan:
         T = None if d.T is None else np.asarray(d.T, dtype=np.float64)
         if T is not None and T.shape != (len(keep), g.width):
             raise RewriteError(f"group {gid}: T must be {len(keep)} x {g.width}, got {T.shape}")
+        if g.block_of is not None and len(set(np.bincount(g.block_of[keep], minlength=g.blocks).tolist())) != 1:
+            raise RewriteError(f"group {gid}: its {g.blocks} blocks (a grouped conv or chunk) must each keep the "
+                               "same number of channels")
         d = Decision(keep, T, d.info)
         if not d.is_selection() and g.z_node is None:
             raise RewriteError(
@@ -97,6 +100,8 @@ class Plan:
     # ---- parameters ---------------------------------------------------------------------------------------
     def new_tensor(self, s: Slot, tensor: torch.Tensor) -> torch.Tensor:
         kept = self.kept_positions(s)
+        if s.role == "grouped_in":
+            return _slice_grouped_inputs(tensor, kept)
         index = torch.as_tensor(np.flatnonzero(kept), device=tensor.device)
         out = tensor.index_select(s.dim, index)
         if s.role != "in":
@@ -189,6 +194,19 @@ class Plan:
         if step != 1:
             raise RewriteError(f"node '{node.name}' slices channels with step {step}; freeze that group instead")
         node.args = (node.args[0], dim, int(kept[start]), int(kept[end]), 1)
+
+
+def _slice_grouped_inputs(w: torch.Tensor, kept: np.ndarray) -> torch.Tensor:
+    """A grouped conv's weight (Cout, Cin/G, ...): each output row keeps the inputs kept in its own group."""
+    groups = len(kept) // w.shape[1]
+    local = kept.reshape(groups, w.shape[1])
+    per_group = [np.flatnonzero(row) for row in local]
+    if len({len(p) for p in per_group}) != 1:
+        raise RewriteError("a grouped convolution's groups would keep different numbers of input channels")
+    rows_per_group = w.shape[0] // groups
+    index = torch.as_tensor(np.stack([per_group[r // rows_per_group] for r in range(w.shape[0])]))
+    index = index.reshape(*index.shape, *([1] * (w.dim() - 2))).expand(-1, -1, *w.shape[2:])
+    return w.gather(1, index.to(w.device))
 
 
 def _update_attributes(mod: nn.Module):

@@ -89,10 +89,20 @@ def conv(an, node):
         an.slot(node, w, 0, "member", cm)
         an.slot(node, b, 0, "member", cm)
         return cm
-    why = f"grouped convolution (groups={groups}) would need equal widths per group; not supported yet"
+    if transposed or cin % groups or cout % groups:
+        why = f"transposed grouped convolution (groups={groups}) is not supported (node '{node.name}')"
+        if cm is not None:
+            an.uf.freeze(cm.ids, why)
+        return CMap(1, an.uf.fresh(cout, frozen=why), np.zeros(cout, dtype=np.int64))
+    # grouped: input and output channels stay in their conv group, so each group's blocks shrink equally
+    where = f"grouped convolution '{node.name}' (groups={groups})"
     if cm is not None:
-        an.uf.freeze(cm.ids, f"{why} (node '{node.name}')")
-    return CMap(1, an.uf.fresh(cout, frozen=f"{why} (node '{node.name}')"), np.zeros(cout, dtype=np.int64))
+        an.slot(node, w, 1, "grouped_in", cm, foldable=False)
+        an.block_constraints.append((cm.ids, groups, where))
+    out = an.slot(node, w, 0, "out", None)
+    an.slot(node, b, 0, "member", out)
+    an.block_constraints.append((out.ids, groups, where))
+    return CMap(1, out.ids, np.zeros(cout, dtype=np.int64))
 
 
 def linear(an, node):
@@ -199,6 +209,9 @@ def split(an, node):
     d = _norm(_arg(node, 2, "dim", 0), rank)
     if d != cm.dim:
         return [cm] * len(pieces)
+    if node.target is torch.ops.aten.chunk.default and len(cm.ids) % len(pieces) == 0:
+        # equal chunks stay equal only if every chunk keeps the same count (the eager code re-chunks)
+        an.block_constraints.append((cm.ids, len(pieces), f"chunk '{node.name}'"))
     out, start = [], 0
     for p in pieces:
         n = int(p.shape[d])

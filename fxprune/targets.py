@@ -94,12 +94,15 @@ class CostModel:
         return self.params(widths) / max(self.base_params, 1.0)
 
 
-def round_width(k: int, n: int, round_to: int | None) -> int:
-    """Round a kept count up to a multiple of round_to (never above n, never below 1)."""
-    k = max(1, min(int(k), n))
-    if round_to and round_to > 1:
-        k = min(n, int(math.ceil(k / round_to)) * round_to)
-    return k
+def unit(group, round_to: int | None) -> int:
+    """Widths move in multiples of this: round_to, and the group's block count (grouped conv, chunk)."""
+    return math.lcm(max(1, round_to or 1), group.blocks)
+
+
+def round_width(k: int, group, round_to: int | None) -> int:
+    """Round a kept count up to a multiple of the group's unit (never above its width, never below one unit)."""
+    n, u = group.width, unit(group, round_to)
+    return min(n, max(u, int(math.ceil(max(1, int(k)) / u)) * u))
 
 
 def uniform_widths(an: Analysis, amounts: dict[int, float], round_to: int | None) -> np.ndarray:
@@ -107,7 +110,7 @@ def uniform_widths(an: Analysis, amounts: dict[int, float], round_to: int | None
     widths = np.array([g.width for g in an.groups])
     for gid, a in amounts.items():
         n = an.groups[gid].width
-        widths[gid] = round_width(n - int(round(a * n)), n, round_to)
+        widths[gid] = round_width(n - int(round(a * n)), an.groups[gid], round_to)
     return widths
 
 
@@ -135,7 +138,7 @@ def fit_global(an: Analysis, scores: dict[int, np.ndarray], cost: CostModel, tar
     def widths_at(t):
         w = np.array([g.width for g in an.groups])
         for g, s in norm.items():
-            w[g] = round_width(int((s >= t).sum()), len(s), round_to)
+            w[g] = round_width(int((s >= t).sum()), an.groups[g], round_to)
         return w
 
     lo, hi = 0, len(thresholds)  # find the smallest threshold index whose widths fit
@@ -164,7 +167,7 @@ def fill(an, cost, widths, gain, target, metric, round_to, upper=None) -> np.nda
             if widths[g] >= n or not an.groups[g].prunable:
                 continue
             trial = widths.copy()
-            trial[g] = min(n, widths[g] + step)
+            trial[g] = min(n, widths[g] + unit(an.groups[g], round_to))
             if cost.fraction(trial, metric) > target:
                 continue
             key = gain(g, int(widths[g]))
@@ -172,13 +175,13 @@ def fill(an, cost, widths, gain, target, metric, round_to, upper=None) -> np.nda
                 best, best_key = g, key
         if best is None:
             return widths
-        widths[best] = min(int(upper[best]), widths[best] + step)
+        widths[best] = min(int(upper[best]), widths[best] + unit(an.groups[best], round_to))
 
 
 def minimum_widths(an: Analysis, prunable, round_to) -> np.ndarray:
     w = np.array([g.width for g in an.groups])
     for g in prunable:
-        w[g] = round_width(1, an.groups[g].width, round_to)
+        w[g] = round_width(1, an.groups[g], round_to)
     return w
 
 

@@ -40,7 +40,7 @@ class HookedInterpreter(Interpreter):
         an = plan.an
         self.hooks: dict[str, list] = {}
         for s in an.slots.values():
-            if s.role != "in":
+            if s.role not in ("in", "grouped_in"):
                 continue
             gid, idx = an.positions(s)
             if not np.isin(gid, list(plan.decisions)).any():

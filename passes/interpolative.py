@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from fxprune.calibrate import DEFAULT_SAMPLES, stream
 from fxprune.rewrite import Decision, segments
-from fxprune.targets import check_reachable, fill, round_width
+from fxprune.targets import check_reachable, fill, unit
 
 from . import register
 from ._id_math import GramAccumulator, id_from_gram
@@ -39,7 +39,7 @@ def _sources(ctx, gid: int) -> list[str]:
         return [g.z_node]
     srcs = []
     for s in an.slots.values():
-        if s.role == "in" and (an.positions(s)[0] == gid).any():
+        if s.role in ("in", "grouped_in") and (an.positions(s)[0] == gid).any():
             for user in an.param_users[s.fqn]:
                 src = an.source(user.args[0], gid)
                 if src not in srcs:
@@ -77,13 +77,10 @@ def _gram_all(ctx, groups: list[int], decisions: dict, samples: int, desc: str) 
     return accs
 
 
-def _step_down(w: int, n: int, round_to: int | None) -> int | None:
-    nxt = round_width(w - 1, n, None)
-    if round_to and round_to > 1:
-        nxt = (w - 1) // round_to * round_to
-        if nxt < round_to:
-            return None
-    return nxt if 1 <= nxt < w else None
+def _step_down(w: int, u: int) -> int | None:
+    """The next smaller width in steps of the group's unit, or None at the floor."""
+    nxt = (w - 1) // u * u
+    return nxt if nxt >= u else None
 
 
 def _allocate(ctx, widths: np.ndarray, curves: dict[int, np.ndarray], target: float, metric: str):
@@ -96,7 +93,7 @@ def _allocate(ctx, widths: np.ndarray, curves: dict[int, np.ndarray], target: fl
     while frac > target:
         best = None
         for g, e in curves.items():
-            nxt = _step_down(widths[g], ctx.groups[g].width, r)
+            nxt = _step_down(widths[g], unit(ctx.groups[g], r))
             if nxt is None:
                 continue
             trial = widths.copy()
@@ -114,7 +111,7 @@ def _allocate(ctx, widths: np.ndarray, curves: dict[int, np.ndarray], target: fl
         bar.update(round(best[3] * 1000))
     bar.close()
     # the last steps may overshoot on coarse groups: add back what fits, largest error reduction first
-    gain = lambda g, w: curves[g][w - 1] - curves[g][min(w + (r or 1), len(curves[g])) - 1] if g in curves else -1.0  # noqa: E731
+    gain = lambda g, w: curves[g][w - 1] - curves[g][min(w + unit(ctx.groups[g], r), len(curves[g])) - 1] if g in curves else -1.0  # noqa: E731
     return fill(ctx.analysis, cost, widths, gain, target, metric, r, upper)
 
 
@@ -144,10 +141,24 @@ def decide(ctx, tol: float | None = None, rounds: int = 3, calib_samples: int = 
             k = int(new_k[g])
             if k >= len(kept[g]):
                 continue
-            res = id_from_gram(G, k=k)
-            kept[g], trans[g] = kept[g][res.keep], res.T @ trans[g]
-            info[g] = {"id_error": float(res.rel_error)}
+            block_of = ctx.groups[g].block_of
+            if block_of is None:
+                res = id_from_gram(G, k=k)
+                kept[g], trans[g] = kept[g][res.keep], res.T @ trans[g]
+                info[g] = {"id_error": float(res.rel_error)}
+            else:  # blocks keep equal counts: ID pivots per block, kept as a selection (grouped consumers)
+                sub = _blocked_pivots(G, block_of[kept[g]], k)
+                kept[g], trans[g] = kept[g][sub], trans[g][sub]
     return _decisions(ctx, kept, trans, info, final=True)
+
+
+def _blocked_pivots(G: np.ndarray, block_of: np.ndarray, k: int) -> np.ndarray:
+    blocks = int(block_of.max()) + 1
+    picks = []
+    for b in range(blocks):
+        members = np.flatnonzero(block_of == b)
+        picks.append(members[id_from_gram(G[np.ix_(members, members)], k=k // blocks).keep])
+    return np.sort(np.concatenate(picks))
 
 
 def _decisions(ctx, kept, trans, info=None, final=False) -> dict[int, Decision]:
