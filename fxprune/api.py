@@ -21,6 +21,7 @@ import fnmatch
 import warnings
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from . import verify as _verify
@@ -28,7 +29,7 @@ from .analysis import Analysis, analyze
 from .capture import as_tuple, capture, eval_mode
 from .context import PruneContext, Target
 from .cost import count_flops, count_params
-from .errors import ConfigError, NothingToPruneError, TargetError
+from .errors import ConfigError, DataError, NothingToPruneError, TargetError
 from .rewrite import Decision, Plan
 from .targets import CostModel
 
@@ -39,7 +40,7 @@ class PruneResult:
     graph: object                     # the slim torch.fx GraphModule (for deployment)
     analysis: Analysis
     decisions: dict[int, Decision]
-    flops: tuple[int, int]            # before, after (batch of the example inputs)
+    flops: tuple[int, int]            # before, after, per sample (batch 1)
     params: tuple[int, int]
     method: str
     notes: list[str] = field(default_factory=list)
@@ -103,6 +104,9 @@ def prune(model: nn.Module, example_inputs, method: str = "l1", *, amount: float
           progress: bool = True, **method_options) -> PruneResult:
     """Prune and return the full result (slim model, slim graph, decisions, costs). See ``compile``."""
     decide = _validate(method, amount, target_flops, target_params, round_to, amounts, method_options)
+    if getattr(decide, "needs_calib", False) and calib is None:
+        raise DataError(f"method '{method}' needs calibration data: pass calib= (e.g. 1000 held-out training "
+                        "images as a tensor, or a DataLoader); on the command line use --calib")
     example = as_tuple(example_inputs)
     ignored = _match_modules(model, ignore, "ignore")
     per_module = _match_modules(model, list(amounts or {}), "amounts")
@@ -152,8 +156,9 @@ def prune(model: nn.Module, example_inputs, method: str = "l1", *, amount: float
         with eval_mode(work):
             diff = _verify.check_against_reference(plan, gm, slim_gm, inputs)
             _verify.check_eager_matches_graph(work, slim_gm, inputs)
+    one = tuple(a[:1] if isinstance(a, torch.Tensor) and a.dim() > 0 else a for a in example)  # per sample
     result = PruneResult(model=work, graph=slim_gm, analysis=an, decisions=plan.decisions,
-                         flops=(count_flops(model, example), count_flops(work, example)),
+                         flops=(count_flops(model, one), count_flops(work, one)),
                          params=(count_params(model), count_params(work)), method=method,
                          notes=ctx.notes, verified=diff)
     if inplace:

@@ -106,6 +106,9 @@ def export_onnx(
                 raise _failure(path, attempts) from attempts[0][1]
         _remove(tmp + ".data")  # external_data=False should write none; never leave one behind
         try:
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; the final file gets the usual permissions
             os.replace(tmp, path)
         except OSError as e:
             raise ExportError(f"exported and verified, but could not move the file onto {path}: {e}") from e

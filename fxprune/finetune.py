@@ -46,6 +46,7 @@ def finetune(
     max_steps: Optional[int] = None,
     progress: bool = True,
     seed: int = 0,
+    desc: str = "finetune",
 ) -> nn.Module:
     """Train ``model`` in place and return it in eval mode.
 
@@ -79,7 +80,7 @@ def finetune(
         teacher.eval()
 
     step = 0
-    bar = tqdm(total=total, desc="finetune", file=sys.stderr, disable=not progress)
+    bar = tqdm(total=total, desc=desc, file=sys.stderr, disable=not progress)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -14,8 +14,8 @@ def format_report(res) -> str:
     (f0, f1), (p0, p1) = res.flops, res.params
     lines = [
         f"fxprune: method {res.method}",
-        f"  FLOPs  {_fmt(f0)} -> {_fmt(f1)}  ({f1 / max(f0, 1):.3f} kept)",
-        f"  params {_fmt(p0)} -> {_fmt(p1)}  ({p1 / max(p0, 1):.3f} kept)",
+        f"  FLOPs per sample  {_fmt(f0)} -> {_fmt(f1)}  ({f1 / max(f0, 1):.3f} kept)",
+        f"  params            {_fmt(p0)} -> {_fmt(p1)}  ({p1 / max(p0, 1):.3f} kept)",
     ]
     if res.verified is not None:
         lines.append(f"  verified against the masked reference: relative difference {res.verified:.2e}")

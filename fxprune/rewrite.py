@@ -139,7 +139,7 @@ class Plan:
             else:
                 owner._buffers[attr] = new.clone()
         for mod in module.modules():
-            _update_attributes(mod)
+            update_attributes(mod)
 
     def _touches(self, s: Slot, touched: set) -> bool:
         gid, _ = self.an.positions(s)
@@ -209,7 +209,7 @@ def _slice_grouped_inputs(w: torch.Tensor, kept: np.ndarray) -> torch.Tensor:
     return w.gather(1, index.to(w.device))
 
 
-def _update_attributes(mod: nn.Module):
+def update_attributes(mod: nn.Module):
     """Keep the standard modules' size attributes (used by repr, state-dict loading, F.* calls) true."""
     w = getattr(mod, "weight", None)
     if isinstance(mod, nn.modules.conv._ConvNd) and w is not None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .analysis import Analysis, CMap
+from .analysis import Analysis
 from .errors import ConfigError, TargetError
 
 
@@ -158,7 +158,6 @@ def fill(an, cost, widths, gain, target, metric, round_to, upper=None) -> np.nda
     just under the target."""
     widths = widths.copy()
     upper = upper if upper is not None else np.array([g.width for g in an.groups])
-    step = max(1, round_to or 1)
     gain = gain or (lambda g, w: 1.0 - w / an.groups[g].width)
     while True:
         best, best_key = None, None

@@ -431,6 +431,7 @@ def id_from_gram(G, k: int | None = None, *, tol: float | None = None, rows: int
     thresh = float(rank_rtol) * max(gmax, 0.0)
     if gmax > 0.0:
         R_r, piv_r, r, dsum, dmax = _pivoted_cholesky(G, thresh)
+        dsum[r] = dmax[r] = 0.0  # rule 4: what is left after the numerical rank counts as zero
         lam_g = max(_lambda_max(G), gmax)  # lambda_max >= max diag; guards rounding
     else:
         R_r, piv_r, r, lam_g = np.zeros((0, n)), np.zeros(0, dtype=np.int64), 0, 1.0
@@ -441,8 +442,7 @@ def id_from_gram(G, k: int | None = None, *, tol: float | None = None, rows: int
     pivots = np.concatenate([piv_r, np.asarray(_fill_order(diag, avail), dtype=np.int64)])
 
     errors = np.zeros(n)
-    errors[: r] = np.sqrt(np.clip(dsum[1: r + 1], 0, None) / lam_g)
-    errors[r:] = 0.0
+    errors[: r] = np.sqrt(np.clip(dsum[1: r + 1], 0, None) / lam_g)  # errors[r - 1] (k = r) is 0
     errors = np.minimum.accumulate(errors)  # monotone (removes rounding wiggles)
 
     def spectral(kk: int) -> float:

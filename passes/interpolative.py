@@ -152,6 +152,9 @@ def decide(ctx, tol: float | None = None, rounds: int = 3, calib_samples: int = 
     return _decisions(ctx, kept, trans, info, final=True)
 
 
+decide.needs_calib = True
+
+
 def _blocked_pivots(G: np.ndarray, block_of: np.ndarray, k: int) -> np.ndarray:
     blocks = int(block_of.max()) + 1
     picks = []
@@ -169,9 +172,9 @@ def _decisions(ctx, kept, trans, info=None, final=False) -> dict[int, Decision]:
             continue
         order = np.argsort(keep)
         foldable = ctx.groups[g].z_node is not None
-        T = trans[g][order] if foldable else None
-        d_info = dict((info or {}).get(g, {}), folded=foldable)
-        out[g] = Decision(keep=keep[order], T=T, info=d_info)
+        d = Decision(keep=keep[order], T=trans[g][order] if foldable else None, info=dict((info or {}).get(g, {})))
+        d.info["folded"] = not d.is_selection()
+        out[g] = d
         if final and not foldable:
             ctx.notes.append(f"group {g} ({', '.join(ctx.groups[g].modules)}): ID pivots kept as a plain "
                              f"selection, T not folded: {ctx.groups[g].fold_reason}")

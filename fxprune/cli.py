@@ -1,0 +1,799 @@
+"""The ``fxprune`` command line: prune a model, print its channel groups, time ONNX files, run the demo.
+
+    fxprune prune lenet5 --method l1 --amount 0.5 --out slim.pt --onnx slim.onnx
+    fxprune groups resnet20
+    fxprune bench base.onnx slim.onnx --batch 1 64
+    fxprune demo
+
+Errors are one line on stderr (``fxprune: error: ...``) with exit status 1; usage errors exit with 2; ``--debug``
+shows the full traceback. Every file is written atomically (a temporary file in the same folder, then
+``os.replace``), so a failure never leaves a half-written output behind.
+
+A slim model has other tensor shapes than its class builds by default, so ``--out`` saves a plain dictionary that
+loads with ``torch.load(weights_only=True)``: ``{"format": "fxprune-slim", "model_spec", "model_kwargs",
+"input_shape", "state_dict", "shapes"}``. ``load_slim(path)`` rebuilds the original model from the spec, resizes
+every tensor whose saved shape differs (and the modules' size attributes), then loads the state strictly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import inspect
+import math
+import os
+import re
+import sys
+import tempfile
+import traceback
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, DataError, FxPruneError
+
+SLIM_FORMAT = "fxprune-slim"
+SLIM_VERSION = 1
+EXAMPLE_BATCH = 2  # capture with a batch of 2: torch.export may specialize a batch of 1
+
+
+class CLIError(FxPruneError):
+    """A bad file or argument found by the command line itself (exit status 1)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# atomic files
+# ---------------------------------------------------------------------------------------------------------------
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def temp_beside(path: str, suffix: str = ".tmp") -> str:
+    """A new empty temporary file in ``path``'s folder (so ``os.replace`` onto ``path`` is atomic)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=suffix)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the final file the usual permissions
+    return tmp
+
+
+def _remove(path: Optional[str]) -> None:
+    if path:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def atomic_write(path, write: Callable[[str], None], suffix: str = ".tmp") -> str:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then move it onto ``path``; on any failure remove
+    the temporary file and leave ``path`` as it was."""
+    path = os.fspath(path)
+    tmp = temp_beside(path, suffix)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+    return path
+
+
+def check_writable(path, what: str = "output file") -> None:
+    """Fail early, before any work, if ``path`` cannot be written (its folder may not exist yet, but then the
+    nearest existing ancestor must be a writable folder)."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        raise CLIError(f"cannot write {what} {path}: it is a folder; give a file name")
+    folder = os.path.dirname(path)
+    probe = folder
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise CLIError(f"cannot write {what} {path}: {probe} is a file, not a folder")
+    try:  # os.access says yes to root on a read-only mount, so really try
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".fxprune-write-test-")
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as e:
+        raise CLIError(f"cannot write {what} {path}: folder {probe} is not writable ({e.strerror})") from e
+
+
+def make_parents(path) -> list:
+    """Create the missing folders above ``path``; return the ones created (deepest last) so they can be undone."""
+    created, folder = [], os.path.dirname(os.path.abspath(os.fspath(path)))
+    missing = []
+    while not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    for d in reversed(missing):
+        os.mkdir(d)
+        created.append(d)
+    return created
+
+
+def _remove_dirs(created: list) -> None:
+    for d in reversed(created):
+        with contextlib.suppress(OSError):
+            os.rmdir(d)  # only if still empty
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# models: zoo names and package.module:callable specs
+# ---------------------------------------------------------------------------------------------------------------
+def parse_shape(text: str) -> tuple:
+    """'1,28,28' -> (1, 28, 28); for argparse (usage error on bad input)."""
+    try:
+        dims = tuple(int(t) for t in text.replace("x", ",").split(",") if t.strip() != "")
+    except ValueError:
+        dims = ()
+    if not dims or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"expected positive sizes like 3,32,32 (no batch dimension), got {text!r}")
+    return dims
+
+
+def _zoo_kwargs(build, shape: tuple) -> dict:
+    """Constructor arguments that make a zoo model take inputs of ``shape``."""
+    try:
+        params = inspect.signature(build).parameters
+    except (TypeError, ValueError):
+        return {}
+    kw = {}
+    if "in_features" in params:
+        kw["in_features"] = math.prod(shape)
+    if "in_channels" in params and len(shape) >= 2:
+        kw["in_channels"] = shape[0]
+    if "image_size" in params and len(shape) == 3:
+        if shape[1] != shape[2]:
+            raise ConfigError(f"zoo models take square images; --input-shape {','.join(map(str, shape))} is not")
+        kw["image_size"] = shape[1]
+    return kw
+
+
+def _import_spec(spec: str):
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"model spec {spec!r} must look like package.module:callable")
+    if os.getcwd() not in sys.path and "" not in sys.path:  # like `python -m`: modules in the current folder
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise CLIError(f"model spec {spec!r}: cannot import module {module_name!r}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - the user's module raised while importing
+        raise CLIError(f"model spec {spec!r}: importing {module_name!r} raised {type(e).__name__}: {e}") from e
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise CLIError(f"model spec {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
+    return obj
+
+
+def build_model(spec: str, input_shape: Optional[tuple] = None, model_kwargs: Optional[dict] = None,
+                trusted: bool = True):
+    """(model, input shape without batch, constructor kwargs) for a zoo name or a package.module:callable spec.
+
+    ``trusted=False`` (a spec read from a file) only builds zoo models and nn.Module subclasses, never calls an
+    arbitrary function named by the file.
+    """
+    from . import zoo
+
+    if spec in zoo.ZOO:
+        entry = zoo.ZOO[spec]
+        if model_kwargs is None:
+            model_kwargs = _zoo_kwargs(entry.build, tuple(input_shape)) if input_shape is not None else {}
+        shape = tuple(input_shape) if input_shape is not None else tuple(entry.input_shape)
+        try:
+            model = entry.build(**model_kwargs)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ConfigError(f"cannot build zoo model {spec!r} with {model_kwargs}: {e}") from e
+        return model, shape, dict(model_kwargs)
+    if ":" not in spec:
+        raise CLIError(f"unknown model {spec!r}: not a zoo model ({', '.join(zoo.ZOO)}) and not a "
+                       "package.module:callable spec")
+    obj = _import_spec(spec)
+    if isinstance(obj, nn.Module):
+        model = obj
+    elif callable(obj):
+        if not trusted and not (inspect.isclass(obj) and issubclass(obj, nn.Module)):
+            raise CLIError(f"the file names model {spec!r}, a function; fxprune calls only nn.Module classes named "
+                           "by a file: pass the model yourself, load_slim(path, model=MyNet()) or model='mod:fn'")
+        try:
+            model = obj(**(model_kwargs or {}))
+        except Exception as e:  # noqa: BLE001 - the user's constructor failed
+            raise CLIError(f"model spec {spec!r}: calling it raised {type(e).__name__}: {e}") from e
+    else:
+        raise CLIError(f"model spec {spec!r} names a {type(obj).__name__}, not a callable returning an nn.Module")
+    if not isinstance(model, nn.Module):
+        raise CLIError(f"model spec {spec!r} returned a {type(model).__name__}, not an nn.Module")
+    if input_shape is None:
+        raise ConfigError(f"model {spec!r} is not a zoo model, so give its input shape: --input-shape C,H,W")
+    return model, tuple(input_shape), dict(model_kwargs or {})
+
+
+def example_input(shape: tuple, batch: int = EXAMPLE_BATCH) -> torch.Tensor:
+    return torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+def read_checkpoint(path, what: str = "checkpoint"):
+    """torch.load(weights_only=True) with one clear error for a missing, unreadable or non-tensor file."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CLIError(f"{what} {path} does not exist")
+    if os.path.isdir(path):
+        raise CLIError(f"{what} {path} is a folder, not a file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
+        text = str(e).strip()
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if found:
+            raise CLIError(f"{what} {path} holds Python objects ({found.group(1)}), not just tensors (a pickled "
+                           "model?); fxprune loads with weights_only=True: save model.state_dict() instead") from e
+        if "Weights only load failed" in text:
+            detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+            text = detail.group(1) if detail else "the unpickler rejected it"
+        first = text.splitlines()[0] if text else type(e).__name__
+        raise CLIError(f"{what} {path} is not a readable torch.save file (corrupt or another format): "
+                       f"{type(e).__name__}: {first[:200]}") from e
+
+
+def _state_dict_of(obj, path: str) -> dict:
+    if isinstance(obj, dict) and obj.get("format") == SLIM_FORMAT:
+        obj = obj.get("state_dict")
+    elif isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                        for k, v in obj.items()):
+        raise CLIError(f"checkpoint {path} is not a state_dict (a dict of parameter name -> tensor, or a dict with "
+                       "a 'state_dict' or 'model' entry holding one)")
+    if all(k.startswith("module.") for k in obj):  # saved from DataParallel / DistributedDataParallel
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def _few(items: list, n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def _shape(t) -> str:
+    return "(" + ", ".join(map(str, t.shape)) + ")"
+
+
+def _mismatch(model: nn.Module, state: dict, path: str, spec: str) -> Optional[str]:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {_shape(state[k])} in the file vs {_shape(own[k])} in the model" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    if not (missing or unexpected or shapes):
+        return None
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s): {_few(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s): {_few(unexpected)}")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatch(es): {_few(shapes, 2)}")
+    return f"checkpoint {path} does not fit model {spec}: " + "; ".join(parts)
+
+
+def resize_to(model: nn.Module, state: dict) -> nn.Module:
+    """Give every parameter/buffer of ``model`` that ``state`` holds with another shape an empty tensor of the
+    saved shape, and fix the owning modules' size attributes (channels, features, groups of depthwise convs)."""
+    from .rewrite import update_attributes
+
+    touched = {}
+    for key, saved in state.items():
+        mod_name, _, attr = key.rpartition(".")
+        try:
+            mod = model.get_submodule(mod_name)
+        except AttributeError:
+            continue  # reported by the strict load
+        if attr in mod._parameters and mod._parameters[attr] is not None:
+            old = mod._parameters[attr]
+            if old.shape != saved.shape:
+                mod._parameters[attr] = nn.Parameter(torch.empty(saved.shape, dtype=old.dtype),
+                                                     requires_grad=old.requires_grad)
+                touched[mod_name] = mod
+        elif attr in mod._buffers and mod._buffers[attr] is not None:
+            old = mod._buffers[attr]
+            if old.shape != saved.shape:
+                mod._buffers[attr] = torch.empty(saved.shape, dtype=old.dtype)
+                touched[mod_name] = mod
+    for mod in touched.values():
+        update_attributes(mod)
+    return model
+
+
+def load_weights(model: nn.Module, path, spec: str) -> nn.Module:
+    """Load a state_dict checkpoint (or a slim file from ``--out``) into ``model``; one clear error if it does
+    not fit."""
+    path = os.fspath(path)
+    raw = read_checkpoint(path)
+    state = _state_dict_of(raw, path)
+    if isinstance(raw, dict) and raw.get("format") == SLIM_FORMAT:
+        resize_to(model, state)  # a slim file: continue from its widths (iterative pruning)
+    problem = _mismatch(model, state, path, spec)
+    if problem:
+        raise CLIError(problem)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def save_slim(result_model: nn.Module, path, spec: str, input_shape: tuple, model_kwargs: dict,
+              method: str = "") -> None:
+    """Write the slim model as a weights_only-loadable dictionary (see the module docstring), atomically."""
+    payload = _slim_payload(result_model, spec, input_shape, model_kwargs, method)
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def _slim_payload(model: nn.Module, spec: str, input_shape: tuple, model_kwargs: dict, method: str) -> dict:
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    return {
+        "format": SLIM_FORMAT, "version": SLIM_VERSION, "model_spec": spec, "model_kwargs": dict(model_kwargs),
+        "input_shape": list(input_shape), "method": method, "state_dict": state,
+        "shapes": {k: list(v.shape) for k, v in state.items()},
+    }
+
+
+def load_slim(path, model=None) -> nn.Module:
+    """Rebuild a slim model written by ``fxprune prune --out`` (eval mode).
+
+    ``model``: None rebuilds the original from the file's spec (a zoo name or an nn.Module class); pass the
+    unpruned model itself (an nn.Module) or a ``package.module:callable`` spec for models built by a function.
+    The file is read with ``weights_only=True``; nothing in it is executed.
+    """
+    path = os.fspath(path)
+    raw = read_checkpoint(path, "slim model")
+    if not isinstance(raw, dict) or raw.get("format") != SLIM_FORMAT:
+        raise CLIError(f"{path} is not a slim model written by `fxprune prune --out` (no format={SLIM_FORMAT!r}); "
+                       "for a plain state_dict build the model and call load_state_dict")
+    if raw.get("version", 0) > SLIM_VERSION:
+        raise CLIError(f"{path} was written by a newer fxprune (format version {raw['version']})")
+    spec, shape = raw["model_spec"], tuple(raw.get("input_shape") or ())
+    if isinstance(model, nn.Module):
+        base = model
+    else:
+        base, _, _ = build_model(model or spec, shape or None, raw.get("model_kwargs") or {},
+                                 trusted=model is not None)
+    state = _state_dict_of(raw, path)
+    resize_to(base, state)
+    problem = _mismatch(base, state, path, spec)
+    if problem:
+        raise CLIError(problem)
+    base.load_state_dict(state, strict=True)
+    base.eval()
+    if shape:
+        try:
+            with torch.no_grad():
+                base(example_input(shape))
+        except Exception as e:  # noqa: BLE001 - a forward that hard-codes a width
+            raise CLIError(f"{path}: the rebuilt slim {type(base).__name__} fails on a {list(shape)} input "
+                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); its forward may "
+                           "hard-code a channel count") from e
+    return base
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# calibration data
+# ---------------------------------------------------------------------------------------------------------------
+def load_calib(source: str, samples: int, input_shape: tuple, data_dir: Optional[str] = None) -> torch.Tensor:
+    """``fashion-mnist``: the held-out calibration slice of the TRAINING set (data.split_train, never test);
+    else a .pt file holding an input tensor (or (inputs, labels), or a dict with 'images'/'inputs'/'x')."""
+    if source.lower().replace("_", "-") in ("fashion-mnist", "fashionmnist"):
+        from .data import load_fashion_mnist, split_train
+
+        images, labels = load_fashion_mnist("train", data_dir=data_dir)
+        if samples >= len(images):
+            raise ConfigError(f"--calib-samples {samples} is too many: the training set has {len(images)} images")
+        x = split_train(images, labels, calib=samples)[2]
+        name = "Fashion-MNIST (1x28x28 images)"
+    else:
+        obj = read_checkpoint(source, "calibration file")
+        if isinstance(obj, dict):
+            obj = next((obj[k] for k in ("images", "inputs", "x", "data") if k in obj), obj)
+        if isinstance(obj, (tuple, list)) and obj and isinstance(obj[0], torch.Tensor):
+            obj = obj[0]
+        if not isinstance(obj, torch.Tensor):
+            raise DataError(f"calibration file {source} holds a {type(obj).__name__}; expected a tensor of inputs "
+                            "(N, *input_shape), saved with torch.save(tensor, path)")
+        x = obj[:samples]
+        name = f"calibration file {source}"
+    if tuple(x.shape[1:]) != tuple(input_shape):
+        raise DataError(f"{name} gives inputs of shape {list(x.shape[1:])} but the model takes "
+                        f"{list(input_shape)}; use --input-shape or matching calibration data")
+    if len(x) == 0:
+        raise DataError(f"{name} holds no samples")
+    if x.is_floating_point():
+        x = x.float()
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------------------------------------------
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _option_value(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _parse_option(text: str):
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. tol=0.05), got {text!r}")
+    return key.strip(), _option_value(value.strip())
+
+
+def cmd_prune(args, parser) -> int:
+    from . import passes
+    from .api import prune
+
+    if args.method not in passes.names():
+        parser.error(f"argument --method: unknown method {args.method!r}; registered: {', '.join(passes.names())}")
+    options = dict(args.method_option or [])
+    if args.amount is None and args.target_flops is None and args.target_params is None and "tol" not in options:
+        parser.error("say how much to prune: one of --amount, --target-flops, --target-params")
+    outs = [(p, w) for p, w in ((args.out, "slim model file"), (args.onnx, "ONNX file")) if p]
+    if args.out and args.onnx and os.path.abspath(args.out) == os.path.abspath(args.onnx):
+        parser.error("--out and --onnx must be different files")
+    _need_shape(args, parser)
+    for p, what in outs:  # before any work
+        check_writable(p, what)
+
+    model, shape, kwargs = build_model(args.model, args.input_shape)
+    if args.weights:
+        load_weights(model, args.weights, args.model)
+        _say(f"loaded weights from {args.weights}")
+    calib = None
+    if args.calib:
+        calib = load_calib(args.calib, args.calib_samples, shape, args.data_dir)
+        _say(f"calibration data: {len(calib)} samples from {args.calib}")
+        if "calib_samples" in inspect.signature(passes.get(args.method)).parameters:
+            options.setdefault("calib_samples", len(calib))  # use every sample the user asked for
+    x = example_input(shape)
+    _say(f"pruning {args.model} ({type(model).__name__}, input {list(shape)}) with method {args.method} ...")
+    res = prune(model, x, args.method, amount=args.amount, target_flops=args.target_flops,
+                target_params=args.target_params, round_to=args.round_to, ignore=args.ignore or (), calib=calib,
+                verify=not args.no_verify, progress=True, **options)
+    print(res.report)  # FLOPs there are per sample
+
+    created, temps = [], {}
+    try:
+        for p, _ in outs:
+            created += make_parents(p)
+        if args.out:
+            temps[args.out] = temp_beside(args.out)
+            torch.save(_slim_payload(res.model, args.model, shape, kwargs, args.method), temps[args.out])
+        if args.onnx:
+            from .export import export_onnx
+
+            _say("exporting ONNX and checking it in ONNX Runtime ...")
+            temps[args.onnx] = temp_beside(args.onnx, ".onnx")
+            report = export_onnx(res.model, x, temps[args.onnx])
+            os.chmod(temps[args.onnx], 0o666 & ~_umask())  # export_onnx's own temporary file is 0600
+        for final, tmp in temps.items():  # all outputs appear together, only once every one is complete
+            os.replace(tmp, final)
+    except BaseException:
+        for tmp in temps.values():
+            _remove(tmp)
+        _remove_dirs(created)
+        raise
+    if args.out:
+        print(f"slim model: {args.out}  (load with fxprune.cli.load_slim({args.out!r}))")
+    if args.onnx:
+        print(f"ONNX: {args.onnx}  ({report.file_size / 1024:.1f} KB, {report.exporter} exporter, "
+              f"ONNX Runtime vs torch relative difference {report.rel_diff:.1e})")
+    return 0
+
+
+def _need_shape(args, parser) -> None:
+    from . import zoo
+
+    if args.model not in zoo.ZOO and ":" in args.model and args.input_shape is None:
+        parser.error(f"model {args.model!r} is not a zoo model, so give its input shape: --input-shape C,H,W")
+
+
+def cmd_groups(args, parser) -> int:
+    from .api import describe_groups
+
+    _need_shape(args, parser)
+    model, shape, _ = build_model(args.model, args.input_shape)
+    if args.weights:
+        load_weights(model, args.weights, args.model)
+    print(describe_groups(model, example_input(shape)))
+    return 0
+
+
+def cmd_bench(args, parser) -> int:
+    import onnx
+
+    from .bench import benchmark
+
+    for p in args.files:
+        if not os.path.isfile(p):
+            raise CLIError(f"ONNX file {p} does not exist")
+        try:
+            onnx.load(p, load_external_data=False)
+        except Exception as e:  # noqa: BLE001 - protobuf raises its own types
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise CLIError(f"{p} is not a valid ONNX file: {type(e).__name__}: {first}") from e
+    if args.json:
+        check_writable(args.json, "JSON file")
+    report = benchmark(list(args.files), batch_sizes=tuple(args.batch), threads=args.threads,
+                       min_time_s=args.min_time, progress=True)
+    print(report.table())
+    if args.json:
+        import json
+
+        atomic_write(args.json, lambda tmp: _write_text(tmp, json.dumps(report.to_dict(), indent=2) + "\n"))
+        print(f"numbers: {args.json}")
+    return 0
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def cmd_demo(args, parser) -> int:
+    from .demo import run_demo
+
+    run_demo(target_flops=args.target_flops, methods=args.methods, epochs=args.epochs,
+             finetune_epochs=args.finetune_epochs, train_samples=args.train_samples, test_samples=args.test_samples,
+             out=args.out, data_dir=args.data_dir, quick=args.quick, model=args.model, distill=args.distill,
+             threads=args.threads, seed=args.seed, calib_samples=args.calib_samples, round_to=args.round_to)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# argument parsing
+# ---------------------------------------------------------------------------------------------------------------
+def _fraction(lo_open: bool, hi_open: bool, meaning: str):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            v = float("nan")
+        ok = (v > 0 if lo_open else v >= 0) and (v < 1 if hi_open else v <= 1)
+        if not ok:
+            lo, hi = ("(" if lo_open else "["), (")" if hi_open else "]")
+            raise argparse.ArgumentTypeError(f"must be a number in {lo}0, 1{hi} ({meaning}), got {text!r}")
+        return v
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return v
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' layout; shows a default only where there is one worth showing."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
+PRUNE_EXAMPLES = """\
+examples:
+  fxprune prune lenet5 --method l1 --amount 0.5 --out slim.pt --onnx slim.onnx
+  fxprune prune vgg-small --input-shape 1,28,28 --weights base.pt --method id --target-flops 0.5 \\
+      --calib fashion-mnist --round-to 8 --out out/slim.pt
+  fxprune prune mypkg.models:build_net --input-shape 3,224,224 --method l2 --target-params 0.6 \\
+      --ignore 'head.*' --out slim.pt
+  fxprune prune resnet20 --method id --calib calib.pt -O tol=0.05     # ID picks widths by error tolerance
+
+MODEL is a zoo name (lenet5, vgg-small, resnet20, ...) or package.module:callable returning an nn.Module
+(modules in the current folder are found). A slim model loads back with fxprune.cli.load_slim(path).
+"""
+GROUPS_EXAMPLES = """\
+examples:
+  fxprune groups lenet5
+  fxprune groups vgg-small --input-shape 1,28,28
+  fxprune groups mypkg.models:build_net --input-shape 3,224,224
+"""
+BENCH_EXAMPLES = """\
+examples:
+  fxprune bench base.onnx slim.onnx                  # batch 1 and 64; ratios against base.onnx
+  fxprune bench base.onnx slim.onnx --batch 1 8 64 --threads 1 --json latency.json
+"""
+DEMO_EXAMPLES = """\
+examples:
+  fxprune demo                                       # every method, 50% FLOPs, results in ./fxprune-demo
+  fxprune demo --methods l1 id --target-flops 0.4 --distill --out /tmp/demo
+  fxprune demo --round-to 8                          # hardware-friendly widths: compare the latency column
+  fxprune demo --quick                               # a one-minute smoke run on small subsets
+
+Needs the real Fashion-MNIST (apt-get install -y dataset-fashion-mnist, or --data-dir / $FXPRUNE_DATA_DIR).
+The trained base model is cached in $XDG_CACHE_HOME/fxprune (default ~/.cache/fxprune) and reused.
+"""
+MAIN_EXAMPLES = """\
+commands:
+  prune    prune a model, verify it, save it (.pt) and export it (.onnx)
+  groups   print a model's coupled channel groups
+  bench    time ONNX files in ONNX Runtime (the first is the baseline)
+  demo     train, prune with every method, fine-tune, benchmark: one table and a plot
+
+examples:
+  fxprune prune lenet5 --method l1 --amount 0.5 --out slim.pt --onnx slim.onnx
+  fxprune groups resnet20
+  fxprune bench base.onnx slim.onnx
+  fxprune demo --quick
+
+Run `fxprune COMMAND --help` for a command's options.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback on errors")
+
+    parser = argparse.ArgumentParser(
+        prog="fxprune", description="fxprune: a structured-pruning compiler for PyTorch.",
+        epilog=MAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fxprune {__version__}")
+    parser.add_argument("--debug", action="store_true", default=False, help="show the full traceback on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def add(name, help_, epilog):
+        return sub.add_parser(name, help=help_, description=help_, epilog=epilog, parents=[common],
+                              formatter_class=_Formatter)
+
+    p = add("prune", "Prune a model, verify the slim model, save it and export it to ONNX.", PRUNE_EXAMPLES)
+    p.add_argument("model", metavar="MODEL", help="a zoo name (e.g. lenet5) or package.module:callable")
+    p.add_argument("--method", required=True, metavar="NAME",
+                   help="pruning method: l1, l2, id (needs --calib), ... (every registered pass)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--amount", type=_fraction(False, True, "fraction of each group's channels removed"),
+                        metavar="A", help="remove this fraction of every group's channels, e.g. 0.5")
+    target.add_argument("--target-flops", type=_fraction(True, False, "fraction of FLOPs kept"), metavar="F",
+                        help="keep this fraction of the FLOPs, e.g. 0.5 (never exceeded)")
+    target.add_argument("--target-params", type=_fraction(True, False, "fraction of parameters kept"),
+                        metavar="P", help="keep this fraction of the parameters, e.g. 0.6 (never exceeded)")
+    p.add_argument("--round-to", type=_positive_int, metavar="N",
+                   help="round kept widths up to a multiple of N (8 suits ONNX Runtime's CPU kernels)")
+    p.add_argument("--ignore", nargs="+", action="extend", metavar="PATTERN",
+                   help="module names or glob patterns whose output channels stay, e.g. --ignore conv1 'fc*'")
+    p.add_argument("--weights", metavar="CKPT",
+                   help="a state_dict checkpoint (torch.save(model.state_dict())), or a dict with a 'state_dict' "
+                        "/ 'model' entry, or a slim .pt from --out; loaded with weights_only=True")
+    p.add_argument("--calib", metavar="SRC",
+                   help="calibration data: 'fashion-mnist' (the held-out slice of the TRAINING set) or a .pt file "
+                        "holding an input tensor (N, C, H, W)")
+    p.add_argument("--calib-samples", type=_positive_int, default=1000, metavar="N",
+                   help="number of calibration samples")
+    p.add_argument("--input-shape", type=parse_shape, metavar="C,H,W",
+                   help="one input's shape without the batch (default: the zoo entry's; required otherwise)")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="Fashion-MNIST folder (default: $FXPRUNE_DATA_DIR or /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--out", metavar="FILE", help="write the slim model here (.pt, weights_only-loadable)")
+    p.add_argument("--onnx", metavar="FILE", help="export the slim model to this ONNX file (verified in ORT)")
+    p.add_argument("--no-verify", action="store_true", help="skip checking the slim model against the reference")
+    p.add_argument("-O", "--method-option", type=_parse_option, action="append", metavar="KEY=VALUE",
+                   help="an extra option for the method, e.g. -O tol=0.05 -O rounds=5 (id)")
+    p.set_defaults(func=cmd_prune, command_parser=p)
+
+    p = add("groups", "Print a model's coupled channel groups (what prunes together, what is frozen and why).",
+            GROUPS_EXAMPLES)
+    p.add_argument("model", metavar="MODEL", help="a zoo name or package.module:callable")
+    p.add_argument("--input-shape", type=parse_shape, metavar="C,H,W",
+                   help="one input's shape without the batch (default: the zoo entry's)")
+    p.add_argument("--weights", metavar="CKPT", help="a state_dict checkpoint (optional; shapes only matter)")
+    p.set_defaults(func=cmd_groups, command_parser=p)
+
+    p = add("bench", "Time ONNX files in ONNX Runtime on the CPU; the first file is the baseline.", BENCH_EXAMPLES)
+    p.add_argument("files", nargs="+", metavar="FILE.onnx", help="ONNX files (dynamic batch dimension)")
+    p.add_argument("--batch", type=_positive_int, nargs="+", default=[1, 64], metavar="B", help="batch sizes")
+    p.add_argument("--threads", type=_positive_int, metavar="N", help="ONNX Runtime intra-op threads "
+                   "(default: its own choice)")
+    p.add_argument("--min-time", type=float, default=1.0, metavar="S", help="seconds of timed runs per measurement")
+    p.add_argument("--json", metavar="FILE", help="also write the numbers to this JSON file")
+    p.set_defaults(func=cmd_bench, command_parser=p)
+
+    p = add("demo", "Train a small CNN on Fashion-MNIST, prune it with every method to the same FLOPs, fine-tune, "
+                    "export and time: one table, a JSON file and a plot.", DEMO_EXAMPLES)
+    p.add_argument("--target-flops", type=_fraction(True, False, "fraction of FLOPs kept"), default=0.5,
+                   metavar="F", help="fraction of FLOPs kept")
+    p.add_argument("--methods", nargs="+", metavar="NAME", help="methods to compare (default: every registered)")
+    p.add_argument("--model", default="vgg-small-half", metavar="NAME",
+                   help="demo model: vgg-small-half, vgg-small or lenet5")
+    p.add_argument("--epochs", type=_positive_int, default=1, metavar="N", help="training epochs of the base model")
+    p.add_argument("--finetune-epochs", type=_positive_int, default=1, metavar="N", help="fine-tuning epochs")
+    p.add_argument("--distill", action="store_true", help="fine-tune with distillation from the base model")
+    p.add_argument("--round-to", type=_positive_int, metavar="N",
+                   help="round kept widths up to a multiple of N (default: the library's, no rounding); odd widths "
+                        "can make ONNX Runtime slower than the unpruned model")
+    p.add_argument("--train-samples", type=_positive_int, metavar="N", help="use only N training images")
+    p.add_argument("--test-samples", type=_positive_int, metavar="N", help="use only N test images")
+    p.add_argument("--calib-samples", type=_positive_int, metavar="N",
+                   help="calibration images held out of the training set (default: 1000; 500 with --quick)")
+    p.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="threads for torch and ONNX Runtime (default: their own, or 1 when the load average already "
+                        "reaches the core count: waiting threads then cost more than they bring)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the base model's initialization and shuffling")
+    p.add_argument("--out", default="fxprune-demo", metavar="DIR", help="folder for the table, plot and ONNX files")
+    p.add_argument("--data-dir", metavar="DIR", help="Fashion-MNIST folder (default: $FXPRUNE_DATA_DIR or the "
+                   "Debian package's /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: 2000 train / 500 test images, one method, short benchmarks")
+    p.set_defaults(func=cmd_demo, command_parser=p)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    lines = text.splitlines()
+    more = " (details: run with --debug)" if len(lines) > 1 else ""
+    return lines[0] + more
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, usage errors (2)
+        return int(e.code) if isinstance(e.code, int) else (0 if e.code is None else 2)
+    debug = bool(getattr(args, "debug", False))
+    try:
+        return int(args.func(args, args.command_parser) or 0)
+    except SystemExit as e:  # parser.error inside a command: a usage error
+        return int(e.code) if isinstance(e.code, int) else 2
+    except KeyboardInterrupt:
+        print("fxprune: interrupted", file=sys.stderr)
+        return 130
+    except (FxPruneError, OSError) as e:
+        if debug:
+            traceback.print_exc()
+        msg = _one_line(e)
+        if isinstance(e, OSError) and not isinstance(e, FxPruneError) and e.filename:
+            msg = f"{e.filename}: {e.strerror or msg}"
+        print(f"fxprune: error: {msg}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - a bug or a third-party failure: still one line unless --debug
+        if debug:
+            traceback.print_exc()
+        print(f"fxprune: error: unexpected {type(e).__name__}: {_one_line(e)} "
+              "(run with --debug for the full traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
