@@ -65,8 +65,8 @@ __all__ = [
     "CalibrationDataError",
     "GramAccumulator",
     "IDResult",
-    "id_from_gram",
     "id_dense",
+    "id_from_gram",
     "rel_error_of",
     "rows_of",
 ]
@@ -170,7 +170,7 @@ class GramAccumulator:
         return self._G
 
     @torch.no_grad()
-    def update(self, Z, *, channel_dim: int | None = None) -> "GramAccumulator":
+    def update(self, Z, *, channel_dim: int | None = None) -> GramAccumulator:
         if self._reduced:
             raise RuntimeError("GramAccumulator.update after allreduce(): the reduced sum would count rows twice")
         V = _channels_last(Z, channel_dim)  # a view
@@ -215,7 +215,7 @@ class GramAccumulator:
         return self._G.detach().cpu().numpy().copy()
 
     @torch.no_grad()
-    def allreduce(self, group=None) -> "GramAccumulator":
+    def allreduce(self, group=None) -> GramAccumulator:
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
@@ -231,7 +231,7 @@ class GramAccumulator:
         buf[-1] = float(self.rows)
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
         G.copy_(buf[:-1].reshape(self.n, self.n).to(G.device))
-        self.rows = int(round(float(buf[-1].item())))
+        self.rows = round(float(buf[-1].item()))
         self._reduced = True
         return self
 
@@ -261,7 +261,12 @@ def _lambda_max(S: np.ndarray, R12: np.ndarray | None = None) -> float:
     if m == 0:
         return 0.0
     if m > _DENSE_EIG_MAX:
-        from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigsh
+        from scipy.sparse.linalg import (
+            ArpackError,
+            ArpackNoConvergence,
+            LinearOperator,
+            eigsh,
+        )
 
         if R12 is None:
             op = S

@@ -1,6 +1,7 @@
 """Tests of the ID-pruning kernel (passes/_id_math.py) against independent references: the dense column-pivoted
 QR of the full Z (LAPACK geqp3), scipy.linalg.interpolative, SVD-based spectral norms and exact constructions."""
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def spectral_errors(Z):
     """Independent reference: ||R22||_2 / ||R||_2 for every k from geqp3's R, by SVD."""
     from scipy.linalg import qr
 
-    R, P = qr(Z, mode="r", pivoting=True)
+    R, _ = qr(Z, mode="r", pivoting=True)
     R = R[: min(Z.shape)]
     nr = np.linalg.norm(R, 2)
     n = Z.shape[1]
@@ -181,6 +182,7 @@ def test_exact_rank():
     assert res.rel_error == 0.0
     assert id_from_gram(acc, tol=1e-8).k == r
     assert id_from_gram(acc, tol=0.0).k == r
+    assert res.errors[r - 1] == 0.0 and res.errors[r - 2] > 1e-3
     below = id_from_gram(acc, r - 1)
     assert below.rel_error > 1e-3  # rank r - 1 is a real loss
     # k > rank: finite T, still an exact reconstruction
@@ -219,7 +221,7 @@ def test_dead_and_duplicated_channels():
     assert piv[-2:].tolist() == dead
     assert set(piv[:live_rank].tolist()).isdisjoint(dead)
     # the kept sets are nested (prefixes of one pivot order)
-    for a, b in zip(seen, seen[1:]):
+    for a, b in itertools.pairwise(seen):
         assert set(a.tolist()) <= set(b.tolist())
 
 
@@ -356,7 +358,7 @@ def test_allreduce_two_processes(tmp_path):
     out = tmp_path / "g.npy"
     proc = subprocess.run(
         [sys.executable, str(script), str(tmp_path / "z.npy"), str(tmp_path / "store"), str(out)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     v = np.load(out)
