@@ -31,7 +31,6 @@ from .context import PruneContext, Target
 from .cost import count_flops, count_params
 from .errors import ConfigError, DataError, NothingToPruneError, TargetError
 from .rewrite import Decision, Plan
-from .targets import CostModel
 
 
 @dataclass
@@ -139,7 +138,7 @@ def prune(model: nn.Module, example_inputs, method: str = "l1", *, amount: float
     else:
         metric, value = ("flops", target_flops) if target_flops is not None else ("params", target_params)
         target = Target(metric=metric, value=value, round_to=round_to)
-    ctx = PruneContext(model=work, analysis=an, cost=CostModel(an), target=target, example_inputs=example,
+    ctx = PruneContext(model=work, analysis=an, target=target, example_inputs=example,
                        calib=calib, progress=progress)
     decisions = decide(ctx, **method_options)
     plan = Plan(an, decisions)

@@ -34,12 +34,19 @@ class Target:
 class PruneContext:
     model: nn.Module               # the (copied) eager model, full width; read it, never write it
     analysis: Analysis
-    cost: CostModel
     target: Target
     example_inputs: tuple
     calib: object = None           # calibration data as the user gave it (tensor, DataLoader, iterable)
     progress: bool = True
     notes: list[str] = field(default_factory=list)  # lines the method wants in the report
+    _cost: CostModel | None = None
+
+    @property
+    def cost(self) -> CostModel:
+        """FLOPs/params as functions of group widths, built on first use (amount mode never needs it)."""
+        if self._cost is None:
+            self._cost = CostModel(self.analysis)
+        return self._cost
 
     @property
     def groups(self):
