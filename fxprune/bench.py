@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .cost import Inputs, as_input_tuple, count_flops, count_params
 from .errors import ConfigError
+from .report import fmt_count
 from .export import export_onnx, resize_batch
 
 ModelLike = Union[nn.Module, str, "os.PathLike[str]"]
@@ -70,7 +71,7 @@ class BenchReport:
         for r in sorted(self.rows, key=lambda r: (r["batch"], order.get(r["model"], 0))):
             line = [
                 r["model"], str(r["batch"]), _ms(r["median_ms"]), _ms(r["p90_ms"]), _ms(r["p99_ms"]),
-                f"{r['throughput']:.1f}", _si(r["flops"]), _si(r["params"]), _bytes(r["file_size"]),
+                f"{r['throughput']:.1f}", fmt_count(r["flops"]), fmt_count(r["params"]), _bytes(r["file_size"]),
             ]
             if ratios:
                 line += [_ratio(r["latency_ratio"]), _ratio(r["flops_ratio"])]
@@ -285,15 +286,6 @@ def _file_size(path: str) -> int:
 
 def _ms(x: float) -> str:
     return f"{x:.3f}" if x < 10 else f"{x:.2f}" if x < 100 else f"{x:.1f}"
-
-
-def _si(n: Optional[int]) -> str:
-    if n is None:
-        return "-"
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return str(n)
 
 
 def _bytes(n: int) -> str:

@@ -27,7 +27,7 @@ import re
 import sys
 import tempfile
 import traceback
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -39,6 +39,9 @@ SLIM_VERSION = 1
 EXAMPLE_BATCH = 2  # capture with a batch of 2: torch.export may specialize a batch of 1
 
 
+from .fileio import atomic_write, remove as _remove, temp_beside  # noqa: E402
+
+
 class CLIError(FxPruneError):
     """A bad file or argument found by the command line itself (exit status 1)."""
 
@@ -46,41 +49,6 @@ class CLIError(FxPruneError):
 # ---------------------------------------------------------------------------------------------------------------
 # atomic files
 # ---------------------------------------------------------------------------------------------------------------
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def temp_beside(path: str, suffix: str = ".tmp") -> str:
-    """A new empty temporary file in ``path``'s folder (so ``os.replace`` onto ``path`` is atomic)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=suffix)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the final file the usual permissions
-    return tmp
-
-
-def _remove(path: Optional[str]) -> None:
-    if path:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
-
-
-def atomic_write(path, write: Callable[[str], None], suffix: str = ".tmp") -> str:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then move it onto ``path``; on any failure remove
-    the temporary file and leave ``path`` as it was."""
-    path = os.fspath(path)
-    tmp = temp_beside(path, suffix)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
-    return path
-
-
 def check_writable(path, what: str = "output file") -> None:
     """Fail early, before any work, if ``path`` cannot be written (its folder may not exist yet, but then the
     nearest existing ancestor must be a writable folder)."""
@@ -496,7 +464,6 @@ def cmd_prune(args, parser) -> int:
             _say("exporting ONNX and checking it in ONNX Runtime ...")
             temps[args.onnx] = temp_beside(args.onnx, ".onnx")
             report = export_onnx(res.model, x, temps[args.onnx])
-            os.chmod(temps[args.onnx], 0o666 & ~_umask())  # export_onnx's own temporary file is 0600
         for final, tmp in temps.items():  # all outputs appear together, only once every one is complete
             os.replace(tmp, final)
     except BaseException:

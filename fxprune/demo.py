@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, FxPruneError
+from .report import fmt_count
 
 RECIPE = "r1"  # bump when the training recipe changes, so stale cached weights are not reused
 TRAIN_LR, FINETUNE_LR, BATCH = 0.05, 0.01, 128
@@ -93,7 +94,7 @@ def build_model(name: str, seed: int = 0) -> nn.Module:
 def train_or_load(name: str, train: tuple, *, epochs: int, seed: int, n_calib: int,
                   progress: bool = True) -> tuple[nn.Module, bool, Optional[Path]]:
     """(trained base model in eval mode, whether it came from the cache, the cache file or None)."""
-    from .cli import atomic_write
+    from .fileio import atomic_write
     from .finetune import finetune
 
     model = build_model(name, seed)
@@ -276,7 +277,6 @@ def _run(target_flops, methods, epochs, finetune_epochs, train_samples, test_sam
     for method, model in [("base", base), *slim.items()]:
         paths[method] = str(onnx_dir / f"{_safe(method)}.onnx")
         export_onnx(model, example, paths[method])
-        os.chmod(paths[method], 0o666 & ~_umask())  # export_onnx leaves its temporary file's 0600
     timings["export_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -313,22 +313,8 @@ def _run(target_flops, methods, epochs, finetune_epochs, train_samples, test_sam
     return results
 
 
-def _umask() -> int:
-    from .cli import _umask as umask
-    return umask()
-
-
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-
-
-def _fmt_count(n) -> str:
-    if n is None:
-        return "-"
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return str(n)
 
 
 def format_table(results: dict) -> str:
@@ -343,7 +329,7 @@ def format_table(results: dict) -> str:
             body.append([r["method"], "-", "-", "-", pct(r["acc_base"]), "failed: " + r["error"][:60], "", "", "",
                          ""])
             continue
-        body.append([r["method"], _fmt_count(r["params"]), _fmt_count(r["flops"]),
+        body.append([r["method"], fmt_count(r["params"]), fmt_count(r["flops"]),
                      "-" if r["flops_kept"] is None else f"{r['flops_kept']:.3f}", pct(r["acc_base"]),
                      pct(r["acc_pruned"]), pct(r["acc_finetuned"]), ms(r["latency_b1_ms"]), ms(r["latency_b64_ms"]),
                      "-" if r["speedup_b64"] is None else f"{r['speedup_b64']:.2f}x"])
@@ -365,7 +351,7 @@ def format_table(results: dict) -> str:
 
 
 def _write_results(out: Path, results: dict) -> None:
-    from .cli import atomic_write
+    from .fileio import atomic_write
 
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(results, indent=2) + "\n"

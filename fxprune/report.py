@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 
-def _fmt(n: float) -> str:
+def fmt_count(n) -> str:
+    """1234567 -> '1.23M' (FLOPs, parameters); None -> '-'."""
+    if n is None:
+        return "-"
     for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
             return f"{n / scale:.2f}{unit}"
@@ -14,8 +17,8 @@ def format_report(res) -> str:
     (f0, f1), (p0, p1) = res.flops, res.params
     lines = [
         f"fxprune: method {res.method}",
-        f"  FLOPs per sample  {_fmt(f0)} -> {_fmt(f1)}  ({f1 / max(f0, 1):.3f} kept)",
-        f"  params            {_fmt(p0)} -> {_fmt(p1)}  ({p1 / max(p0, 1):.3f} kept)",
+        f"  FLOPs per sample  {fmt_count(f0)} -> {fmt_count(f1)}  ({f1 / max(f0, 1):.3f} kept)",
+        f"  params            {fmt_count(p0)} -> {fmt_count(p1)}  ({p1 / max(p0, 1):.3f} kept)",
     ]
     if res.verified is not None:
         lines.append(f"  verified against the masked reference: relative difference {res.verified:.2e}")
