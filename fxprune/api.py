@@ -153,7 +153,7 @@ def prune(model: nn.Module, example_inputs, method: str = "l1", *, amount: float
     if verify:
         inputs = _verify.random_like(example)
         with eval_mode(work):
-            diff = _verify.check_against_reference(plan, gm, slim_gm, inputs)
+            diff = _verify.check_against_reference(plan, gm, slim_gm, inputs, notes=ctx.notes)
             _verify.check_eager_matches_graph(work, slim_gm, inputs)
     one = tuple(a[:1] if isinstance(a, torch.Tensor) and a.dim() > 0 else a for a in example)  # per sample
     result = PruneResult(model=work, graph=slim_gm, analysis=an, decisions=plan.decisions,
