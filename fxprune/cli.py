@@ -447,7 +447,8 @@ def cmd_prune(args, parser) -> int:
     x = example_input(shape)
     _say(f"pruning {args.model} ({type(model).__name__}, input {list(shape)}) with method {args.method} ...")
     res = prune(model, x, args.method, amount=args.amount, target_flops=args.target_flops,
-                target_params=args.target_params, round_to=args.round_to, ignore=args.ignore or (), calib=calib,
+                target_params=args.target_params, round_to=_round_to(args.round_to), ignore=args.ignore or (),
+                calib=calib,
                 verify=not args.no_verify, progress=True, **options)
     print(res.report)  # FLOPs there are per sample
 
@@ -534,7 +535,7 @@ def cmd_demo(args, parser) -> int:
     run_demo(target_flops=args.target_flops, methods=args.methods, epochs=args.epochs,
              finetune_epochs=args.finetune_epochs, train_samples=args.train_samples, test_samples=args.test_samples,
              out=args.out, data_dir=args.data_dir, quick=args.quick, model=args.model, distill=args.distill,
-             threads=args.threads, seed=args.seed, calib_samples=args.calib_samples, round_to=args.round_to)
+             threads=args.threads, seed=args.seed, calib_samples=args.calib_samples, round_to=_round_to(args.round_to))
     return 0
 
 
@@ -553,6 +554,12 @@ def _fraction(lo_open: bool, hi_open: bool, meaning: str):
             raise argparse.ArgumentTypeError(f"must be a number in {lo}0, 1{hi} ({meaning}), got {text!r}")
         return v
     return parse
+
+
+def _round_to(n: Optional[int]) -> Optional[int]:
+    """--round-to: absent = the library default, 1 = exact widths."""
+    from .targets import DEFAULT_ROUND_TO
+    return DEFAULT_ROUND_TO if n is None else (None if n == 1 else n)
 
 
 def _positive_int(text: str) -> int:
@@ -656,7 +663,8 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--target-params", type=_fraction(True, False, "fraction of parameters kept"),
                         metavar="P", help="keep this fraction of the parameters, e.g. 0.6 (never exceeded)")
     p.add_argument("--round-to", type=_positive_int, metavar="N",
-                   help="round kept widths up to a multiple of N (8 suits ONNX Runtime's CPU kernels)")
+                   help="round kept widths up to a multiple of N (default 16, measured best for ONNX Runtime's "
+                        "CPU kernels; 1 for exact widths)")
     p.add_argument("--ignore", nargs="+", action="extend", metavar="PATTERN",
                    help="module names or glob patterns whose output channels stay, e.g. --ignore conv1 'fc*'")
     p.add_argument("--weights", metavar="CKPT",
@@ -706,8 +714,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-epochs", type=_positive_int, default=1, metavar="N", help="fine-tuning epochs")
     p.add_argument("--distill", action="store_true", help="fine-tune with distillation from the base model")
     p.add_argument("--round-to", type=_positive_int, metavar="N",
-                   help="round kept widths up to a multiple of N (default: the library's, no rounding); odd widths "
-                        "can make ONNX Runtime slower than the unpruned model")
+                   help="round kept widths up to a multiple of N (default: the library's, 16; 1 for exact widths, "
+                        "which can make ONNX Runtime slower than the unpruned model)")
     p.add_argument("--train-samples", type=_positive_int, metavar="N", help="use only N training images")
     p.add_argument("--test-samples", type=_positive_int, metavar="N", help="use only N test images")
     p.add_argument("--calib-samples", type=_positive_int, metavar="N",

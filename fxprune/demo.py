@@ -40,6 +40,7 @@ from torch import nn
 
 from .errors import ConfigError, FxPruneError
 from .report import fmt_count
+from .targets import DEFAULT_ROUND_TO
 
 RECIPE = "r1"  # bump when the training recipe changes, so stale cached weights are not reused
 TRAIN_LR, FINETUNE_LR, BATCH = 0.05, 0.01, 128
@@ -157,7 +158,8 @@ def run_demo(target_flops: float = 0.5, methods: Optional[Sequence[str]] = None,
              finetune_epochs: int = 1, train_samples: Optional[int] = None, test_samples: Optional[int] = None,
              out="fxprune-demo", data_dir=None, quick: bool = False, model: str = "vgg-small-half",
              distill: bool = False, threads: Optional[int] = None, seed: int = 0,
-             calib_samples: Optional[int] = None, round_to: Optional[int] = None, progress: bool = True) -> dict:
+             calib_samples: Optional[int] = None, round_to: Optional[int] = DEFAULT_ROUND_TO,
+             progress: bool = True) -> dict:
     """Run the whole demo (see the module docstring) and return the results written to demo_results.json."""
     from . import passes
     from .cli import check_writable

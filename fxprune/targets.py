@@ -94,6 +94,13 @@ class CostModel:
         return self.params(widths) / max(self.base_params, 1.0)
 
 
+# Kept widths are rounded up to a multiple of this by default. Measured (benchmarks/RESULTS.md, "Realized
+# speedup"): ONNX Runtime's CPU conv kernels pad channels to blocks of 16 on AVX-512 (8 on AVX2), so 16 is the
+# only policy that kept batch-64 latency at about the FLOPs ratio on VGG-16 and ResNet-56; 8 and None (odd
+# widths) were up to 1.6x and 2.6x worse. Pass round_to=None (or 1) for exact widths.
+DEFAULT_ROUND_TO = 16
+
+
 def unit(group, round_to: int | None) -> int:
     """Widths move in multiples of this: round_to, and the group's block count (grouped conv, chunk)."""
     return math.lcm(max(1, round_to or 1), group.blocks)
@@ -193,4 +200,6 @@ def check_reachable(an, cost, prunable, target, metric, round_to):
             f"target_{metric}={target:g} is unreachable: pruning every prunable group down to "
             f"{'one channel' if not round_to else f'{round_to} channels'} still keeps {floor:.3f} of the {metric}. "
             "Frozen groups (see fxprune.groups(model, x)) and layers that do not shrink set this floor; "
-            f"ask for {metric} >= {math.ceil(floor * 1000) / 1000:g}.")
+            f"ask for {metric} >= {math.ceil(floor * 1000) / 1000:g}"
+            + (", or round widths more finely (round_to=8, or None for exact widths; they run less efficiently "
+               "in ONNX Runtime)." if round_to and round_to > 1 else "."))
