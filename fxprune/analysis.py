@@ -305,19 +305,20 @@ class Analysis:
     def _apply_blocks(self, ids: np.ndarray, blocks: int, where: str):
         """Positions split into ``blocks`` equal runs must keep equal counts per run: record it on the group."""
         gid, idx = self.positions(CMap(0, ids, ids))
-        if gid[0] < 0:
+        tracked = sorted(set(gid.tolist()) - {-1})
+        if not tracked:
             return
-        g = self.groups[gid[0]]
-        block_of = np.full(g.width, -1)
-        block_of[idx] = np.arange(len(ids)) // (len(ids) // blocks)
-        if (gid != gid[0]).any() or len(set(idx.tolist())) != g.width or len(ids) != g.width:
-            why = f"{where} splits channels of several groups into blocks; not supported"
-        elif g.block_of is not None and _finer(g.block_of, block_of) is None:
-            why = f"{where} needs blocks that disagree with another grouped op on the same channels"
+        g = self.groups[tracked[0]]
+        if len(tracked) > 1 or (gid < 0).any() or len(set(idx.tolist())) != g.width or len(ids) != g.width:
+            why = f"{where} splits channels of several groups (or fixed ones) into blocks; not supported"
         else:
-            g.block_of = block_of if g.block_of is None else _finer(g.block_of, block_of)
-            return
-        for gg in set(gid.tolist()) - {-1}:
+            block_of = np.full(g.width, -1)
+            block_of[idx] = np.arange(len(ids)) // (len(ids) // blocks)
+            if g.block_of is None or _finer(g.block_of, block_of) is not None:
+                g.block_of = block_of if g.block_of is None else _finer(g.block_of, block_of)
+                return
+            why = f"{where} needs blocks that disagree with another grouped op on the same channels"
+        for gg in tracked:
             self.groups[gg].frozen = self.groups[gg].frozen or why
 
     def _fold_point(self, g: Group):

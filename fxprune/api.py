@@ -87,7 +87,7 @@ def _match_modules(model: nn.Module, patterns, what: str) -> dict[str, str]:
                 raise ConfigError(f"{what}: pattern {p!r} matches no module; module names look like "
                                   f"{', '.join(list(n for n in names.values() if n)[:5])}, ...")
         for h in hits:
-            out.setdefault(h, p if isinstance(p, str) else type(p).__name__)
+            out.setdefault(h, p)
     return out
 
 
@@ -115,9 +115,9 @@ def prune(model: nn.Module, example_inputs, method: str = "l1", *, amount: float
     gm = capture(work, example)
     an = analyze(gm)
     for g in an.groups:
-        why = next((w for m in g.modules if (w := _under(m, ignored))), None)
-        if why and not g.frozen:
-            g.frozen = f"ignored by the user ({why})"
+        why = next((w for m in g.modules if (w := _under(m, ignored)) is not None), None)
+        if why is not None and not g.frozen:
+            g.frozen = f"ignored by the user ({why if isinstance(why, str) else type(why).__name__})"
     prunable = [g for g in an.groups if g.prunable]
     if not prunable:
         raise NothingToPruneError(

@@ -38,7 +38,13 @@ def batches(calib, example: tuple, max_samples: int = DEFAULT_SAMPLES, batch_siz
         yield from batches(calib[0], example, max_samples, batch_size)  # (images, labels)
         return
     seen = 0
-    it = iter(calib)
+    try:
+        it = iter(calib)
+    except TypeError as exc:
+        raise DataError(f"calib must be a tensor, (images, labels) or an iterable of batches, not "
+                        f"{type(calib).__name__}") from exc
+    except Exception as exc:  # noqa: BLE001 - the user's loader broke; say so, keep the cause
+        raise DataError(f"the calibration data loader raised {type(exc).__name__}: {exc}") from exc
     while seen < max_samples:
         try:
             batch = next(it)

@@ -88,9 +88,23 @@ class PruneContext:
             k = widths[g]
             if k >= len(s):
                 continue
-            keep = top_k(np.asarray(s, dtype=np.float64), k, self.groups[g].block_of)
+            keep = self._every_producer_kept(g, top_k(np.asarray(s, dtype=np.float64), k, self.groups[g].block_of),
+                                             np.asarray(s, dtype=np.float64))
             out[g] = Decision(keep=keep, info={"score_kept": float(np.sum(np.asarray(s)[keep]))})
         return out
+
+
+    def _every_producer_kept(self, gid: int, keep: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """A producer that mints only part of a group (a cat joined to a residual) keeps its best channel."""
+        if self.groups[gid].block_of is not None:
+            return keep
+        for s in self.analysis.slots.values():
+            if s.role == "out":
+                g, idx = self.analysis.positions(s)
+                mine = idx[g == gid]
+                if len(mine) and not np.isin(mine, keep).any():
+                    keep = np.union1d(keep, [mine[np.argmax(scores[mine])]])
+        return keep
 
 
 def top_k(scores: np.ndarray, k: int, block_of: np.ndarray | None = None) -> np.ndarray:

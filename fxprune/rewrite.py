@@ -62,6 +62,10 @@ class Plan:
         self.an = an
         self.decisions = {g: self._check(g, d) for g, d in decisions.items()}
         self.keep_mask = {g: np.isin(np.arange(an.groups[g].width), d.keep) for g, d in self.decisions.items()}
+        for s in an.slots.values():  # torch has no 0-channel conv/linear: refuse before anything is edited
+            if s.role in ("out", "in", "grouped_in") and len(s.ids) and not self.kept_positions(s).any():
+                raise RewriteError(f"these decisions remove every channel of {s.fqn} (dim {s.dim}); keep at "
+                                   "least one channel that it produces or reads")
 
     def _check(self, gid: int, d: Decision) -> Decision:
         if not 0 <= gid < len(self.an.groups):
@@ -136,8 +140,10 @@ class Plan:
                     new = self.new_tensor(s, new)
             if isinstance(old, nn.Parameter):
                 setattr(owner, attr, nn.Parameter(new.clone(), requires_grad=old.requires_grad))
-            else:
+            elif attr in owner._buffers:
                 owner._buffers[attr] = new.clone()
+            else:  # a plain tensor attribute
+                setattr(owner, attr, new.clone())
         for mod in module.modules():
             update_attributes(mod)
 

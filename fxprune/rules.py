@@ -25,7 +25,19 @@ def _multi(node: Node, cm):
     return [cm] * len(val) if isinstance(val, (tuple, list)) else cm
 
 
+DTYPE_ONLY = {"aten.type_as", "aten.to", "aten._to_copy"}  # a second tensor argument only lends its dtype
+
+
+def _fixed(an, n: int, node: Node) -> CMap:
+    return CMap(0, an.uf.fresh(n, frozen=f"fixed-width input of '{node.name}'"), np.zeros(n, dtype=np.int64))
+
+
 def passthrough(an, node):
+    from .ops import op_name
+    others = [a for a in list(node.args[1:]) + list(node.kwargs.values()) if isinstance(a, Node)
+              and isinstance(a.meta.get("val"), torch.Tensor)]
+    if others and op_name(node.target) not in DTYPE_ONLY:
+        return join(an, node, [node.args[0], *others])  # e.g. clamp(a, max=b), a ** b: element-wise in both
     return an.cmap(node.args[0])
 
 
@@ -78,8 +90,8 @@ def conv(an, node):
     cin, cout = shape_of(x)[1], shape_of(node)[1]
     out_dim, in_dim = (1, 0) if transposed else (0, 1)
     if groups == 1:
-        if cm is not None:
-            an.slot(node, w, in_dim, "in", cm)
+        # an untracked input still gets a (frozen) slot, so a weight shared with a tracked use stays whole
+        an.slot(node, w, in_dim, "in", cm if cm is not None else _fixed(an, cin, node))
         out = an.slot(node, w, out_dim, "out", None)
         an.slot(node, b, 0, "member", out)
         return CMap(1, out.ids, np.zeros(len(out.ids), dtype=np.int64))
@@ -111,8 +123,7 @@ def linear(an, node):
     rank = len(shape_of(node))
     if cm is not None and cm.dim != len(shape_of(x)) - 1:
         return cm  # the linear map acts on another dim; channels pass through untouched
-    if cm is not None:
-        an.slot(node, w, 1, "in", cm)
+    an.slot(node, w, 1, "in", cm if cm is not None else _fixed(an, shape_of(x)[-1], node))
     out = an.slot(node, w, 0, "out", None)
     an.slot(node, b, 0, "member", out)
     return CMap(rank - 1, out.ids, np.zeros(len(out.ids), dtype=np.int64))
@@ -233,6 +244,8 @@ def slice_(an, node):
         sl = slice(start, start + node.args[3])
     else:
         sl = slice(_arg(node, 2, "start"), _arg(node, 3, "end"), _arg(node, 4, "step", 1))
+        if sl.step not in (None, 1):
+            return an.barrier(node, f"strided slice (step {sl.step}) of the channel dim")
     return CMap(d, cm.ids[sl], cm.tags[sl])
 
 

@@ -117,7 +117,12 @@ def check_against_reference(plan: Plan, original_gm: GraphModule, slim_gm: Graph
     """Slim graph vs the hooked full-width original. Returns the relative difference or raises; appends to
     ``notes`` when the check is weak (outputs ~0 on random inputs, e.g. zero-initialized heads)."""
     ref = HookedInterpreter(original_gm, plan).run(*inputs)
-    got = slim_gm(*inputs)
+    try:
+        got = slim_gm(*inputs)
+    except Exception as exc:  # noqa: BLE001 - a slim graph that cannot run is a verification failure
+        groups = ", ".join(f"{g} ({'/'.join(plan.an.groups[g].modules)})" for g in plan.decisions)
+        raise VerificationError(f"the slim graph fails to run ({type(exc).__name__}: {exc}). Pruned groups: "
+                                f"{groups}. This is a bug in fxprune's analysis or rewrite; please report it.") from exc
     diff = rel_diff(got, ref)
     scale = max((t.abs().max().item() for t in _flat(ref) if t.numel()), default=0.0)
     if notes is not None and scale < 1e-12:
@@ -177,6 +182,7 @@ class _ModuleRecorder:
         def hook(mod, args, out):
             if self.stack:
                 self.stack.pop()
+            self.current = self.stack[-1] if self.stack else ""
         return hook
 
     def remove(self):

@@ -1,0 +1,193 @@
+"""Shared helpers for the core's tests (plain functions; import them with ``from conftest import ...``).
+
+Everything here is independent of fxprune's own machinery: BatchNorm warm-up, state snapshots, and a masked
+reference built with ordinary forward pre-hooks.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def warm_bn(model: nn.Module, x: torch.Tensor, passes: int = 3) -> nn.Module:
+    """Give every BatchNorm real running statistics (exact averages over a few random batches), then eval."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    for _ in range(passes):
+        model(torch.randn_like(x))
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
+    return model.eval()
+
+
+@torch.no_grad()
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BatchNorm affine parameters and running statistics (so pruned channels matter)."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.running_mean.copy_(0.2 * torch.randn(n, generator=gen))
+            m.running_var.copy_(0.5 + torch.rand(n, generator=gen))
+            if m.weight is not None:
+                m.weight.copy_(0.5 + torch.rand(n, generator=gen))
+                m.bias.copy_(0.2 * torch.randn(n, generator=gen))
+    return model
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything about a model that fxprune must not change: tensors (cloned), flags, module attributes."""
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
+        "ids": {k: id(v) for k, v in model.state_dict(keep_vars=True).items()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "attrs": {n: {a: getattr(m, a) for a in ("in_channels", "out_channels", "groups", "in_features",
+                                                 "out_features", "num_features") if hasattr(m, a)}
+                  for n, m in model.named_modules()},
+    }
+
+
+def assert_unchanged(model: nn.Module, snap: dict):
+    now = snapshot(model)
+    assert now["state"].keys() == snap["state"].keys()
+    for k, v in snap["state"].items():
+        assert now["state"][k].shape == v.shape, k
+        assert torch.equal(now["state"][k], v), f"{k} changed"
+    assert now["ids"] == snap["ids"], "tensor objects were replaced"
+    assert now["training"] == snap["training"]
+    assert now["requires_grad"] == snap["requires_grad"]
+    assert now["attrs"] == snap["attrs"]
+
+
+def group_with(an_or_groups, fqn: str):
+    """The group whose producers (or, failing that, members) include the parameter ``fqn``."""
+    groups = getattr(an_or_groups, "groups", an_or_groups)
+    hits = [g for g in groups if fqn in g.producers]
+    if not hits:
+        hits = [g for g in groups if fqn in g.members]
+    assert len(hits) == 1, f"{fqn} is in {len(hits)} groups"
+    return hits[0]
+
+
+def zero_channels_hook(channels, dim: int = 1):
+    """A forward pre-hook that zeroes the given input channels (the 'consumer input masked' reference)."""
+    channels = torch.as_tensor(np.asarray(channels, dtype=np.int64))
+
+    def hook(mod, args):
+        x = args[0].clone()
+        idx = [slice(None)] * x.dim()
+        idx[dim] = channels
+        x[tuple(idx)] = 0
+        return (x, *args[1:])
+    return hook
+
+
+def masked_copy(model: nn.Module, masks: dict[str, tuple[np.ndarray, int]]) -> nn.Module:
+    """A deepcopy of ``model`` whose named consumer modules see the listed input channels zeroed.
+    masks: module path -> (channels to zero, channel dim of that module's input)."""
+    ref = copy.deepcopy(model)
+    for name, (chans, dim) in masks.items():
+        if len(chans):
+            ref.get_submodule(name).register_forward_pre_hook(zero_channels_hook(chans, dim))
+    return ref
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = got.detach().double(), ref.detach().double()
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+
+
+def sgd_step_ok(model: nn.Module, x: torch.Tensor):
+    """Train mode, one SGD step: finite loss, a finite grad for every trainable parameter, parameters move."""
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    out = model(x)
+    loss = out.float().square().mean()
+    assert torch.isfinite(loss)
+    opt.zero_grad()
+    loss.backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), n
+    opt.step()
+    moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p.detach(), before[n])]
+    assert moved, "no parameter changed after an SGD step"
+    model.eval()
+
+
+def _segments(gid: np.ndarray, idx: np.ndarray, tags: np.ndarray, g: int) -> list[np.ndarray]:
+    """Positions of group g, split by tag (spatial sub-position after a flatten) and by copy (the same channel
+    read twice, as in cat([y, y])); each segment is ordered by channel index."""
+    seen: dict[tuple, int] = {}
+    segs: dict[tuple, list] = {}
+    for p in np.flatnonzero(gid == g).tolist():
+        key = (int(idx[p]), int(tags[p]))
+        copy_no = seen.get(key, 0)
+        seen[key] = copy_no + 1
+        segs.setdefault((int(tags[p]), copy_no), []).append((int(idx[p]), p))
+    return [np.array([p for _, p in sorted(v)], dtype=np.int64) for v in segs.values()]
+
+
+def consumer_reference(model: nn.Module, an, decisions: dict, dtype=None) -> nn.Module:
+    """The full-width original with a forward pre-hook on every consumer module of a decided group: the input
+    channels of that group are replaced by Z[:, keep] @ T (selection: the pruned channels are zeroed).
+    Written independently of fxprune.verify; it uses only each group's consumer list and the analysis'
+    position maps (which group / channel index each input position of a consumer weight reads)."""
+    ref = copy.deepcopy(model).eval()
+    if dtype is not None:
+        ref = ref.to(dtype)
+    per_module: dict[str, list] = {}
+    for gid, d in decisions.items():
+        g = an.groups[gid]
+        n = g.width
+        keep = np.asarray(d.keep)
+        T = d.T
+        if T is None:
+            T = np.zeros((len(keep), n))
+            T[np.arange(len(keep)), keep] = 1.0
+        for fqn in g.consumers:
+            slot = an.slots[(fqn, 1)]  # conv and linear weights read their input along dim 1
+            gids, idx = an.positions(slot)
+            for P in _segments(gids, idx, slot.tags, gid):
+                per_module.setdefault(fqn.rsplit(".", 1)[0], []).append((P, idx[P], keep, np.asarray(T), n))
+
+    def make_hook(entries, channel_dim):
+        def hook(mod, args):
+            x = args[0]
+            z = x.movedim(channel_dim, -1)
+            out = z.clone()
+            for P, ch, keep, T, n in entries:
+                Pt = torch.as_tensor(P)
+                if len(P) == n and np.array_equal(ch, np.arange(n)):   # a complete segment: reconstruct
+                    rec = z[..., Pt[torch.as_tensor(keep)]].double() @ torch.as_tensor(T, dtype=torch.float64)
+                    out[..., Pt] = rec.to(z.dtype)
+                else:                                                  # a partial one (split/slice): select
+                    assert np.allclose(T, _selection(keep, n)), "non-selection T on a partial read"
+                    mask = torch.as_tensor(np.isin(ch, keep), dtype=z.dtype)
+                    out[..., Pt] = z[..., Pt] * mask
+            return (out.movedim(-1, channel_dim), *args[1:])
+        return hook
+
+    for name, entries in per_module.items():
+        mod = ref.get_submodule(name)
+        assert isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear)), (name, type(mod))
+        mod.register_forward_pre_hook(make_hook(entries, -1 if isinstance(mod, nn.Linear) else 1))
+    return ref
+
+
+def _selection(keep, n):
+    S = np.zeros((len(keep), n))
+    S[np.arange(len(keep)), keep] = 1.0
+    return S
