@@ -21,9 +21,12 @@ from .rewrite import Plan
 from .verify import HookedInterpreter
 
 DEFAULT_SAMPLES = 1000
+# Samples per interpreter run: every captured activation of a batch is alive at once, so this bounds peak
+# memory (VGG-16, 1000 images: 392 MB at 100 per batch, 168 MB at 20) at a small cost in Python overhead.
+BATCH = 25
 
 
-def batches(calib, example: tuple, max_samples: int = DEFAULT_SAMPLES, batch_size: int = 100) -> Iterator[tuple]:
+def batches(calib, example: tuple, max_samples: int = DEFAULT_SAMPLES, batch_size: int = BATCH) -> Iterator[tuple]:
     """Validated input tuples from a tensor, a (tensor, labels) pair, a DataLoader or any iterable of batches."""
     if calib is None:
         raise DataError("this method needs calibration data: pass calib= (e.g. 1000 held-out training images "
@@ -78,7 +81,7 @@ def stream(an, calib, nodes, decisions=None, example: tuple = (), max_samples: i
            progress: bool = True, desc: str = "calibrating") -> Iterator[dict[str, torch.Tensor]]:
     """Yield {node name: activation} for each calibration batch, run as the (partly) pruned model."""
     plan = Plan(an, decisions or {})
-    total = math.ceil(max_samples / 100) if isinstance(calib, torch.Tensor) else None
+    total = math.ceil(min(max_samples, len(calib)) / BATCH) if isinstance(calib, torch.Tensor) else None
     bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="batch")
     try:
         for xs in batches(calib, example, max_samples):
