@@ -57,10 +57,20 @@ def listing(folder: Path) -> list[str]:
 # ------------------------------------------------------------------------------------------------------------
 # end to end
 # ------------------------------------------------------------------------------------------------------------
+def test_default_rounds_widths_to_16(tmp_path):
+    """Without --round-to the library's default width policy (multiples of 16) applies; LeNet's 6/16-wide convs
+    cannot shrink under it, which the report says."""
+    r = fxprune_cmd("prune", "lenet5", "--method", "l1", "--amount", "0.5", "--out", "s.pt", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    slim = cli.load_slim(str(tmp_path / "s.pt"))
+    assert slim.conv1.out_channels == 6 and slim.fc1.out_features % 16 == 0
+    assert "kept their full width" in r.stdout
+
+
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
-    r = fxprune_cmd("prune", "lenet5", "--method", "l1", "--amount", "0.5", "--out", "X/slim.pt",
+    r = fxprune_cmd("prune", "lenet5", "--method", "l1", "--amount", "0.5", "--round-to", "1", "--out", "X/slim.pt",
                     "--onnx", "X/slim.onnx", cwd=tmp)
     assert r.returncode == 0, r.stderr
     return tmp, r
@@ -115,7 +125,8 @@ def test_groups_prints_groups():
 
 @needs_data
 def test_id_with_fashion_mnist_calibration(tmp_path):
-    r = fxprune_cmd("prune", "lenet5", "--method", "id", "--target-flops", "0.6", "--calib", "fashion-mnist",
+    r = fxprune_cmd("prune", "lenet5", "--method", "id", "--target-flops", "0.6", "--round-to", "1",
+                    "--calib", "fashion-mnist",
                     "--calib-samples", "300", "--out", "s.pt", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "fxprune: method id" in r.stdout and "calibration data: 300 samples" in r.stderr
@@ -175,7 +186,7 @@ def test_callable_spec_and_iterative_pruning(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     code, out, err = run_main(capsys, "prune", "mynets:build", "--input-shape", "1,28,28", "--method", "l2",
-                              "--amount", "0.5", "--out", "a.pt")
+                              "--amount", "0.5", "--round-to", "1", "--out", "a.pt")
     assert code == 0, err
     # a spec read from a file that names a plain function is not called on the file's word
     with pytest.raises(cli.CLIError, match="model="):
@@ -184,7 +195,7 @@ def test_callable_spec_and_iterative_pruning(tmp_path, monkeypatch, capsys):
     assert slim[0].out_channels == 4 and slim[4].out_features == 16
     # a slim file as --weights: prune again from its widths
     code, out, err = run_main(capsys, "prune", "mynets:build", "--input-shape", "1,28,28", "--weights", "a.pt",
-                              "--method", "l1", "--amount", "0.5", "--out", "b.pt")
+                              "--method", "l1", "--amount", "0.5", "--round-to", "1", "--out", "b.pt")
     assert code == 0, err
     assert cli.load_slim("b.pt", model="mynets:build")[0].out_channels == 2
 
