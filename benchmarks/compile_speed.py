@@ -28,14 +28,11 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import logging
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -53,6 +50,8 @@ from fxprune.capture import capture, eval_mode
 from fxprune.context import PruneContext, Target
 from fxprune.cost import count_flops, count_params
 from fxprune.rewrite import Plan
+from _common import git_commit
+from _common import write_json_atomic
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "compile_speed.json"
@@ -116,29 +115,6 @@ def fx_whole(model: nn.Module, x: torch.Tensor, amount: float) -> dict:
     res = fxprune.prune(model, x, "l1", amount=amount, progress=False)
     c1 = time.perf_counter()
     return {"times": {"fx_prune_call": c1 - c0}, "result": res}
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
-
-
-def write_json_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def median(xs):

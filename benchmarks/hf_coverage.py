@@ -21,14 +21,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import logging
 import os
 import platform
 import re
-import subprocess
 import sys
-import tempfile
 import time
 import traceback
 import warnings
@@ -41,6 +38,8 @@ from torch import nn
 import fxprune
 from fxprune.analysis import analyze
 from fxprune.capture import capture
+from _common import git_commit
+from _common import write_json_atomic
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "hf_coverage.json"
@@ -181,29 +180,6 @@ def run_one(name: str, spec, amount: float, init: str) -> dict:
                flops_kept=res.flops[1] / res.flops[0], params_kept=res.params[1] / res.params[0],
                output_change_dense_to_slim=rel_change(y_slim, y))
     return row
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
-
-
-def write_json_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def main(argv=None) -> int:

@@ -52,6 +52,7 @@ import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
+from _common import write_text_atomic as atomic_write
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -63,20 +64,6 @@ BATCH = 100
 
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
-
-
-def atomic_write(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def rss_now_mb() -> float:

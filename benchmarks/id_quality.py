@@ -44,7 +44,6 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -64,6 +63,9 @@ from fxprune.cost import count_flops
 from fxprune.data import load_fashion_mnist, split_train
 from fxprune.finetune import evaluate, finetune
 from fxprune.rewrite import Decision
+from _common import write_bytes_atomic as atomic_bytes
+from _common import write_text_atomic as atomic_text
+from _common import git_commit as git_rev
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -94,36 +96,6 @@ def quiet():
     for name in ("torch._export", "torch.export", "torch._dynamo", "torch.fx.experimental.symbolic_shapes"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-
-
-def atomic_bytes(path: Path, write):
-    """write(tmp_path) then rename into place (same folder), so readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_text(path: Path, text: str):
-    atomic_bytes(path, lambda p: Path(p).write_text(text))
-
-
-def git_rev() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=False).stdout.strip()
-        return rev + ("+dirty" if dirty else "")
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 def final_linear(model: nn.Module) -> nn.Module:

@@ -46,14 +46,12 @@ import argparse
 import contextlib
 import copy
 import datetime
-import json
 import logging
 import math
 import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -70,6 +68,8 @@ from fxprune.bench import benchmark
 from fxprune.cost import count_flops, count_params
 from fxprune.errors import TargetError
 from fxprune.export import export_onnx
+from _common import git_commit as git_head
+from _common import write_json_atomic
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "speedup.json"
@@ -336,29 +336,6 @@ def time_bench_rounds(paths: dict, args, timing) -> tuple:
             out[r["model"]][r["batch"]].append(r["median_ms"] / 1e3)
         threads = rep.threads
     return out, threads
-
-
-def git_head() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE.parent, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
-
-
-def write_json_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
 
 
 def log(msg: str) -> None:
