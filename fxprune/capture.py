@@ -37,14 +37,14 @@ def capture(model: nn.Module, example_inputs) -> torch.fx.GraphModule:
     The model is not changed: its training flags are restored and no parameter is touched.
     """
     args = as_tuple(example_inputs)
-    # a batch of 1 would be specialized (0/1 specialization) and calibration batches of 100 would then fail
+    # a batch of 1 would be specialized (0/1 specialization) and larger calibration batches would then fail
     args = tuple(a.expand(2, *a.shape[1:]).clone() if isinstance(a, torch.Tensor) and a.dim() > 0
                  and a.shape[0] == 1 else a for a in args)
     with eval_mode(model), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         try:
             ep = torch.export.export(model, args, dynamic_shapes=_batch_dims(args))
-        except Exception as first:  # noqa: BLE001 - retried statically, then reported with the cause
+        except Exception:  # noqa: BLE001 - a model that cannot keep its batch dynamic: retry statically
             try:
                 ep = torch.export.export(model, args)
             except Exception as exc:
@@ -55,9 +55,7 @@ def capture(model: nn.Module, example_inputs) -> torch.fx.GraphModule:
                     "expects (a batch of 2 avoids batch-size-1 specialization); data-dependent Python control "
                     "flow (if on tensor values) must be rewritten with torch.cond or moved out of forward."
                 ) from exc
-            del first
-    gm = ep.module()
-    return gm
+    return ep.module()
 
 
 def node_module_path(node: torch.fx.Node) -> str:

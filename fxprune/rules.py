@@ -7,7 +7,8 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from .analysis import CMap, shape_of, prod
+from .analysis import CMap, prod, shape_of
+from .ops import op_name
 
 
 def _arg(node: Node, i: int, name: str, default=None):
@@ -33,7 +34,6 @@ def _fixed(an, n: int, node: Node) -> CMap:
 
 
 def passthrough(an, node):
-    from .ops import op_name
     others = [a for a in list(node.args[1:]) + list(node.kwargs.values()) if isinstance(a, Node)
               and isinstance(a.meta.get("val"), torch.Tensor)]
     if others and op_name(node.target) not in DTYPE_ONLY:
