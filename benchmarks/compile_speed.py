@@ -82,10 +82,7 @@ def fx_staged(model: nn.Module, x: torch.Tensor, amount: float) -> dict:
     decisions = decide_fn(ctx)
     c3 = time.perf_counter()
     plan = Plan(an, decisions)
-    slim_gm = copy.deepcopy(gm)
-    plan.apply_params(slim_gm)
-    plan.fix_graph(slim_gm)
-    plan.apply_params(model)
+    slim_gm, model = plan.slim(gm, model)
     c4 = time.perf_counter()
     inputs = fx_verify.random_like(example)
     with eval_mode(model):

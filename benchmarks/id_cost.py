@@ -53,6 +53,7 @@ import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from _common import write_text_atomic as atomic_write
+from _common import git_commit as git_rev
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -79,17 +80,6 @@ def quiet():
     for name in ("torch._export", "torch.export", "torch._dynamo", "torch.fx.experimental.symbolic_shapes"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-
-
-def git_rev() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=False).stdout.strip()
-        return rev + ("+dirty" if dirty else "")
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -16,9 +16,7 @@ Example::
 
 from __future__ import annotations
 
-import copy
 import fnmatch
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -111,8 +109,7 @@ def prune(model: nn.Module, example_inputs, method: str = "l1", *, amount: float
     example = as_tuple(example_inputs)
     ignored = _match_modules(model, ignore, "ignore")
     per_module = _match_modules(model, list(amounts or {}), "amounts")
-    work = copy.deepcopy(model)
-    gm = capture(work, example)
+    gm = capture(model, example)
     an = analyze(gm)
     for g in an.groups:
         why = next((w for m in g.modules if (w := _under(m, ignored)) is not None), None)
@@ -140,18 +137,13 @@ def prune(model: nn.Module, example_inputs, method: str = "l1", *, amount: float
     else:
         metric, value = ("flops", target_flops) if target_flops is not None else ("params", target_params)
         target = Target(metric=metric, value=value, round_to=round_to)
-    ctx = PruneContext(model=work, analysis=an, target=target, example_inputs=example,
+    ctx = PruneContext(model=model, analysis=an, target=target, example_inputs=example,
                        calib=calib, progress=progress)
     decisions = decide(ctx, **method_options)
     _note_rounding(ctx, decisions)
     plan = Plan(an, decisions)
     _check_target(ctx, plan)
-    with warnings.catch_warnings():  # deep-copying an exported module warns about pytree internals
-        warnings.simplefilter("ignore")
-        slim_gm = copy.deepcopy(gm)
-    plan.apply_params(slim_gm)
-    plan.fix_graph(slim_gm)
-    plan.apply_params(work)
+    slim_gm, work = plan.slim(gm, model)
     diff = None
     if verify:
         inputs = _verify.random_like(example)

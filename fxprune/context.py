@@ -32,7 +32,7 @@ class Target:
 
 @dataclass
 class PruneContext:
-    model: nn.Module               # the (copied) eager model, full width; read it, never write it
+    model: nn.Module               # the user's eager model, full width: read it, never write it
     analysis: Analysis
     target: Target
     example_inputs: tuple

@@ -8,8 +8,7 @@ tensors: this file is the only place that does.
 Example::
 
     plan = Plan(analysis, {3: Decision(keep=np.array([0, 2, 5]), T=None)})
-    plan.apply_params(model)      # the user's eager module (by parameter FQN)
-    plan.apply_params(gm); plan.fix_graph(gm)
+    slim_gm, slim_model = plan.slim(gm, model)   # copies; edits by parameter FQN and graph constants
 """
 
 from __future__ import annotations
@@ -150,6 +149,19 @@ class Plan:
     def _touches(self, s: Slot, touched: set) -> bool:
         gid, _ = self.an.positions(s)
         return bool(np.isin(gid, list(touched)).any())
+
+    def slim(self, gm: torch.fx.GraphModule, model: nn.Module) -> tuple[torch.fx.GraphModule, nn.Module]:
+        """Slimmed copies of the analysed graph and of the eager model; neither input is changed."""
+        import copy
+        import warnings
+        with warnings.catch_warnings():  # deep-copying an exported module warns about pytree internals
+            warnings.simplefilter("ignore")
+            slim_gm = copy.deepcopy(gm)
+        self.apply_params(slim_gm)
+        self.fix_graph(slim_gm)
+        eager = copy.deepcopy(model)
+        self.apply_params(eager)
+        return slim_gm, eager
 
     # ---- graph constants ----------------------------------------------------------------------------------
     def fix_graph(self, gm: torch.fx.GraphModule):

@@ -10,8 +10,6 @@ eager model run in float64 with forward pre-hooks on the consumer modules that r
 Z[:, keep] @ T (tests/conftest.py: consumer_reference, written independently of fxprune.verify).
 """
 
-import copy
-import warnings
 
 import numpy as np
 import torch
@@ -244,13 +242,7 @@ def check(arch, seed, allow_T):
     if any(not d.is_selection() for d in decisions.values() if d.T is not None):
         event("with a folded T")
     plan = Plan(an, decisions)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        slim_gm = copy.deepcopy(gm)
-    plan.apply_params(slim_gm)
-    plan.fix_graph(slim_gm)
-    eager = copy.deepcopy(model)
-    plan.apply_params(eager)
+    slim_gm, eager = plan.slim(gm, model)
     eager.eval()
 
     ref = consumer_reference(model, an, plan.decisions, dtype=torch.float64)

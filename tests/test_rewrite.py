@@ -28,13 +28,7 @@ def slim_both(model, x, decisions):
     an = analyze(gm)
     decisions = decisions(an) if callable(decisions) else decisions
     plan = Plan(an, decisions)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        slim_gm = copy.deepcopy(gm)
-    plan.apply_params(slim_gm)
-    plan.fix_graph(slim_gm)
-    eager = copy.deepcopy(model)
-    plan.apply_params(eager)
+    slim_gm, eager = plan.slim(gm, model)
     return an, plan, slim_gm, eager.eval()
 
 
