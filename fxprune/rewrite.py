@@ -13,6 +13,8 @@ Example::
 
 from __future__ import annotations
 
+import copy
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -152,8 +154,6 @@ class Plan:
 
     def slim(self, gm: torch.fx.GraphModule, model: nn.Module) -> tuple[torch.fx.GraphModule, nn.Module]:
         """Slimmed copies of the analysed graph and of the eager model; neither input is changed."""
-        import copy
-        import warnings
         with warnings.catch_warnings():  # deep-copying an exported module warns about pytree internals
             warnings.simplefilter("ignore")
             slim_gm = copy.deepcopy(gm)

@@ -191,3 +191,14 @@ def _selection(keep, n):
     S = np.zeros((len(keep), n))
     S[np.arange(len(keep)), keep] = 1.0
     return S
+
+
+class PowTensor(nn.Module):
+    """Two groups meeting in an element-wise op with two tensor arguments: sigmoid(a(x)) ** sigmoid(b(x))."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.fc = nn.Conv2d(3, 8, 3), nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.c(torch.sigmoid(self.a(x)) ** torch.sigmoid(self.b(x))).mean((2, 3)))

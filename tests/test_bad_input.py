@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fxprune
-from conftest import assert_unchanged, group_with, masked_copy, randomize_bn, rel_err, snapshot, warm_bn
+from conftest import PowTensor, assert_unchanged, group_with, masked_copy, randomize_bn, rel_err, snapshot, warm_bn
 from fxprune import zoo
 from fxprune.errors import (CaptureError, ConfigError, FxPruneError, NothingToPruneError, TargetError,
                             VerificationError)
@@ -178,15 +178,6 @@ def test_hard_coded_width_error_blames_the_right_module():
     with pytest.raises(VerificationError) as err:
         fxprune.prune(hard_coded_split(), X, "l1", round_to=None, amount=0.5)
     assert "module 'a'" not in str(err.value) and "HardCodedSplit" in str(err.value)
-
-
-class PowTensor(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b, self.c, self.fc = nn.Conv2d(3, 8, 3), nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3), nn.Linear(4, 2)
-
-    def forward(self, x):
-        return self.fc(self.c(torch.sigmoid(self.a(x)) ** torch.sigmoid(self.b(x))).mean((2, 3)))
 
 
 def test_pow_of_two_groups_couples_them_and_prunes():

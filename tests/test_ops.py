@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import group_with
+from conftest import PowTensor, group_with
 from fxprune import ops, rules
 from fxprune.analysis import analyze
 from fxprune.capture import capture
@@ -737,15 +737,6 @@ def test_model_output_is_frozen():
     for fqn in ("a.weight", "b.weight"):
         g = group_with(an, fqn)
         assert g.frozen and "model output" in g.frozen and not g.prunable
-
-
-class PowTensor(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b, self.c, self.fc = nn.Conv2d(3, 8, 3), nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3), nn.Linear(4, 2)
-
-    def forward(self, x):
-        return self.fc(self.c(torch.sigmoid(self.a(x)) ** torch.sigmoid(self.b(x))).mean((2, 3)))
 
 
 def test_pass_op_with_a_second_tensor_couples_or_freezes_it():

@@ -5,7 +5,6 @@ tests proving that verification can fail."""
 
 import copy
 import io
-import warnings
 
 import numpy as np
 import pytest
@@ -393,11 +392,7 @@ def test_mutated_fold_is_caught_by_verification(monkeypatch):
     T = random_T(keep, g.width, seed=3)
     from fxprune import verify
     plan = Plan(an, {g.gid: Decision(keep, T)})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        slim = copy.deepcopy(an.gm)
-    plan.apply_params(slim)
-    plan.fix_graph(slim)
+    slim, _ = plan.slim(an.gm, model)
     assert verify.check_against_reference(plan, an.gm, slim, (torch.randn(2, 3, 8, 8),)) < 1e-4
     with torch.no_grad():  # corrupt one folded column of the consumer: a wrong fold
         slim.c2.weight[:, 1] += 0.5
@@ -460,11 +455,7 @@ def test_decision_that_empties_a_consumers_input():
         plan = Plan(an, {g.gid: Decision(np.array([2, 3]))})  # the first half (read by p) is gone entirely
     except RewriteError:  # refusing it is fine too
         return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        slim = copy.deepcopy(an.gm)
-    plan.apply_params(slim)
-    plan.fix_graph(slim)
+    slim, _ = plan.slim(an.gm, model)
     ref = masked_copy(model, {"p": ([0, 1], 1)})
     xs = torch.randn(3, 3, 8, 8)
     with torch.no_grad():
@@ -493,11 +484,7 @@ def test_decision_that_empties_a_producer():
         plan = Plan(an, {g.gid: Decision(np.array([2, 4, 6]))})  # none of a's channels
     except RewriteError:  # refusing it is fine too
         return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        slim = copy.deepcopy(an.gm)
-    plan.apply_params(slim)
-    plan.fix_graph(slim)
+    slim, _ = plan.slim(an.gm, model)
     ref = consumer_reference(model, an, plan.decisions)
     xs = torch.randn(3, 3, 8, 8)
     with torch.no_grad():
