@@ -59,6 +59,20 @@ class Slot:
 
 
 @dataclass
+class Source:
+    """A tensor Z_j that some of a group's consumers read (up to ops that commute with a channel-linear map).
+    Each source takes its own k x n reconstruction matrix T_j, folded into the consumers that read it; ``why``
+    says why only a plain selection is possible there (the consumer cannot absorb T)."""
+    node: str
+    consumers: list[str] = field(default_factory=list)  # weight FQNs whose input dim reads Z_j
+    why: str | None = None
+
+    @property
+    def foldable(self) -> bool:
+        return self.why is None
+
+
+@dataclass
 class Group:
     """Channels that must be removed together. ``width`` channels, numbered 0..width-1."""
     gid: int
@@ -68,8 +82,7 @@ class Group:
     consumers: list[str] = field(default_factory=list)   # weight FQNs whose input dim reads the channels
     modules: list[str] = field(default_factory=list)     # producer module paths
     frozen: str | None = None
-    z_node: str | None = None      # node whose output is Z (all consumers read it) when T may be folded
-    fold_reason: str | None = None  # why only a selection T is allowed
+    sources: dict[str, Source] = field(default_factory=dict)  # node name of Z_j -> its consumers
     block_of: np.ndarray | None = None  # channel -> block; every block keeps the same count (grouped conv, chunk)
 
     @property
@@ -92,9 +105,14 @@ class Group:
         if self.blocks > 1:
             lines.append(f"  blocks:    {self.blocks} (each keeps the same number of channels)")
         if not self.frozen:
-            lines.append(f"  reconstruction: folded at {self.z_node}" if self.z_node
-                         else f"  reconstruction: selection only ({self.fold_reason})")
+            for src in self.sources.values():
+                how = "T folded" if src.foldable else f"selection only ({src.why})"
+                lines.append(f"  reads {src.node}: {', '.join(src.consumers)}; {how}")
         return "\n".join(lines)
+
+    @property
+    def foldable_sources(self) -> list[str]:
+        return [s.node for s in self.sources.values() if s.foldable]
 
 
 class _UnionFind:
@@ -167,6 +185,7 @@ class Analysis:
         self.barrier_nodes: list[Node] = []
         self.param_users: dict[str, list[Node]] = {}
         self.block_constraints: list[tuple[np.ndarray, int, str]] = []  # (ids in order, blocks, where)
+        self.slot_source: dict[tuple[str, int, int], str] = {}  # (consumer fqn, dim, group) -> source node
         from . import rules  # the rule functions, one per rule name in ops.py
         self._rules = rules.RULES
         for node in gm.graph.nodes:
@@ -221,7 +240,9 @@ class Analysis:
         fqn = self.param_fqn(arg)
         if fqn is None:
             return cm
-        self.param_users.setdefault(fqn, []).append(node)
+        users = self.param_users.setdefault(fqn, [])
+        if node not in users:
+            users.append(node)
         size = shape_of(arg)[dim]
         key = (fqn, dim)
         if key in self.slots:
@@ -285,7 +306,7 @@ class Analysis:
                     if mod not in g.modules:
                         g.modules.append(mod)
         for g in self.groups:
-            self._fold_point(g)
+            self._find_sources(g)
         for ids, blocks, where in self.block_constraints:
             self._apply_blocks(ids, blocks, where)
 
@@ -321,11 +342,9 @@ class Analysis:
         for gg in tracked:
             self.groups[gg].frozen = self.groups[gg].frozen or why
 
-    def _fold_point(self, g: Group):
-        """Where T can be folded: every consumer is a full linear map that sees the whole group, and all of
-        them read one tensor Z up to ops that commute with a channel-linear map."""
-        nodes = {n.name: n for n in self.gm.graph.nodes}
-        sources = set()
+    def _find_sources(self, g: Group):
+        """Which tensors the group's consumers read, and where a reconstruction T can be folded: at a source
+        whose every consumer is a full linear map that sees the whole group (and reads no other source)."""
         for s in self.slots.values():
             if s.role not in ("in", "grouped_in"):
                 continue
@@ -333,23 +352,20 @@ class Analysis:
             mine = gid == g.gid
             if not mine.any():
                 continue
+            srcs = sorted({self.source(user.args[0], g.gid) for user in self.param_users.get(s.fqn, [])})
+            why = None
             if not s.foldable:
-                g.fold_reason = f"consumer {s.fqn} is not a plain linear map of its input"
-                return
-            for tag in np.unique(s.tags[mine]):
-                if len(set(idx[mine & (s.tags == tag)].tolist())) != g.width:
-                    g.fold_reason = f"consumer {s.fqn} does not read every channel of the group"
-                    return
-            for user in self.param_users.get(s.fqn, []):
-                sources.add(self.source(user.args[0], g.gid))
-        if not sources:
-            g.fold_reason = "the group has no consumer"
-        elif len(sources) > 1:
-            g.fold_reason = ("its consumers read different tensors (" + ", ".join(sorted(sources)) +
-                             "), e.g. along a residual stream")
-        else:
-            g.z_node = sources.pop()
-            assert g.z_node in nodes
+                why = f"consumer {s.fqn} is not a plain linear map of its input"
+            elif any(len(set(idx[mine & (s.tags == t)].tolist())) != g.width for t in np.unique(s.tags[mine])):
+                why = f"consumer {s.fqn} does not read every channel of the group"
+            elif len(srcs) > 1:
+                why = f"weight {s.fqn} is shared by consumers that read different tensors"
+            for name in srcs:
+                src = g.sources.setdefault(name, Source(name))
+                if s.fqn not in src.consumers:
+                    src.consumers.append(s.fqn)
+                src.why = src.why or why
+            self.slot_source[(s.fqn, s.dim, g.gid)] = srcs[0]
 
     def source(self, node: Node, gid: int) -> str:
         while node.op == "call_function":

@@ -17,8 +17,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import DataError
-from .rewrite import Plan
-from .verify import HookedInterpreter
+import numpy as np
+
+from .gram import GramAccumulator
+from .rewrite import Plan, segments
+from .reference import HookedInterpreter
 
 DEFAULT_SAMPLES = 1000
 # Samples per interpreter run: every captured activation of a batch is alive at once, so this bounds peak
@@ -91,3 +94,44 @@ def stream(an, calib, nodes, decisions=None, example: tuple = (), max_samples: i
             yield interp.captured
     finally:
         bar.close()
+
+
+def group_columns(an, node_name: str, gid: int) -> tuple[int, np.ndarray] | None:
+    """(channel dim, positions tags x width) of a group's channels in a node's output, or None when the node
+    does not carry the whole group. A flattened map has one row of positions per spatial tag."""
+    node = next(n for n in an.gm.graph.nodes if n.name == node_name)
+    cm = an.cmap(node)
+    if cm is None:
+        return None
+    gids, idx = an.positions(cm)
+    width = an.groups[gid].width
+    segs = [P for (g, _, c), P in segments(gids, idx, cm.tags).items() if g == gid and c == 0 and len(P) == width]
+    return (cm.dim, np.stack(segs)) if segs else None
+
+
+def as_rows(act: torch.Tensor, dim: int, P: np.ndarray) -> torch.Tensor:
+    """The group's columns of an activation as a (rows, width) matrix; spatial tags become extra rows."""
+    a = act.movedim(dim, -1)
+    a = a.reshape(-1, a.shape[-1])[:, torch.as_tensor(P.reshape(-1), device=a.device)]
+    return a.reshape(-1, P.shape[1])
+
+
+def source_grams(ctx, groups, decisions=None, samples: int = DEFAULT_SAMPLES, desc: str = "calibrating"):
+    """{group: {source node: float64 Gram Z_j^T Z_j}} of every source of the given groups, streamed over the
+    calibration data as the (partly) pruned model computes them; summed over processes under torch.distributed."""
+    an = ctx.analysis
+    where = {}
+    for g in groups:
+        for src in an.groups[g].sources:
+            cols = group_columns(an, src, g)
+            if cols is not None:
+                where[(g, src)] = cols
+    accs = {key: GramAccumulator(an.groups[key[0]].width) for key in where}
+    nodes = sorted({src for _, src in where})
+    for acts in stream(an, ctx.calib, nodes, decisions, ctx.example_inputs, samples, ctx.progress, desc):
+        for (g, src), (dim, P) in where.items():
+            accs[(g, src)].update(as_rows(acts[src], dim, P))
+    out: dict[int, dict[str, np.ndarray]] = {}
+    for (g, src), acc in accs.items():
+        out.setdefault(g, {})[src] = acc.allreduce().G
+    return out

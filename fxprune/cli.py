@@ -442,8 +442,7 @@ def cmd_prune(args, parser) -> int:
     if args.calib:
         calib = load_calib(args.calib, args.calib_samples, shape, args.data_dir)
         _say(f"calibration data: {len(calib)} samples from {args.calib}")
-        if "calib_samples" in inspect.signature(passes.get(args.method)).parameters:
-            options.setdefault("calib_samples", len(calib))  # use every sample the user asked for
+        options.setdefault("calib_samples", len(calib))  # use every sample the user asked for
     x = example_input(shape)
     _say(f"pruning {args.model} ({type(model).__name__}, input {list(shape)}) with method {args.method} ...")
     res = prune(model, x, args.method, amount=args.amount, target_flops=args.target_flops,

@@ -38,6 +38,7 @@ class PruneContext:
     example_inputs: tuple
     calib: object = None           # calibration data as the user gave it (tensor, DataLoader, iterable)
     progress: bool = True
+    calib_samples: int = 1000      # how many calibration samples a method should read
     notes: list[str] = field(default_factory=list)  # lines the method wants in the report
     _cost: CostModel | None = None
 

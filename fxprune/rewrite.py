@@ -28,18 +28,29 @@ from .ops import op_name
 
 @dataclass
 class Decision:
-    """What a method decides for one group: the kept channel indices (sorted) and a k x n reconstruction
-    matrix T (None means plain selection). ``info`` is free-form report data (scores, ID error, ...)."""
+    """What a method decides for one group: the kept channel indices (sorted) and how the consumers rebuild
+    the removed ones. ``T`` is a k x n reconstruction matrix (consumers see Z[:, keep] @ T), either one for every
+    tensor the group's consumers read, or ``{source node: T_j}`` per source (``Group.sources``); None, or a
+    source left out, means a plain selection there. ``info`` is free-form report data (scores, errors, ...)."""
     keep: np.ndarray
-    T: np.ndarray | None = None
+    T: np.ndarray | dict[str, np.ndarray] | None = None
     info: dict = field(default_factory=dict)
 
+    def T_for(self, source: str) -> np.ndarray | None:
+        """The reconstruction matrix the consumers reading ``source`` fold (None: a selection)."""
+        T = self.T.get(source) if isinstance(self.T, dict) else self.T
+        return None if T is None or _is_selection(T, self.keep) else T
+
     def is_selection(self) -> bool:
-        if self.T is None:
-            return True
-        sel = np.zeros_like(self.T)
-        sel[np.arange(len(self.keep)), self.keep] = 1.0
-        return np.array_equal(self.T, sel)
+        if isinstance(self.T, dict):
+            return all(_is_selection(T, self.keep) for T in self.T.values() if T is not None)
+        return self.T is None or _is_selection(self.T, self.keep)
+
+
+def _is_selection(T: np.ndarray, keep: np.ndarray) -> bool:
+    sel = np.zeros(np.shape(T))
+    sel[np.arange(len(keep)), keep] = 1.0
+    return np.array_equal(T, sel)
 
 
 def segments(gid: np.ndarray, idx: np.ndarray, tags: np.ndarray) -> dict[tuple, np.ndarray]:
@@ -77,18 +88,38 @@ class Plan:
             raise RewriteError(f"group {gid} is frozen ({g.frozen}); a method must not decide for it")
         if keep.ndim != 1 or len(keep) == 0 or np.any(np.diff(keep) <= 0) or keep[0] < 0 or keep[-1] >= g.width:
             raise RewriteError(f"group {gid}: keep must be sorted unique indices in [0, {g.width}), at least one")
-        T = None if d.T is None else np.asarray(d.T, dtype=np.float64)
-        if T is not None and T.shape != (len(keep), g.width):
-            raise RewriteError(f"group {gid}: T must be {len(keep)} x {g.width}, got {T.shape}")
         if g.block_of is not None and len(set(np.bincount(g.block_of[keep], minlength=g.blocks).tolist())) != 1:
             raise RewriteError(f"group {gid}: its {g.blocks} blocks (a grouped conv or chunk) must each keep the "
                                "same number of channels")
-        d = Decision(keep, T, d.info)
-        if not d.is_selection() and g.z_node is None:
-            raise RewriteError(
-                f"group {gid} ({', '.join(g.modules)}) cannot absorb a reconstruction matrix T: {g.fold_reason}. "
-                "Use a selection for this group (T=None).")
-        return d
+        return Decision(keep, self._check_T(gid, keep, d.T), d.info)
+
+    def _check_T(self, gid: int, keep: np.ndarray, T) -> dict[str, np.ndarray] | None:
+        """Normalize T to {source: non-selection T}; refuse a T where the consumers cannot absorb it."""
+        g = self.an.groups[gid]
+        if T is None:
+            return None
+        if not isinstance(T, dict):
+            T = dict.fromkeys(g.sources, T)
+        out = {}
+        for src, t in T.items():
+            if src not in g.sources:
+                raise RewriteError(f"group {gid}: T given for '{src}', which no consumer of the group reads; "
+                                   f"its sources are {', '.join(g.sources) or 'none'}")
+            if t is None:
+                continue
+            t = np.asarray(t, dtype=np.float64)
+            if t.shape != (len(keep), g.width):
+                raise RewriteError(f"group {gid}: T must be {len(keep)} x {g.width}, got {t.shape}")
+            if not np.isfinite(t).all():
+                raise RewriteError(f"group {gid}: T for '{src}' has NaN or inf entries")
+            if _is_selection(t, keep):
+                continue
+            if not g.sources[src].foldable:
+                raise RewriteError(
+                    f"group {gid} ({', '.join(g.modules)}) cannot absorb a reconstruction matrix T at '{src}': "
+                    f"{g.sources[src].why}. Use a selection there (leave that source out of T, or T=None).")
+            out[src] = t
+        return out or None
 
     # ---- per-position masks ------------------------------------------------------------------------------
     def kept_positions(self, ids_holder) -> np.ndarray:
@@ -114,14 +145,21 @@ class Plan:
         slim_pos = np.cumsum(kept) - 1
         gid, idx = self.an.positions(s)
         for (g, _, _), P in segments(gid, idx, s.tags).items():
-            d = self.decisions.get(g)
-            if d is None or d.T is None or d.is_selection():
+            T = self.T_at(s, g)
+            if T is None:
                 continue
+            d = self.decisions[g]
             Q = torch.as_tensor(slim_pos[P[d.keep]], device=tensor.device)
             W = tensor.index_select(s.dim, torch.as_tensor(P, device=tensor.device)).movedim(s.dim, -1)
-            folded = (W.double() @ torch.as_tensor(d.T.T)).to(tensor.dtype).movedim(-1, s.dim)
+            folded = (W.double() @ torch.as_tensor(T.T)).to(tensor.dtype).movedim(-1, s.dim)
             out.index_copy_(s.dim, Q, folded)
         return out
+
+    def T_at(self, s: Slot, gid: int) -> np.ndarray | None:
+        """The T that consumer slot ``s`` folds for group ``gid`` (None: selection or not decided)."""
+        d = self.decisions.get(gid)
+        src = self.an.slot_source.get((s.fqn, s.dim, gid))
+        return None if d is None or src is None else d.T_for(src)
 
     def apply_params(self, module: nn.Module):
         """Replace every touched parameter/buffer of ``module`` (found by FQN) by its slim version."""
@@ -147,6 +185,20 @@ class Plan:
                 setattr(owner, attr, new.clone())
         for mod in module.modules():
             update_attributes(mod)
+
+    def replace_tensors(self, module: nn.Module, values: dict[str, torch.Tensor]):
+        """Copy full-width values (e.g. re-estimated BatchNorm statistics, keyed by FQN) into a slimmed module,
+        sliced the way the rewrite sliced each tensor."""
+        by_fqn: dict[str, list[Slot]] = {}
+        for s in self.an.slots.values():
+            by_fqn.setdefault(s.fqn, []).append(s)
+        for fqn, value in values.items():
+            new = value.detach()
+            for s in by_fqn.get(fqn, []):
+                new = self.new_tensor(s, new)
+            owner_path, _, attr = fqn.rpartition(".")
+            with torch.no_grad():
+                getattr(module.get_submodule(owner_path), attr).copy_(new)
 
     def _touches(self, s: Slot, touched: set) -> bool:
         gid, _ = self.an.positions(s)

@@ -1,82 +1,40 @@
 """Verification: the slim model against a reference built by another route.
 
 The reference is the ORIGINAL graph, full width, run with a hook at every consumer (conv/linear that reads a
-pruned group): its input Z is replaced by Z[:, keep] @ T (for a selection: pruned channels zeroed). Nothing is
-sliced or folded on this route, so it catches slicing, index-map, flatten-order and folding bugs alike.
-A second check runs the user's slimmed eager module against the slim graph, which catches a forward that
-hard-codes a width and names the module.
+pruned group): its input Z_j is replaced by Z_j[:, keep] @ T_j (for a selection: pruned channels zeroed); see
+reference.py. Nothing is sliced or folded on this route, so it catches slicing, index-map, flatten-order and
+folding bugs alike. A second check runs the user's slimmed eager module against the slim graph, which catches a
+forward that hard-codes a width and names the module.
 
-Both comparisons are normwise relative: max|slim - ref| / max|ref| <= rtol, with rtol = 1e-4 for float32
-(float32 rounding through ~60 layers and an ID-folded T stays well below it; a wrong channel gives O(1)).
+Both comparisons are normwise relative: max|slim - ref| / max|ref| <= rtol, with rtol = 1e-4 (float32 rounding
+through ~60 layers and a folded T stays well below it; a wrong channel gives O(1)). Any NaN or inf in the slim
+output where the reference is finite is a failure; a reference that is itself not finite cannot verify anything,
+so other inputs are tried (calibration samples) and, failing those, the run stops and says so. Inputs: fresh
+random normal tensors shaped like the examples, plus the first calibration samples when calib= is given, or
+exactly the user's ``verify_inputs``. Half-precision models (float16, bfloat16) are verified in float32: the same
+decisions are applied to a float32 copy of the graph and compared with the float32 reference (a half model's own
+rounding would swamp the 1e-4 check), and the half eager model is compared with the half slim graph at a
+tolerance scaled by the dtype's epsilon.
 
 Example::
 
-    report = check_against_reference(plan, original_gm, slim_gm, example_inputs)
+    diff = verify(plan, original_gm, slim_gm, slim_model, example_inputs)
 """
 
 from __future__ import annotations
 
-import numpy as np
+import copy
+import warnings
+
 import torch
 from torch import nn
-from torch.fx import GraphModule, Interpreter
+from torch.fx import GraphModule
 
 from .errors import VerificationError
-from .rewrite import Plan, segments
+from .reference import HookedInterpreter
+from .rewrite import Plan
 
 RTOL = 1e-4
-
-
-class HookedInterpreter(Interpreter):
-    """Runs the original graph, replacing each consumer's input channels by their reconstruction.
-    ``capture`` names nodes whose outputs are kept in ``captured`` (calibration reads the partly-pruned
-    model's activations this way, at full width and with the original group numbering)."""
-
-    def __init__(self, gm: GraphModule, plan: Plan, capture: set[str] = frozenset()):
-        super().__init__(gm)
-        self.plan = plan
-        self.capture = set(capture)
-        self.captured: dict[str, torch.Tensor] = {}
-        an = plan.an
-        self.hooks: dict[str, list] = {}
-        for s in an.slots.values():
-            if s.role not in ("in", "grouped_in"):
-                continue
-            gid, idx = an.positions(s)
-            if not np.isin(gid, list(plan.decisions)).any():
-                continue
-            for user in an.param_users[s.fqn]:
-                dim = an.cmap(user.args[0]).dim  # where the consumer's input carries the channels
-                self.hooks.setdefault(user.name, []).append((s, gid, idx, dim))
-
-    def run_node(self, n):
-        if n.name in self.hooks:
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            x = args[0]
-            for s, gid, idx, dim in self.hooks[n.name]:
-                x = self._reconstruct(x, s, gid, idx, dim)
-            out = getattr(self, n.op)(n.target, (x, *args[1:]), kwargs)
-        else:
-            out = super().run_node(n)
-        if n.name in self.capture:
-            self.captured[n.name] = out
-        return out
-
-    def _reconstruct(self, x: torch.Tensor, s, gid, idx, dim) -> torch.Tensor:
-        out = x.clone()
-        for (g, _, _), P in segments(gid, idx, s.tags).items():
-            d = self.plan.decisions.get(g)
-            if d is None:
-                continue
-            pos = torch.as_tensor(P)
-            if d.T is None or d.is_selection() or len(P) != self.plan.an.groups[g].width:
-                dropped = pos[torch.as_tensor(~self.plan.keep_mask[g][idx[P]])]
-                out.index_fill_(dim, dropped, 0.0)
-            else:
-                zk = x.index_select(dim, pos[torch.as_tensor(d.keep)]).movedim(dim, -1)
-                rebuilt = (zk @ torch.as_tensor(d.T, dtype=x.dtype)).movedim(-1, dim)
-                out.index_copy_(dim, pos, rebuilt)
-        return out
 
 
 def random_like(example: tuple, seed: int = 0) -> tuple:
@@ -87,16 +45,26 @@ def random_like(example: tuple, seed: int = 0) -> tuple:
 
 
 def rel_diff(a, b) -> float:
+    """max|a - b| / max|b| over all output tensors; inf when shapes differ or a is not finite where b is."""
     fa, fb = _flat(a), _flat(b)
     if len(fa) != len(fb):
         return float("inf")
     worst = 0.0
     for x, y in zip(fa, fb):
-        if x.shape != y.shape:
+        if x.shape != y.shape or not torch.equal(torch.isfinite(x), torch.isfinite(y)):
             return float("inf")
-        scale = y.abs().max().item() if y.numel() else 0.0
-        worst = max(worst, (x - y).abs().max().item() / max(scale, 1e-12) if y.numel() else 0.0)
+        if not y.numel():
+            continue
+        fin = torch.isfinite(y)
+        if not fin.any():
+            continue
+        scale = y[fin].abs().max().item()
+        worst = max(worst, (x[fin] - y[fin]).abs().max().item() / max(scale, 1e-12))
     return worst
+
+
+def finite(out) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in _flat(out))
 
 
 def _flat(out) -> list[torch.Tensor]:
@@ -113,10 +81,10 @@ def _flat(out) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def check_against_reference(plan: Plan, original_gm: GraphModule, slim_gm: GraphModule, inputs: tuple,
-                            rtol: float = RTOL, notes: list | None = None) -> float:
+                            rtol: float = RTOL, notes: list | None = None, ref=None) -> float:
     """Slim graph vs the hooked full-width original. Returns the relative difference or raises; appends to
     ``notes`` when the check is weak (outputs ~0 on random inputs, e.g. zero-initialized heads)."""
-    ref = HookedInterpreter(original_gm, plan).run(*inputs)
+    ref = HookedInterpreter(original_gm, plan).run(*inputs) if ref is None else ref
     try:
         got = slim_gm(*inputs)
     except Exception as exc:  # noqa: BLE001 - a slim graph that cannot run is a verification failure
@@ -188,3 +156,71 @@ class _ModuleRecorder:
     def remove(self):
         for h in self.handles:
             h.remove()
+
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def model_dtype(module: nn.Module) -> torch.dtype:
+    for p in list(module.parameters()) + list(module.buffers()):
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def candidate_inputs(example: tuple, verify_inputs=None, calib=None) -> list[tuple[str, tuple]]:
+    """What to verify on: the user's verify_inputs alone, else random normal inputs and the first calibration
+    samples."""
+    if verify_inputs is not None:
+        return [("verify_inputs", verify_inputs)]
+    out = [("random normal inputs", random_like(example))]
+    if calib is not None:
+        from .calibrate import batches
+        try:
+            out.append(("calibration samples", next(iter(batches(calib, example, max_samples=16, batch_size=16)))))
+        except Exception:  # noqa: BLE001 - bad calibration data is reported by the stage that reads it
+            pass
+    return out
+
+
+@torch.no_grad()
+def verify(plan: Plan, original_gm: GraphModule, slim_gm: GraphModule, slim_model: nn.Module, example: tuple,
+           verify_inputs=None, calib=None, notes: list | None = None) -> float:
+    """Every check, on every candidate input whose reference output is finite. Returns the worst difference."""
+    dtype = model_dtype(original_gm)
+    ref_gm, check_gm, cast = original_gm, slim_gm, (lambda xs: xs)
+    if dtype in HALF:  # verify the decisions in float32: the half model's own rounding would swamp 1e-4
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref_gm = copy.deepcopy(original_gm).float()
+            check_gm = copy.deepcopy(original_gm).float()
+        plan.apply_params(check_gm)
+        plan.fix_graph(check_gm)
+        cast = lambda xs: tuple(x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x  # noqa: E731
+                                for x in xs)
+        if notes is not None:
+            notes.append(f"verified in float32 (the model is {str(dtype).replace('torch.', '')}); the "
+                         f"{str(dtype).replace('torch.', '')} eager model was checked against its slim graph "
+                         f"at a tolerance of {_half_rtol(dtype):.0e}")
+    worst, tried = 0.0, []
+    from .capture import eval_mode
+    for what, inputs in candidate_inputs(example, verify_inputs, calib):
+        ref = HookedInterpreter(ref_gm, plan).run(*cast(inputs))
+        if not finite(ref):
+            tried.append(what)
+            continue
+        worst = max(worst, check_against_reference(plan, ref_gm, check_gm, cast(inputs), notes=notes, ref=ref))
+        with eval_mode(slim_model):
+            check_eager_matches_graph(slim_model, slim_gm, inputs,
+                                      rtol=_half_rtol(dtype) if dtype in HALF else RTOL)
+        if tried and notes is not None:
+            notes.append(f"the model's outputs are NaN or inf on {' and '.join(tried)}; verified on {what}")
+        return worst
+    raise VerificationError(
+        f"could not verify: the model's outputs are NaN or inf on {' and '.join(tried)}, so no comparison means "
+        "anything. Pass verify_inputs= with inputs from the model's domain (or calib= with real samples), or "
+        "verify=False to skip verification")
+
+
+def _half_rtol(dtype) -> float:
+    return max(RTOL, 16 * torch.finfo(dtype).eps)

@@ -1,80 +1,37 @@
 """Interpolative-decomposition (ID) pruning (Chee, Renz, Damle, De Sa, arXiv 2108.00065), method "id".
 
-Each group keeps the channels that best span its activations Z (the consumers' common input: after the
-nonlinearity, after a max-pool when one sits before the consumer; conv maps give one row per spatial position),
-and T = [I, R11^-1 R12] lets the consumers rebuild the rest: Z ~ Z[:, keep] @ T. The core folds T into the
-consumers' weights. Z is never materialized: a float64 Gram matrix per group is accumulated batch by batch
-(O(C^2) memory, summable across processes), and pivoted Cholesky of it gives the QR's pivots and R
-(passes/_id_math.py).
+Each group keeps the channels that best span its activations: for every tensor Z_j its consumers read
+(``Group.sources``: after the nonlinearity, after a max-pool when one sits before the consumer; conv maps give one
+row per spatial position), the pivots come from all Z_j stacked (each scaled to unit energy), and each Z_j gets
+its own least-squares T_j with Z_j ~ Z_j[:, keep] @ T_j (for a group with one source, T = [I, R11^-1 R12], the
+ID's own T). Z is never materialized: a float64 Gram matrix per source is accumulated batch by batch (O(C^2)
+memory, summable across processes), and pivoted Cholesky of it gives the QR's pivots and R (_id_math.py).
 
 Choosing k:
   - amount / amounts: a uniform fraction per group;
   - tol=...: per group, the smallest k whose relative ID error is <= tol;
-  - target_flops / target_params: greedy over all groups by ID error added per FLOP (or parameter) saved, in
-    ``rounds`` stages (default 3) toward the target; each stage re-measures the activations of the partly pruned
-    model (the graph runs with every consumer reading Z[:, keep] @ T) before it chooses again.
+  - target_flops / target_params: greedy over all groups by reconstruction error added per FLOP (or parameter)
+    saved, in ``rounds`` stages (default 3) toward the target; each stage re-measures the activations of the
+    partly pruned model (the graph runs with every consumer reading Z_j[:, keep] @ T_j) before it chooses again.
 
-Groups whose consumers cannot absorb T (the residual stream, SE-scaled maps) keep ID's pivots as a plain
-selection; the report notes each such group.
+With calibration data the core then refits every T_j against the original model's activations and re-estimates
+BatchNorm statistics (fxprune/reconstruct.py); ``reconstruct=False`` keeps ID's own T_j. Sources whose consumers
+cannot absorb T (grouped convs, partial reads) take ID's pivots as a plain selection; the report notes them.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from fxprune.calibrate import DEFAULT_SAMPLES, stream
-from fxprune.rewrite import Decision, segments
+from fxprune.calibrate import source_grams
+from fxprune.errors import ConfigError
+from fxprune.reconstruct import least_squares
+from fxprune.rewrite import Decision
 from fxprune.targets import check_reachable, fill, unit
 
 from . import register
-from ._id_math import GramAccumulator, id_from_gram
-
-
-def _sources(ctx, gid: int) -> list[str]:
-    """Nodes whose outputs hold the group's Z: the fold point, else every consumer's input source."""
-    an, g = ctx.analysis, ctx.groups[gid]
-    if g.z_node is not None:
-        return [g.z_node]
-    srcs = []
-    for s in an.slots.values():
-        if s.role in ("in", "grouped_in") and (an.positions(s)[0] == gid).any():
-            for user in an.param_users[s.fqn]:
-                src = an.source(user.args[0], gid)
-                if src not in srcs:
-                    srcs.append(src)
-    return srcs
-
-
-def _columns(an, node_name: str, gid: int, width: int):
-    """(channel dim, position matrix tags x width) to pull the group's columns out of a node's output."""
-    node = next(n for n in an.gm.graph.nodes if n.name == node_name)
-    cm = an.cmap(node)
-    gids, idx = an.positions(cm)
-    segs = [P for (g, _, c), P in segments(gids, idx, cm.tags).items() if g == gid and c == 0 and len(P) == width]
-    return (cm.dim, np.stack(segs)) if segs else None
-
-
-def _gram_all(ctx, groups: list[int], decisions: dict, samples: int, desc: str) -> dict[int, GramAccumulator]:
-    an = ctx.analysis
-    where: dict[int, list] = {}
-    for g in groups:
-        for src in _sources(ctx, g):
-            cols = _columns(an, src, g, ctx.groups[g].width)
-            if cols is not None:
-                where.setdefault(g, []).append((src, *cols))
-    accs = {g: GramAccumulator(ctx.groups[g].width) for g in where}
-    nodes = sorted({s for w in where.values() for s, _, _ in w})
-    for acts in stream(an, ctx.calib, nodes, decisions, ctx.example_inputs, samples, ctx.progress, desc):
-        for g, acc in accs.items():
-            for name, dim, P in where[g]:
-                a = acts[name].movedim(dim, -1)
-                a = a.reshape(-1, a.shape[-1])[:, torch.as_tensor(P.reshape(-1))]
-                acc.update(a.reshape(-1, P.shape[1]))
-    for acc in accs.values():
-        acc.allreduce()
-    return accs
+from ._id_math import id_from_gram
 
 
 def _step_down(w: int, u: int) -> int | None:
@@ -140,43 +97,77 @@ def _tighten(ctx, widths, curves, gain, target, metric, upper, slack: float = 0.
 
 
 @register("id")
-def decide(ctx, tol: float | None = None, rounds: int = 3, calib_samples: int = DEFAULT_SAMPLES, **_):
+def decide(ctx, tol: float | None = None, rounds: int = 3):
+    _check_options(tol, rounds)
     prunable = ctx.prunable
     kept = {g: np.arange(ctx.groups[g].width) for g in prunable}     # current keep, original numbering
-    trans = {g: np.eye(ctx.groups[g].width) for g in prunable}       # current T (k x n)
+    trans = {g: {} for g in prunable}                                # current T per source (k x n)
     info: dict[int, dict] = {}
     t = ctx.target
     if t.metric is not None:
         check_reachable(ctx.analysis, ctx.cost, prunable, t.value, t.metric, t.round_to)
-    stages = [None] if t.metric is None else [t.value ** ((i + 1) / max(rounds, 1)) for i in range(max(rounds, 1))]
+    stages = [None] if t.metric is None else [t.value ** ((i + 1) / rounds) for i in range(rounds)]
     for i, stage in enumerate(stages):
         decisions = _decisions(ctx, kept, trans)
-        accs = _gram_all(ctx, prunable, decisions, calib_samples, f"ID calibration {i + 1}/{len(stages)}")
-        grams = {g: acc.G[np.ix_(kept[g], kept[g])] for g, acc in accs.items()}
+        grams = source_grams(ctx, prunable, decisions, ctx.calib_samples, f"ID calibration {i + 1}/{len(stages)}")
+        sub = {g: {src: G[np.ix_(kept[g], kept[g])] for src, G in by_src.items()} for g, by_src in grams.items()}
+        pooled = {g: _pooled(by_src) for g, by_src in sub.items()}
         if stage is None and tol is not None:
-            new_k = {g: id_from_gram(G, tol=tol).k for g, G in grams.items()}
+            new_k = {g: id_from_gram(G, tol=tol).k for g, G in pooled.items()}
         elif stage is None:
             new_k = ctx.widths()
         else:
-            curves = {g: id_from_gram(G, k=len(G)).errors for g, G in grams.items()}
+            curves = {g: _error_curve(sub[g], id_from_gram(G, k=len(G)).pivots) for g, G in pooled.items()}
             widths = np.array([len(kept[g]) if g in kept else ctx.groups[g].width for g in range(len(ctx.groups))])
             new_k = _allocate(ctx, widths, curves, stage, t.metric)
-        for g, G in grams.items():
+        for g, G in pooled.items():
             k = int(new_k[g])
             if k >= len(kept[g]):
                 continue
             block_of = ctx.groups[g].block_of
+            res = None
             if block_of is None:
                 res = id_from_gram(G, k=k)
-                kept[g], trans[g] = kept[g][res.keep], res.T @ trans[g]
+                local = res.keep
                 info[g] = {"id_error": float(res.rel_error)}
             else:  # blocks keep equal counts: ID pivots per block, kept as a selection (grouped consumers)
-                sub = _blocked_pivots(G, block_of[kept[g]], k)
-                kept[g], trans[g] = kept[g][sub], trans[g][sub]
+                local = _blocked_pivots(G, block_of[kept[g]], k)
+            for src, Gs in sub[g].items():
+                if res is not None and len(sub[g]) == 1:
+                    T_local = res.T  # one source: the ID's own T = [I, R11^-1 R12]
+                else:  # each source's own least-squares T from the shared pivots
+                    T_local = least_squares(Gs[np.ix_(local, local)], Gs[local], ridge=1e-10)
+                trans[g][src] = T_local @ trans[g].get(src, np.eye(len(kept[g]), ctx.groups[g].width))
+            kept[g] = kept[g][local]
     return _decisions(ctx, kept, trans, info, final=True)
 
 
 decide.needs_calib = True
+
+
+def _check_options(tol, rounds):
+    if tol is not None and not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and 0.0 <= tol < 1.0):
+        raise ConfigError(f"tol must be a number in [0, 1) (the relative ID error allowed per group), got {tol!r}")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ConfigError(f"rounds must be a positive int (greedy stages toward a FLOPs target), got {rounds!r}")
+
+
+def _pooled(by_src: dict[str, np.ndarray]) -> np.ndarray:
+    """One Gram for the pivots: every source's Z stacked, each scaled to unit energy so none dominates."""
+    return sum(G / max(np.trace(G), 1e-300) for G in by_src.values())
+
+
+def _error_curve(by_src: dict[str, np.ndarray], order: np.ndarray) -> np.ndarray:
+    """errors[k-1]: the mean over sources of the least-squares residual energy ||Z - Z_k T||_F^2 / ||Z||_F^2
+    when the first k channels of ``order`` are kept (the reconstruction every source really gets)."""
+    curves = []
+    for G in by_src.values():
+        Gp = G[np.ix_(order, order)]
+        total = max(np.trace(Gp), 1e-300)
+        L = np.linalg.cholesky(Gp + 1e-12 * total / len(Gp) * np.eye(len(Gp)))
+        captured = np.cumsum(np.square(L).sum(0))
+        curves.append(np.clip(1.0 - captured / total, 0.0, 1.0))
+    return np.mean(curves, axis=0)
 
 
 def _blocked_pivots(G: np.ndarray, block_of: np.ndarray, k: int) -> np.ndarray:
@@ -195,11 +186,12 @@ def _decisions(ctx, kept, trans, info=None, final=False) -> dict[int, Decision]:
         if len(keep) == n:
             continue
         order = np.argsort(keep)
-        foldable = ctx.groups[g].z_node is not None
-        d = Decision(keep=keep[order], T=trans[g][order] if foldable else None, info=dict((info or {}).get(g, {})))
-        d.info["folded"] = not d.is_selection()
-        out[g] = d
-        if final and not foldable:
-            ctx.notes.append(f"group {g} ({', '.join(ctx.groups[g].modules)}): ID pivots kept as a plain "
-                             f"selection, T not folded: {ctx.groups[g].fold_reason}")
+        foldable = set(ctx.groups[g].foldable_sources)
+        T = {src: T[order] for src, T in trans[g].items() if src in foldable}
+        out[g] = Decision(keep=keep[order], T=T or None, info=dict((info or {}).get(g, {})))
+        if final:
+            for src in ctx.groups[g].sources.values():
+                if not src.foldable:
+                    ctx.notes.append(f"group {g} ({', '.join(ctx.groups[g].modules)}): consumers of {src.node} "
+                                     f"take a plain selection: {src.why}")
     return out

@@ -143,8 +143,9 @@ def _segments(gid: np.ndarray, idx: np.ndarray, tags: np.ndarray, g: int) -> lis
 def consumer_reference(model: nn.Module, an, decisions: dict, dtype=None) -> nn.Module:
     """The full-width original with a forward pre-hook on every consumer module of a decided group: the input
     channels of that group are replaced by Z[:, keep] @ T (selection: the pruned channels are zeroed).
-    Written independently of fxprune.verify; it uses only each group's consumer list and the analysis'
-    position maps (which group / channel index each input position of a consumer weight reads)."""
+    Written independently of fxprune.verify; it uses only each group's consumer list, which source each consumer
+    reads (Group.sources) and the analysis' position maps (which group / channel index each input position of a
+    consumer weight reads)."""
     ref = copy.deepcopy(model).eval()
     if dtype is not None:
         ref = ref.to(dtype)
@@ -153,11 +154,11 @@ def consumer_reference(model: nn.Module, an, decisions: dict, dtype=None) -> nn.
         g = an.groups[gid]
         n = g.width
         keep = np.asarray(d.keep)
-        T = d.T
-        if T is None:
-            T = np.zeros((len(keep), n))
-            T[np.arange(len(keep)), keep] = 1.0
         for fqn in g.consumers:
+            src = [s for s in g.sources.values() if fqn in s.consumers]
+            T = d.T_for(src[0].node) if len(src) == 1 else None  # a weight read from two tensors: selection
+            if T is None:
+                T = _selection(keep, n)
             slot = an.slots[(fqn, 1)]  # conv and linear weights read their input along dim 1
             gids, idx = an.positions(slot)
             for P in _segments(gids, idx, slot.tags, gid):

@@ -26,8 +26,9 @@ def node(an, name):
 
 def z_op(an, g):
     """The op name of the node a group's Z is taken at."""
-    assert g.z_node is not None, g.fold_reason
-    return ops.op_name(node(an, g.z_node).target)
+    (src,) = g.sources.values()
+    assert src.foldable, src.why
+    return ops.op_name(node(an, src.node).target)
 
 
 def in_positions(an, fqn, dim=1):
@@ -151,12 +152,15 @@ class ResidualStream(nn.Module):
         return self.fc(b.mean((2, 3)))
 
 
-def test_join_residual_stream_takes_selection_only():
+def test_join_residual_stream_gives_each_consumer_input_its_own_source():
     an = run(ResidualStream())
     g = group_with(an, "c0.weight")
     assert g is group_with(an, "c1.weight") and g.prunable
     assert sorted(g.consumers) == ["c1.weight", "fc.weight"]
-    assert g.z_node is None and "different tensors" in g.fold_reason
+    # c1 reads relu(a), fc reads mean(relu(a + c1(...))): two tensors, each may fold its own T
+    assert len(g.sources) == 2 and all(s.foldable for s in g.sources.values())
+    assert sorted(s.consumers[0] for s in g.sources.values()) == ["c1.weight", "fc.weight"]
+    assert sorted(ops.op_name(node(an, s).target) for s in g.sources) == ["aten.relu", "aten.relu"]
 
 
 class JoinUntracked(nn.Module):
@@ -209,7 +213,8 @@ def test_join_squeeze_excite_multiply_couples_fc2_with_the_conv():
     assert g is group_with(an, "fc2.weight")
     assert sorted(g.producers) == ["conv.weight", "fc2.weight"] and "fc2.bias" in g.members
     assert sorted(g.consumers) == ["c2.weight", "fc1.weight"]
-    assert g.prunable and g.z_node is None  # fc1 reads y, c2 reads y * s
+    assert g.prunable and len(g.sources) == 2  # fc1 reads y, c2 reads y * s: each its own T
+    assert {ops.op_name(node(an, s).target) for s in g.sources} == {"aten.relu", "aten.mul"}
     assert group_with(an, "fc1.weight").consumers == ["fc2.weight"]
 
 
@@ -265,7 +270,8 @@ def test_conv_grouped_ties_blocks_of_input_and_output():
         else:
             assert g.blocks == 2 and g.block_of.tolist() == [0] * (n // 2) + [1] * (n // 2)
     if not g_in.frozen:
-        assert g_in.z_node is None and "not a plain linear map" in g_in.fold_reason  # grouped consumer
+        (src,) = g_in.sources.values()  # read by the grouped conv only
+        assert not src.foldable and "not a plain linear map" in src.why
         assert z_op(an, g_out) == "aten.relu"  # c3 is a plain consumer of the output group
         assert "gc.weight" in g_in.consumers and an.slots[("gc.weight", 1)].role == "grouped_in"
         keep_unequal = np.array([0, 1, 2, 4])  # 3 from block 0, 1 from block 1
@@ -518,7 +524,8 @@ def test_cat_two_producers_gives_two_groups_and_one_consumer():
     gid, idx = in_positions(an, "c.weight")
     assert gid.tolist() == [ga.gid] * 4 + [gb.gid] * 6
     assert idx.tolist() == list(range(4)) + list(range(6))
-    assert ga.z_node is not None and gb.z_node is not None  # through a cat, each part has one source
+    assert [len(ga.sources), len(gb.sources)] == [1, 1]  # through a cat, each part has one source
+    assert all(s.foldable for s in [*ga.sources.values(), *gb.sources.values()])
 
 
 class CatTwice(nn.Module):
@@ -586,7 +593,7 @@ def test_split_then_cat(how):
     assert set(gp.tolist()) == set(gq.tolist()) == set(gc.tolist()) == {g.gid}
     assert ip.tolist() == [0, 1, 2, 3] and iq.tolist() == [4, 5, 6, 7]
     assert ic.tolist() == [4, 5, 6, 7, 0, 1, 2, 3]
-    assert g.z_node is None and "does not read every channel" in g.fold_reason
+    assert any(not s.foldable and "does not read every channel" in s.why for s in g.sources.values())
     # p, q and c produce three groups, concatenated into fc
     gfc, ifc = in_positions(an, "fc.weight")
     assert len(set(gfc.tolist())) == 3
@@ -612,7 +619,7 @@ def test_slice_and_narrow_offsets(how, start):
     assert g.width == 8 and g.prunable and g.consumers == ["c.weight"]
     gid, idx = in_positions(an, "c.weight")
     assert (gid == g.gid).all() and idx.tolist() == list(range(start, start + 4))
-    assert g.z_node is None
+    assert not any(s.foldable for s in g.sources.values())
 
 
 class StridedSlice(nn.Module):

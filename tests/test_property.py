@@ -3,8 +3,8 @@
 Hypothesis draws a chain of blocks (conv, grouped conv, depthwise conv, BatchNorm, ReLU, residual add, cat of two
 branches or of one tensor twice, channel split by chunk, squeeze-excite multiply, max/avg pooling) and a head
 (global pool -> linear, or flatten -> linear -> relu -> linear); widths <= 16, 8x8 images. Every prunable group
-gets a random keep set and, where the group can absorb one (z_node is not None), sometimes a random
-reconstruction T (T[:, keep] = I, other columns random). The decisions are applied with fxprune.rewrite.Plan to a
+gets a random keep set and, where a consumer input can absorb one (a foldable source), sometimes a random
+reconstruction T per source (all entries random). The decisions are applied with fxprune.rewrite.Plan to a
 copy of the captured graph and to an eager copy (as api.prune does), and both are compared with the ORIGINAL
 eager model run in float64 with forward pre-hooks on the consumer modules that replace their input channels by
 Z[:, keep] @ T (tests/conftest.py: consumer_reference, written independently of fxprune.verify).
@@ -206,9 +206,11 @@ def random_decisions(an, rng, allow_T):
             continue
         keep = np.array(sorted(keep), dtype=np.int64)
         T = None
-        if allow_T and g.z_node is not None and rng.random() < 0.7:
-            T = 0.5 * rng.normal(size=(len(keep), n))
-            T[:, keep] = np.eye(len(keep))
+        if allow_T and g.foldable_sources and rng.random() < 0.7:
+            T = {}
+            for src in g.foldable_sources:  # each source its own T, some left as selections
+                if rng.random() < 0.8:
+                    T[src] = 0.5 * rng.normal(size=(len(keep), n))
         out[g.gid] = Decision(keep, T)
         event("blocks" if g.blocks > 1 else "no blocks")
     return out

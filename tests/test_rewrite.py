@@ -186,7 +186,7 @@ def test_folded_T_matches_a_float64_hand_computation(case):
     n = group_with(analyze(capture(model, x)), fqn).width
     T = random_T(keep, n, seed=1)
     an, plan, slim_gm, eager = slim_both(model, x, lambda an: {group_with(an, fqn).gid: Decision(keep, T)})
-    assert group_with(an, fqn).z_node is not None
+    assert all(s.foldable for s in group_with(an, fqn).sources.values())
     assert not plan.decisions[group_with(an, fqn).gid].is_selection()
     xs = torch.randn(3, *shape[1:])
     want = model.by_hand(xs, keep, T)
@@ -211,20 +211,36 @@ def test_folded_flatten_linear_has_the_right_slim_width():
 
 
 # ------------------------------------------------------------------------------------------ (c) validation
-def test_non_selection_T_on_a_residual_stream_is_refused():
+class GroupedReader(nn.Module):
+    """c1's channels are read by a plain conv (p) and by a grouped conv (gc): T folds at p's input only."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.p, self.gc = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1, groups=2)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        return self.fc(torch.cat([self.p(y), self.gc(torch.sigmoid(y))], 1).mean((2, 3)))
+
+
+def test_non_selection_T_where_a_consumer_cannot_absorb_it_is_refused():
     torch.manual_seed(0)
-    model, x = zoo.build("resnet20").eval(), zoo.example_input("resnet20")
+    model, x = GroupedReader().eval(), torch.randn(2, 3, 6, 6)
     an = analyze(capture(model, x))
-    stream = [g for g in an.groups if g.prunable and g.z_node is None]
-    assert stream, "resnet20 must have a residual-stream group"
-    g = max(stream, key=lambda g: len(g.producers))
-    assert len(g.producers) >= 3 and g.fold_reason
-    keep = np.arange(0, g.width, 2)
+    g = group_with(an, "c1.weight")
+    bad = [s for s in g.sources.values() if not s.foldable]
+    good = [s for s in g.sources.values() if s.foldable]
+    assert len(bad) == 1 and len(good) == 1 and "not a plain linear map" in bad[0].why
+    keep = np.array([0, 1, 4, 5])  # two per conv group
     with pytest.raises(RewriteError) as err:
-        Plan(an, {g.gid: Decision(keep, random_T(keep, g.width))})
-    assert f"group {g.gid}" in str(err.value) and "selection" in str(err.value)
-    assert g.fold_reason in str(err.value)
-    Plan(an, {g.gid: Decision(keep)})  # a selection on the same group is fine
+        Plan(an, {g.gid: Decision(keep, random_T(keep, g.width))})  # one T for every source: refused
+    assert f"group {g.gid}" in str(err.value) and bad[0].why in str(err.value)
+    with pytest.raises(RewriteError):
+        Plan(an, {g.gid: Decision(keep, {"no_such_node": random_T(keep, g.width)})})
+    plan = Plan(an, {g.gid: Decision(keep, {good[0].node: random_T(keep, g.width)})})  # only where it folds
+    assert plan.T_at(an.slots[("p.weight", 1)], g.gid) is not None
+    assert plan.T_at(an.slots[("gc.weight", 1)], g.gid) is None
 
 
 def test_plan_rejects_bad_decisions():

@@ -1,0 +1,291 @@
+"""The stages every pruning run goes through, shared by the one-shot ``fxprune.prune`` and the training-time
+``fxprune.prepare(...).finalize()``:
+
+    begin:  validate options -> capture -> analyse -> ignore / per-module amounts -> target   (nothing changed yet)
+    (a method decides {group: Decision(keep, T)})
+    finish: rounding notes -> Plan -> target check -> reconstruction + BatchNorm statistics from calibration data
+            -> one rewrite engine -> verification -> new BatchNorm statistics -> costs -> (transplant into the
+            user's own model)
+
+Example::
+
+    job = begin(model, x, "l1", target_flops=0.5)
+    result = finish(job, job.decide(job.ctx))
+"""
+
+from __future__ import annotations
+
+import inspect
+import numbers
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import verify as _verify
+from .analysis import Analysis, analyze
+from .capture import as_tuple, capture, eval_mode
+from .context import PruneContext, Target
+from .cost import count_flops, count_params
+from .errors import ConfigError, DataError, NothingToPruneError, TargetError
+from .matching import group_amounts, match_modules, under
+from .rewrite import Decision, Plan
+from .targets import DEFAULT_ROUND_TO
+
+DEFAULT_CALIB_SAMPLES = 1000
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module                  # the slim eager module (the user's class)
+    graph: object                     # the slim torch.fx GraphModule (for deployment)
+    analysis: Analysis
+    decisions: dict[int, Decision]
+    flops: tuple[int, int]            # before, after, per sample (batch 1)
+    params: tuple[int, int]
+    method: str
+    notes: list[str] = field(default_factory=list)
+    verified: float | None = None     # relative difference to the reference, when verified
+    recalibrated_bn: list[str] = field(default_factory=list)  # BatchNorm modules whose statistics were re-estimated
+    calib_samples: int = 0            # samples the reconstruction / BatchNorm pass used (0: none)
+
+    @property
+    def report(self) -> str:
+        from .report import format_report
+        return format_report(self)
+
+
+@dataclass
+class Options:
+    """The core's own options (the method's are in Job.method_options)."""
+    round_to: int | None = DEFAULT_ROUND_TO
+    calib: object = None
+    calib_samples: int = DEFAULT_CALIB_SAMPLES
+    reconstruct: bool = False
+    recalibrate_bn: bool = False
+    verify: bool = True
+    verify_inputs: tuple | None = None
+    inplace: bool = False
+    progress: bool = True
+
+
+@dataclass
+class Job:
+    """Everything known before a method decides."""
+    model: nn.Module
+    example: tuple
+    method: str
+    decide: object
+    method_options: dict
+    gm: torch.fx.GraphModule
+    ctx: PruneContext
+    opts: Options
+
+    @property
+    def analysis(self) -> Analysis:
+        return self.ctx.analysis
+
+
+def begin(model: nn.Module, example_inputs, method: str, *, amount=None, target_flops=None, target_params=None,
+          round_to=DEFAULT_ROUND_TO, ignore=(), amounts=None, calib=None, calib_samples=DEFAULT_CALIB_SAMPLES,
+          reconstruct=None, recalibrate_bn=None, verify=True, verify_inputs=None, inplace=False, progress=True,
+          method_options=None, registry=None) -> Job:
+    """Validate every option, capture and analyse the model, and fix the target. Changes nothing."""
+    from fxprune import passes
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    decide = (registry or passes.get)(method)
+    method_options = dict(method_options or {})
+    check_method_options(method, decide, method_options)
+    _check_amounts(amount, target_flops, target_params, amounts, method_options)
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, numbers.Integral)
+                                 or round_to < 1):
+        raise ConfigError(f"round_to must be a positive int (e.g. 8) or None, got {round_to!r}")
+    if isinstance(calib_samples, bool) or not isinstance(calib_samples, numbers.Integral) or calib_samples < 1:
+        raise ConfigError(f"calib_samples must be a positive int, got {calib_samples!r}")
+    opts = Options(round_to=None if round_to is None else int(round_to), calib=calib,
+                   calib_samples=int(calib_samples), verify=bool(verify), inplace=bool(inplace),
+                   progress=bool(progress))
+    opts.reconstruct = _flag("reconstruct", reconstruct, calib)
+    opts.recalibrate_bn = _flag("recalibrate_bn", recalibrate_bn, calib)
+    if getattr(decide, "needs_calib", False) and calib is None:
+        raise DataError(f"method '{method}' needs calibration data: pass calib= (e.g. 1000 held-out training "
+                        "images as a tensor, or a DataLoader); on the command line use --calib")
+    example = as_tuple(example_inputs)
+    opts.verify_inputs = None if verify_inputs is None else _check_verify_inputs(verify_inputs, example)
+    ignored = match_modules(model, _patterns(ignore, "ignore"), "ignore")
+    per_module = match_modules(model, list(amounts or {}), "amounts")
+    gm = capture(model, example)
+    an = analyze(gm)
+    for g in an.groups:
+        why = next((w for m in g.modules if (w := under(m, ignored)) is not None), None)
+        if why is not None and not g.frozen:
+            g.frozen = f"ignored by the user ({why if isinstance(why, str) else type(why).__name__})"
+    prunable = [g for g in an.groups if g.prunable]
+    if not prunable:
+        reasons = sorted({g.frozen or "a single channel" for g in an.groups})
+        raise NothingToPruneError(
+            f"{type(model).__name__} has no prunable channel group"
+            + (f" (every group is frozen: {'; '.join(reasons[:3])})" if reasons else " (it has no conv or linear "
+               "layer whose output channels could shrink)")
+            + ". See fxprune.describe_groups(model, example_inputs) for every group and why.")
+    target = _target(an, prunable, amount, target_flops, target_params, amounts, per_module, opts.round_to)
+    ctx = PruneContext(model=model, analysis=an, target=target, example_inputs=example, calib=calib,
+                       progress=opts.progress, calib_samples=opts.calib_samples)
+    return Job(model, example, method, decide, method_options, gm, ctx, opts)
+
+
+def finish(job: Job, decisions: dict[int, Decision]) -> PruneResult:
+    """Apply a method's decisions: reconstruct, rewrite, verify, re-estimate BatchNorms, count. The user's model
+    is untouched unless inplace=True, and then only after everything passed."""
+    ctx, opts = job.ctx, job.opts
+    _note_rounding(ctx, decisions)
+    plan = Plan(ctx.analysis, decisions)
+    _check_target(ctx, plan)
+    cal = None
+    if opts.reconstruct or opts.recalibrate_bn:
+        from .reconstruct import calibrate
+        cal = calibrate(plan, opts.calib, job.example, reconstruct=opts.reconstruct,
+                        recalibrate_bn=opts.recalibrate_bn, samples=opts.calib_samples, progress=opts.progress,
+                        notes=ctx.notes)
+        plan = Plan(ctx.analysis, plan.decisions)
+    slim_gm, work = plan.slim(job.gm, job.model)
+    diff = None
+    if opts.verify:
+        diff = _verify.verify(plan, job.gm, slim_gm, work, job.example, opts.verify_inputs, opts.calib, ctx.notes)
+    recalibrated = []
+    if cal is not None and cal.bn:
+        plan.replace_tensors(slim_gm, cal.bn)
+        plan.replace_tensors(work, cal.bn)
+        recalibrated = sorted({k.rsplit(".", 1)[0] for k in cal.bn})
+        if opts.verify:  # the new statistics went into both copies: they must still agree
+            _verify.check_eager_matches_graph(work, slim_gm, _verify.random_like(job.example))
+    one = tuple(a[:1] if isinstance(a, torch.Tensor) and a.dim() > 0 else a for a in job.example)  # per sample
+    result = PruneResult(model=work, graph=slim_gm, analysis=ctx.analysis, decisions=plan.decisions,
+                         flops=(count_flops(job.model, one), count_flops(work, one)),
+                         params=(count_params(job.model), count_params(work)), method=job.method,
+                         notes=ctx.notes, verified=diff, recalibrated_bn=recalibrated,
+                         calib_samples=cal.samples if cal is not None else 0)
+    if opts.inplace:
+        from .transplant import transplant
+        transplant(work, job.model, plan)
+        if opts.verify:
+            _verify.check_eager_matches_graph(job.model, slim_gm, _verify.random_like(job.example))
+        result.model = job.model
+    return result
+
+
+# ---- validation -----------------------------------------------------------------------------------------------
+def method_option_names(decide) -> list[str]:
+    """The keyword options a method's decide(ctx, ...) takes."""
+    sig = inspect.signature(decide)
+    return [p.name for p in list(sig.parameters.values())[1:] if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def check_method_options(method: str, decide, options: dict):
+    accepted = method_option_names(decide)
+    unknown = [k for k in options if k not in accepted]
+    if unknown:
+        raise ConfigError(
+            f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for method "
+            f"'{method}'; it takes {', '.join(accepted) if accepted else 'no method options'}, and every method "
+            "takes amount, target_flops, target_params, round_to, ignore, amounts, calib, calib_samples, "
+            "reconstruct, recalibrate_bn, verify, verify_inputs, inplace, progress")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _check_amounts(amount, target_flops, target_params, amounts, method_options):
+    given = [n for n, v in (("amount", amount), ("target_flops", target_flops), ("target_params", target_params))
+             if v is not None]
+    if len(given) > 1:
+        raise ConfigError(f"give one of amount / target_flops / target_params, not {' and '.join(given)}")
+    if not given and not amounts and method_options.get("tol") is None:  # ID may choose k by error tolerance
+        raise ConfigError("say how much to prune: amount=0.5 (fraction of channels removed per group), "
+                          "target_flops=0.5 or target_params=0.5 (fraction kept)")
+    if amounts is not None and not isinstance(amounts, dict):
+        raise ConfigError(f"amounts must be a dict {{module name pattern: amount}}, got {type(amounts).__name__}")
+    for name, v in (("amount", amount), *(((f"amounts[{k!r}]", a) for k, a in (amounts or {}).items()))):
+        if v is not None and not (_is_number(v) and 0.0 <= float(v) < 1.0):
+            raise ConfigError(f"{name} must be a number in [0, 1) (the fraction of channels removed), got {v!r}")
+    for name, v in (("target_flops", target_flops), ("target_params", target_params)):
+        if v is not None and not (_is_number(v) and 0.0 < float(v) <= 1.0):
+            raise ConfigError(f"{name} must be a number in (0, 1] (the fraction kept), got {v!r}")
+
+
+def _flag(name: str, value, calib) -> bool:
+    """reconstruct / recalibrate_bn: None means 'on when calibration data is given'."""
+    if value is None:
+        return calib is not None
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be True, False or None (on when calib= is given), got {value!r}")
+    if value and calib is None:
+        raise DataError(f"{name}=True needs calibration data: pass calib= (e.g. 1000 held-out training images)")
+    return value
+
+
+def _patterns(value, what: str) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (str, nn.Module)):
+        return [value]  # one pattern, not a sequence of letters
+    try:
+        items = list(value)
+    except TypeError:
+        raise ConfigError(f"{what} must be a module name pattern, a module, or a list of them; "
+                          f"got {type(value).__name__}") from None
+    for p in items:
+        if not isinstance(p, (str, nn.Module)):
+            raise ConfigError(f"{what} entries must be module name patterns (str) or modules, got {p!r}")
+    return items
+
+
+def _check_verify_inputs(value, example: tuple) -> tuple:
+    xs = as_tuple(value)
+    if len(xs) != len(example) or any(not isinstance(t, torch.Tensor) or t.shape[1:] != e.shape[1:]
+                                      for t, e in zip(xs, example)):
+        raise ConfigError("verify_inputs must be tensor(s) shaped like example_inputs (any batch size)")
+    return xs
+
+
+def _target(an, prunable, amount, target_flops, target_params, amounts, per_module, round_to) -> Target:
+    if amounts:
+        amounts_by_group = group_amounts(prunable, amounts, per_module, default=float(amount or 0.0))
+        return Target(amounts=amounts_by_group, round_to=round_to)
+    if amount is not None:
+        return Target(amounts={g.gid: float(amount) for g in prunable}, round_to=round_to)
+    if target_flops is None and target_params is None:
+        return Target(round_to=round_to)  # the method chooses widths itself (ID's tol=)
+    metric, value = ("flops", target_flops) if target_flops is not None else ("params", target_params)
+    return Target(metric=metric, value=float(value), round_to=round_to)
+
+
+def _note_rounding(ctx: PruneContext, decisions: dict):
+    """Say so when rounding left groups at full width that an amount asked to shrink."""
+    t = ctx.target
+    if not t.amounts or not t.round_to or t.round_to <= 1:
+        return
+    untouched = [g for g, a in t.amounts.items() if a > 0 and g not in decisions]
+    if untouched:
+        ctx.notes.append(f"{len(untouched)} group(s) kept their full width: rounding to multiples of {t.round_to} "
+                         f"left no smaller width (groups {', '.join(map(str, untouched[:8]))}); pass round_to=None "
+                         "(or 8) to prune them anyway")
+
+
+def _check_target(ctx: PruneContext, plan: Plan):
+    """A method must never return more than the target asked for (the cost model is exact for conv/linear)."""
+    t = ctx.target
+    if t.metric is None:
+        return
+    widths = [len(plan.decisions[g.gid].keep) if g.gid in plan.decisions else g.width for g in ctx.groups]
+    got = ctx.cost.fraction(widths, t.metric)
+    if got > t.value + 1e-9:
+        raise TargetError(f"the method kept {got:.4f} of the {t.metric}, above target_{t.metric}={t.value:g}; "
+                          "this is a bug in the method pass, please report it")
+
+
+def keep_sorted(keep) -> np.ndarray:
+    return np.sort(np.asarray(keep, dtype=np.int64))
