@@ -80,6 +80,8 @@ def export_onnx(
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ExportError(f"cannot export to {path}: folder {folder} does not exist; create it first")
+    with eval_mode(model):
+        _check_outputs(model, inputs)
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp.onnx")
         os.close(fd)
@@ -114,6 +116,32 @@ def export_onnx(
         _remove(tmp + ".data")
         raise
     return ExportReport(path, max_abs, rel, os.path.getsize(path), exporter, batch)
+
+
+def _check_outputs(model: nn.Module, inputs: tuple) -> None:
+    """Every output must be a tensor with the batch as dim 0 (the file's batch is dynamic); say which is not
+    before the exporters fail on it with messages about something else."""
+    name = type(model).__name__
+    try:
+        with torch.no_grad(), CapturedOutput():
+            out = model(*inputs)
+    except Exception as e:  # noqa: BLE001 - the user's forward
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise ExportError(f"{name} fails on the example inputs ({type(e).__name__}: {first}); check their "
+                          "shapes and dtypes") from e
+    leaves = torch.utils._pytree.tree_leaves(out)
+    if not leaves:
+        raise ExportError(f"{name}'s forward returned no tensors ({type(out).__name__}); there is nothing to export")
+    for i, leaf in enumerate(leaves):
+        if not isinstance(leaf, torch.Tensor):
+            what = "None" if leaf is None else f"a {type(leaf).__name__}"
+            raise ExportError(f"output {i} of {name} is {what}, not a tensor; an ONNX model "
+                              "returns tensors only: return tensors from forward, or export a wrapper module that "
+                              "drops the rest")
+        if leaf.dim() == 0:
+            raise ExportError(f"output {i} of {name} is a scalar (a 0-dim tensor, e.g. a loss or a sum over the "
+                              "batch); the ONNX file's batch size is dynamic, so every output needs the batch as "
+                              "dim 0: return per-sample values (e.g. y.sum(dim=1)), or export a wrapper without it")
 
 
 class _Mismatch(ExportError):
