@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +15,6 @@ import fxprune
 from conftest import assert_unchanged, snapshot
 from fxprune import zoo
 from fxprune.errors import CaptureError
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def run_python(code: str, cwd=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
