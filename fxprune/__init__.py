@@ -2,13 +2,16 @@
 
     import fxprune
     slim = fxprune.compile(model, example_inputs, method="l1", target_flops=0.5)
+    fxprune.save(slim, "slim.pt")
+    slim = fxprune.load("slim.pt", MyNet())      # a fresh full-width instance, resized and loaded
 
 See README.md for the pipeline (capture -> analysis -> method -> rewrite -> verify -> ONNX).
 """
 
 from .api import PruneResult, compile, describe_groups, groups, prune  # noqa: A004
-from .errors import (CaptureError, ConfigError, DataError, ExportError, FxPruneError, NothingToPruneError,
-                     RewriteError, TargetError, VerificationError)
+from .checkpoint import load, save
+from .errors import (CaptureError, CheckpointError, ConfigError, DataError, ExportError, FxPruneError,
+                     NothingToPruneError, RewriteError, TargetError, VerificationError)
 from .rewrite import Decision
 
 __version__ = "0.1.0"
@@ -25,6 +28,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'fxprune' has no attribute {name!r}")
 
 
-__all__ = ["compile", "prune", "groups", "describe_groups", "PruneResult", "Decision", "FxPruneError",
-           "CaptureError", "ConfigError", "DataError", "ExportError", "NothingToPruneError", "RewriteError",
-           "TargetError", "VerificationError", *_LAZY]
+__all__ = ["compile", "prune", "groups", "describe_groups", "PruneResult", "Decision", "save", "load",
+           "FxPruneError", "CaptureError", "CheckpointError", "ConfigError", "DataError", "ExportError",
+           "NothingToPruneError", "RewriteError", "TargetError", "VerificationError", *_LAZY]

@@ -9,91 +9,33 @@ Errors are one line on stderr (``fxprune: error: ...``) with exit status 1; usag
 shows the full traceback. Every file is written atomically (a temporary file in the same folder, then
 ``os.replace``), so a failure never leaves a half-written output behind.
 
-A slim model has other tensor shapes than its class builds by default, so ``--out`` saves a plain dictionary that
-loads with ``torch.load(weights_only=True)``: ``{"format": "fxprune-slim", "model_spec", "model_kwargs",
-"input_shape", "state_dict", "shapes"}``. ``load_slim(path)`` rebuilds the original model from the spec, resizes
-every tensor whose saved shape differs (and the modules' size attributes), then loads the state strictly.
+``--out`` writes the slim-model file of ``fxprune.save`` (see fxprune/checkpoint.py) and records the model spec
+in it, so ``fxprune.load(path)`` rebuilds zoo models and nn.Module classes; ``fxprune.load(path, MyNet())`` loads
+into a fresh instance of any class.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
 import inspect
-import math
 import os
-import re
 import sys
-import tempfile
 import traceback
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
+from . import checkpoint
 from .errors import ConfigError, DataError, FxPruneError
-
-SLIM_FORMAT = "fxprune-slim"
-SLIM_VERSION = 1
-EXAMPLE_BATCH = 2  # capture with a batch of 2: torch.export may specialize a batch of 1
-
-
-from .fileio import atomic_write, remove as _remove, temp_beside  # noqa: E402
+from .fileio import atomic_write, check_writable, make_parents, remove as _remove, remove_dirs, temp_beside
+from .modelspec import build_model, example_input
 
 
 class CLIError(FxPruneError):
     """A bad file or argument found by the command line itself (exit status 1)."""
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# atomic files
-# ---------------------------------------------------------------------------------------------------------------
-def check_writable(path, what: str = "output file") -> None:
-    """Fail early, before any work, if ``path`` cannot be written (its folder may not exist yet, but then the
-    nearest existing ancestor must be a writable folder)."""
-    path = os.path.abspath(os.fspath(path))
-    if os.path.isdir(path):
-        raise CLIError(f"cannot write {what} {path}: it is a folder; give a file name")
-    folder = os.path.dirname(path)
-    probe = folder
-    while not os.path.exists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    if not os.path.isdir(probe):
-        raise CLIError(f"cannot write {what} {path}: {probe} is a file, not a folder")
-    try:  # os.access says yes to root on a read-only mount, so really try
-        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".fxprune-write-test-")
-        os.close(fd)
-        os.remove(tmp)
-    except OSError as e:
-        raise CLIError(f"cannot write {what} {path}: folder {probe} is not writable ({e.strerror})") from e
-
-
-def make_parents(path) -> list:
-    """Create the missing folders above ``path``; return the ones created (deepest last) so they can be undone."""
-    created, folder = [], os.path.dirname(os.path.abspath(os.fspath(path)))
-    missing = []
-    while not os.path.exists(folder):
-        missing.append(folder)
-        folder = os.path.dirname(folder)
-    for d in reversed(missing):
-        os.mkdir(d)
-        created.append(d)
-    return created
-
-
-def _remove_dirs(created: list) -> None:
-    for d in reversed(created):
-        with contextlib.suppress(OSError):
-            os.rmdir(d)  # only if still empty
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# models: zoo names and package.module:callable specs
-# ---------------------------------------------------------------------------------------------------------------
 def parse_shape(text: str) -> tuple:
     """'1,28,28' -> (1, 28, 28); for argparse (usage error on bad input)."""
     try:
@@ -105,120 +47,11 @@ def parse_shape(text: str) -> tuple:
     return dims
 
 
-def _zoo_kwargs(build, shape: tuple) -> dict:
-    """Constructor arguments that make a zoo model take inputs of ``shape``."""
-    try:
-        params = inspect.signature(build).parameters
-    except (TypeError, ValueError):
-        return {}
-    kw = {}
-    if "in_features" in params:
-        kw["in_features"] = math.prod(shape)
-    if "in_channels" in params and len(shape) >= 2:
-        kw["in_channels"] = shape[0]
-    if "image_size" in params and len(shape) == 3:
-        if shape[1] != shape[2]:
-            raise ConfigError(f"zoo models take square images; --input-shape {','.join(map(str, shape))} is not")
-        kw["image_size"] = shape[1]
-    return kw
-
-
-def _import_spec(spec: str):
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ConfigError(f"model spec {spec!r} must look like package.module:callable")
-    if os.getcwd() not in sys.path and "" not in sys.path:  # like `python -m`: modules in the current folder
-        sys.path.insert(0, os.getcwd())
-    try:
-        obj = importlib.import_module(module_name)
-    except ImportError as e:
-        raise CLIError(f"model spec {spec!r}: cannot import module {module_name!r}: {e}") from e
-    except Exception as e:  # noqa: BLE001 - the user's module raised while importing
-        raise CLIError(f"model spec {spec!r}: importing {module_name!r} raised {type(e).__name__}: {e}") from e
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise CLIError(f"model spec {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
-    return obj
-
-
-def build_model(spec: str, input_shape: Optional[tuple] = None, model_kwargs: Optional[dict] = None,
-                trusted: bool = True):
-    """(model, input shape without batch, constructor kwargs) for a zoo name or a package.module:callable spec.
-
-    ``trusted=False`` (a spec read from a file) only builds zoo models and nn.Module subclasses, never calls an
-    arbitrary function named by the file.
-    """
-    from . import zoo
-
-    if spec in zoo.ZOO:
-        entry = zoo.ZOO[spec]
-        if model_kwargs is None:
-            model_kwargs = _zoo_kwargs(entry.build, tuple(input_shape)) if input_shape is not None else {}
-        shape = tuple(input_shape) if input_shape is not None else tuple(entry.input_shape)
-        try:
-            model = entry.build(**model_kwargs)
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise ConfigError(f"cannot build zoo model {spec!r} with {model_kwargs}: {e}") from e
-        return model, shape, dict(model_kwargs)
-    if ":" not in spec:
-        raise CLIError(f"unknown model {spec!r}: not a zoo model ({', '.join(zoo.ZOO)}) and not a "
-                       "package.module:callable spec")
-    obj = _import_spec(spec)
-    if isinstance(obj, nn.Module):
-        model = obj
-    elif callable(obj):
-        if not trusted and not (inspect.isclass(obj) and issubclass(obj, nn.Module)):
-            raise CLIError(f"the file names model {spec!r}, a function; fxprune calls only nn.Module classes named "
-                           "by a file: pass the model yourself, load_slim(path, model=MyNet()) or model='mod:fn'")
-        try:
-            model = obj(**(model_kwargs or {}))
-        except Exception as e:  # noqa: BLE001 - the user's constructor failed
-            raise CLIError(f"model spec {spec!r}: calling it raised {type(e).__name__}: {e}") from e
-    else:
-        raise CLIError(f"model spec {spec!r} names a {type(obj).__name__}, not a callable returning an nn.Module")
-    if not isinstance(model, nn.Module):
-        raise CLIError(f"model spec {spec!r} returned a {type(model).__name__}, not an nn.Module")
-    if input_shape is None:
-        raise ConfigError(f"model {spec!r} is not a zoo model, so give its input shape: --input-shape C,H,W")
-    return model, tuple(input_shape), dict(model_kwargs or {})
-
-
-def example_input(shape: tuple, batch: int = EXAMPLE_BATCH) -> torch.Tensor:
-    return torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# checkpoints
+# --weights: a plain state_dict checkpoint, or a slim file to prune further
 # ---------------------------------------------------------------------------------------------------------------
-def read_checkpoint(path, what: str = "checkpoint"):
-    """torch.load(weights_only=True) with one clear error for a missing, unreadable or non-tensor file."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise CLIError(f"{what} {path} does not exist")
-    if os.path.isdir(path):
-        raise CLIError(f"{what} {path} is a folder, not a file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
-        text = str(e).strip()
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-        if found:
-            raise CLIError(f"{what} {path} holds Python objects ({found.group(1)}), not just tensors (a pickled "
-                           "model?); fxprune loads with weights_only=True: save model.state_dict() instead") from e
-        if "Weights only load failed" in text:
-            detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-            text = detail.group(1) if detail else "the unpickler rejected it"
-        first = text.splitlines()[0] if text else type(e).__name__
-        raise CLIError(f"{what} {path} is not a readable torch.save file (corrupt or another format): "
-                       f"{type(e).__name__}: {first[:200]}") from e
-
-
 def _state_dict_of(obj, path: str) -> dict:
-    if isinstance(obj, dict) and obj.get("format") == SLIM_FORMAT:
-        obj = obj.get("state_dict")
-    elif isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         for key in ("state_dict", "model", "model_state_dict"):
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
@@ -258,101 +91,20 @@ def _mismatch(model: nn.Module, state: dict, path: str, spec: str) -> Optional[s
     return f"checkpoint {path} does not fit model {spec}: " + "; ".join(parts)
 
 
-def resize_to(model: nn.Module, state: dict) -> nn.Module:
-    """Give every parameter/buffer of ``model`` that ``state`` holds with another shape an empty tensor of the
-    saved shape, and fix the owning modules' size attributes (channels, features, groups of depthwise convs)."""
-    from .rewrite import update_attributes
-
-    touched = {}
-    for key, saved in state.items():
-        mod_name, _, attr = key.rpartition(".")
-        try:
-            mod = model.get_submodule(mod_name)
-        except AttributeError:
-            continue  # reported by the strict load
-        if attr in mod._parameters and mod._parameters[attr] is not None:
-            old = mod._parameters[attr]
-            if old.shape != saved.shape:
-                mod._parameters[attr] = nn.Parameter(torch.empty(saved.shape, dtype=old.dtype),
-                                                     requires_grad=old.requires_grad)
-                touched[mod_name] = mod
-        elif attr in mod._buffers and mod._buffers[attr] is not None:
-            old = mod._buffers[attr]
-            if old.shape != saved.shape:
-                mod._buffers[attr] = torch.empty(saved.shape, dtype=old.dtype)
-                touched[mod_name] = mod
-    for mod in touched.values():
-        update_attributes(mod)
-    return model
-
-
 def load_weights(model: nn.Module, path, spec: str) -> nn.Module:
-    """Load a state_dict checkpoint (or a slim file from ``--out``) into ``model``; one clear error if it does
-    not fit."""
+    """Load a state_dict checkpoint, or a slim file from ``--out`` (continuing from its widths: iterative
+    pruning), into ``model``; one clear error if it does not fit."""
     path = os.fspath(path)
-    raw = read_checkpoint(path)
+    raw = checkpoint.read(path)
+    if checkpoint.is_slim(raw):
+        checkpoint.check_format(raw, path)
+        return checkpoint.load_into(model, raw, path)
     state = _state_dict_of(raw, path)
-    if isinstance(raw, dict) and raw.get("format") == SLIM_FORMAT:
-        resize_to(model, state)  # a slim file: continue from its widths (iterative pruning)
     problem = _mismatch(model, state, path, spec)
     if problem:
         raise CLIError(problem)
     model.load_state_dict(state, strict=True)
     return model
-
-
-def save_slim(result_model: nn.Module, path, spec: str, input_shape: tuple, model_kwargs: dict,
-              method: str = "") -> None:
-    """Write the slim model as a weights_only-loadable dictionary (see the module docstring), atomically."""
-    payload = _slim_payload(result_model, spec, input_shape, model_kwargs, method)
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
-
-
-def _slim_payload(model: nn.Module, spec: str, input_shape: tuple, model_kwargs: dict, method: str) -> dict:
-    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
-    return {
-        "format": SLIM_FORMAT, "version": SLIM_VERSION, "model_spec": spec, "model_kwargs": dict(model_kwargs),
-        "input_shape": list(input_shape), "method": method, "state_dict": state,
-        "shapes": {k: list(v.shape) for k, v in state.items()},
-    }
-
-
-def load_slim(path, model=None) -> nn.Module:
-    """Rebuild a slim model written by ``fxprune prune --out`` (eval mode).
-
-    ``model``: None rebuilds the original from the file's spec (a zoo name or an nn.Module class); pass the
-    unpruned model itself (an nn.Module) or a ``package.module:callable`` spec for models built by a function.
-    The file is read with ``weights_only=True``; nothing in it is executed.
-    """
-    path = os.fspath(path)
-    raw = read_checkpoint(path, "slim model")
-    if not isinstance(raw, dict) or raw.get("format") != SLIM_FORMAT:
-        raise CLIError(f"{path} is not a slim model written by `fxprune prune --out` (no format={SLIM_FORMAT!r}); "
-                       "for a plain state_dict build the model and call load_state_dict")
-    if raw.get("version", 0) > SLIM_VERSION:
-        raise CLIError(f"{path} was written by a newer fxprune (format version {raw['version']})")
-    spec, shape = raw["model_spec"], tuple(raw.get("input_shape") or ())
-    if isinstance(model, nn.Module):
-        base = model
-    else:
-        base, _, _ = build_model(model or spec, shape or None, raw.get("model_kwargs") or {},
-                                 trusted=model is not None)
-    state = _state_dict_of(raw, path)
-    resize_to(base, state)
-    problem = _mismatch(base, state, path, spec)
-    if problem:
-        raise CLIError(problem)
-    base.load_state_dict(state, strict=True)
-    base.eval()
-    if shape:
-        try:
-            with torch.no_grad():
-                base(example_input(shape))
-        except Exception as e:  # noqa: BLE001 - a forward that hard-codes a width
-            raise CLIError(f"{path}: the rebuilt slim {type(base).__name__} fails on a {list(shape)} input "
-                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); its forward may "
-                           "hard-code a channel count") from e
-    return base
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -370,7 +122,7 @@ def load_calib(source: str, samples: int, input_shape: tuple, data_dir: Optional
         x = split_train(images, labels, calib=samples)[2]
         name = "Fashion-MNIST (1x28x28 images)"
     else:
-        obj = read_checkpoint(source, "calibration file")
+        obj = checkpoint.read(source, "calibration file")
         if isinstance(obj, dict):
             obj = next((obj[k] for k in ("images", "inputs", "x", "data") if k in obj), obj)
         if isinstance(obj, (tuple, list)) and obj and isinstance(obj[0], torch.Tensor):
@@ -457,7 +209,8 @@ def cmd_prune(args, parser) -> int:
             created += make_parents(p)
         if args.out:
             temps[args.out] = temp_beside(args.out)
-            torch.save(_slim_payload(res.model, args.model, shape, kwargs, args.method), temps[args.out])
+            checkpoint.save(res, temps[args.out], info={"model_spec": args.model, "model_kwargs": kwargs,
+                                                        "input_shape": list(shape)})
         if args.onnx:
             from .export import export_onnx
 
@@ -469,10 +222,10 @@ def cmd_prune(args, parser) -> int:
     except BaseException:
         for tmp in temps.values():
             _remove(tmp)
-        _remove_dirs(created)
+        remove_dirs(created)
         raise
     if args.out:
-        print(f"slim model: {args.out}  (load with fxprune.cli.load_slim({args.out!r}))")
+        print(f"slim model: {args.out}  (load with fxprune.load({args.out!r}))")
     if args.onnx:
         print(f"ONNX: {args.onnx}  ({report.file_size / 1024:.1f} KB, {report.exporter} exporter, "
               f"ONNX Runtime vs torch relative difference {report.rel_diff:.1e})")
@@ -591,7 +344,8 @@ examples:
   fxprune prune resnet20 --method id --calib calib.pt -O tol=0.05     # ID picks widths by error tolerance
 
 MODEL is a zoo name (lenet5, vgg-small, resnet20, ...) or package.module:callable returning an nn.Module
-(modules in the current folder are found). A slim model loads back with fxprune.cli.load_slim(path).
+(modules in the current folder are found). A slim model loads back with fxprune.load(path)
+(or fxprune.load(path, MyNet()) for a fresh instance of any class).
 """
 GROUPS_EXAMPLES = """\
 examples:

@@ -162,7 +162,7 @@ def run_demo(target_flops: float = 0.5, methods: Optional[Sequence[str]] = None,
              progress: bool = True) -> dict:
     """Run the whole demo (see the module docstring) and return the results written to demo_results.json."""
     from . import passes
-    from .cli import check_writable
+    from .fileio import check_writable
 
     started = time.perf_counter()
     if not 0.0 < target_flops <= 1.0:

@@ -35,3 +35,7 @@ class DataError(FxPruneError):
 
 class ExportError(FxPruneError):
     """ONNX export failed or the exported file disagrees with torch."""
+
+
+class CheckpointError(FxPruneError):
+    """A checkpoint or slim-model file is missing, corrupt, not an fxprune file, or does not fit the model."""

@@ -18,13 +18,9 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import io
-import logging
 import os
 import re
-import sys
 import tempfile
-import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -32,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .console import CapturedOutput
 from .cost import Inputs, as_input_tuple, eval_mode
 from .errors import ConfigError, ExportError
 
@@ -83,6 +80,8 @@ def export_onnx(
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ExportError(f"cannot export to {path}: folder {folder} does not exist; create it first")
+    with eval_mode(model):
+        _check_outputs(model, inputs)
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp.onnx")
         os.close(fd)
@@ -93,7 +92,7 @@ def export_onnx(
     try:
         with eval_mode(model):
             for exporter in ("dynamo", "legacy"):
-                with _Capture() as captured:
+                with CapturedOutput() as captured:
                     try:
                         _run_exporter(exporter, model, inputs, tmp, opset)
                         max_abs, rel, batch = _verify(model, inputs, tmp, tolerance)
@@ -117,6 +116,32 @@ def export_onnx(
         _remove(tmp + ".data")
         raise
     return ExportReport(path, max_abs, rel, os.path.getsize(path), exporter, batch)
+
+
+def _check_outputs(model: nn.Module, inputs: tuple) -> None:
+    """Every output must be a tensor with the batch as dim 0 (the file's batch is dynamic); say which is not
+    before the exporters fail on it with messages about something else."""
+    name = type(model).__name__
+    try:
+        with torch.no_grad(), CapturedOutput():
+            out = model(*inputs)
+    except Exception as e:  # noqa: BLE001 - the user's forward
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise ExportError(f"{name} fails on the example inputs ({type(e).__name__}: {first}); check their "
+                          "shapes and dtypes") from e
+    leaves = torch.utils._pytree.tree_leaves(out)
+    if not leaves:
+        raise ExportError(f"{name}'s forward returned no tensors ({type(out).__name__}); there is nothing to export")
+    for i, leaf in enumerate(leaves):
+        if not isinstance(leaf, torch.Tensor):
+            what = "None" if leaf is None else f"a {type(leaf).__name__}"
+            raise ExportError(f"output {i} of {name} is {what}, not a tensor; an ONNX model "
+                              "returns tensors only: return tensors from forward, or export a wrapper module that "
+                              "drops the rest")
+        if leaf.dim() == 0:
+            raise ExportError(f"output {i} of {name} is a scalar (a 0-dim tensor, e.g. a loss or a sum over the "
+                              "batch); the ONNX file's batch size is dynamic, so every output needs the batch as "
+                              "dim 0: return per-sample values (e.g. y.sum(dim=1)), or export a wrapper without it")
 
 
 class _Mismatch(ExportError):
@@ -244,52 +269,3 @@ def _plain(text: str) -> str:
 def _remove(p: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.remove(p)
-
-
-class _Capture:
-    """Collect everything the exporters print, warn or log, so it can be shown only if export fails.
-
-    Python-level redirection alone is not enough: torch's loggers hold their own handle on the real stderr, and
-    the legacy exporter's C++ side writes straight to file descriptors 1 and 2.
-    """
-
-    def __enter__(self):
-        self._stack = contextlib.ExitStack()
-        self._py = io.StringIO()
-        self._fd_file = tempfile.TemporaryFile(mode="w+b")
-        consoles = {sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__}
-        self._handlers = {}
-        for logger in [logging.getLogger()] + list(logging.Logger.manager.loggerDict.values()):
-            for h in getattr(logger, "handlers", ()):
-                console = isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
-                if console and h.stream in consoles and h not in self._handlers:
-                    self._handlers[h] = h.setStream(self._py)
-        self._warnings = self._stack.enter_context(warnings.catch_warnings(record=True))
-        warnings.simplefilter("always")
-        self._saved_fds = []
-        for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
-            try:
-                stream.flush()
-                self._saved_fds.append((fd, os.dup(fd)))
-                os.dup2(self._fd_file.fileno(), fd)
-            except (OSError, ValueError, AttributeError):
-                pass  # no usable descriptor (e.g. some embedded interpreters): Python-level capture still works
-        self._stack.enter_context(contextlib.redirect_stdout(self._py))
-        self._stack.enter_context(contextlib.redirect_stderr(self._py))
-        return self
-
-    def __exit__(self, *exc):
-        self._stack.close()
-        for fd, saved in reversed(self._saved_fds):
-            os.dup2(saved, fd)
-            os.close(saved)
-        for h, stream in self._handlers.items():
-            h.setStream(stream)
-        self._fd_file.seek(0)
-        self._fd_text = self._fd_file.read().decode("utf-8", "replace")
-        self._fd_file.close()
-        return False
-
-    def text(self) -> str:
-        warned = "".join(f"{w.category.__name__}: {w.message}\n" for w in self._warnings)
-        return self._py.getvalue() + getattr(self, "_fd_text", "") + warned

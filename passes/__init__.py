@@ -8,14 +8,17 @@ rewrite engine does). Register a new one with::
 
     @register("mine")
     def decide(ctx, **options): ...
+
+Every module in this folder whose name does not start with "_" is a method module and is imported on first use;
+one that fails to import is an error naming it (a method must never vanish from the list silently).
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
 REGISTRY: dict[str, object] = {}
-_MODULES = ("magnitude", "interpolative", "csgd", "aofp", "autobalance")
 
 
 def register(*names: str):
@@ -26,13 +29,20 @@ def register(*names: str):
     return wrap
 
 
+def method_modules() -> list[str]:
+    """The method modules in this package's folder (helpers start with "_")."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+
+
 def _load_all():
-    for mod in _MODULES:
+    for mod in method_modules():
         try:
             importlib.import_module(f"{__name__}.{mod}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{mod}":
-                raise
+        except Exception as exc:
+            from fxprune.errors import FxPruneError
+            raise FxPruneError(f"method module {__name__}.{mod} failed to import ({type(exc).__name__}: "
+                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); its methods "
+                              "cannot be registered: fix or remove passes/" + mod + ".py") from exc
 
 
 def get(name: str):

@@ -1,7 +1,8 @@
 """Shared helpers for the core's tests (plain functions; import them with ``from conftest import ...``).
 
-Everything here is independent of fxprune's own machinery: BatchNorm warm-up, state snapshots, and a masked
-reference built with ordinary forward pre-hooks.
+Everything here is independent of fxprune's own machinery: BatchNorm warm-up, state snapshots, a masked
+reference built with ordinary forward pre-hooks, and a FLOPs count by hand (forward hooks on conv and linear
+modules, not FlopCounterMode).
 """
 
 from __future__ import annotations
@@ -203,3 +204,29 @@ class PowTensor(nn.Module):
 
     def forward(self, x):
         return self.fc(self.c(torch.sigmoid(self.a(x)) ** torch.sigmoid(self.b(x))).mean((2, 3)))
+
+
+@torch.no_grad()
+def hand_flops(model: nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of one forward by hand: 2 * (output elements) * (inputs each output element reads) for every
+    nn.Conv*d and nn.Linear, from the shapes their forward hooks see (FlopCounterMode's convention: bias adds,
+    BatchNorm, activations and pooling count nothing). Only for models whose matmuls all live in those modules."""
+    total = [0]
+
+    def hook(mod, inputs, out):
+        if isinstance(mod, nn.Linear):
+            total[0] += 2 * out.numel() * mod.in_features
+        else:
+            total[0] += 2 * out.numel() * (mod.in_channels // mod.groups) * int(np.prod(mod.kernel_size))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    training = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in training:
+            m.training = flag
+    return total[0]

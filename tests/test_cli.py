@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import fxprune
-from fxprune import cli, zoo
+from fxprune import checkpoint, cli, fileio, zoo
 from fxprune.data import data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def test_default_rounds_widths_to_16(tmp_path):
     cannot shrink under it, which the report says."""
     r = fxprune_cmd("prune", "lenet5", "--method", "l1", "--amount", "0.5", "--out", "s.pt", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    slim = cli.load_slim(str(tmp_path / "s.pt"))
+    slim = fxprune.load(str(tmp_path / "s.pt"))
     assert slim.conv1.out_channels == 6 and slim.fc1.out_features % 16 == 0
     assert "kept their full width" in r.stdout
 
@@ -87,9 +87,10 @@ def test_prune_writes_loadable_files(pruned):
         assert (tmp / "X" / name).stat().st_mode & 0o044, "output files are readable by group/others (umask)"
 
     raw = torch.load(tmp / "X/slim.pt", weights_only=True)
-    assert raw["format"] == cli.SLIM_FORMAT and raw["model_spec"] == "lenet5" and raw["method"] == "l1"
-    slim = cli.load_slim(tmp / "X/slim.pt")
-    assert isinstance(slim, zoo.LeNet5) and not slim.training
+    assert raw["format"] == checkpoint.FORMAT and raw["info"]["model_spec"] == "lenet5"
+    assert raw["info"]["method"] == "l1" and raw["info"]["input_shape"] == [1, 28, 28]
+    slim = fxprune.load(tmp / "X/slim.pt").eval()  # rebuilt from the zoo name the file records
+    assert isinstance(slim, zoo.LeNet5)
     assert slim.conv1.out_channels == 3 and slim.fc1.out_features == 60
     assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in zoo.build("lenet5").parameters()) / 2
 
@@ -130,7 +131,7 @@ def test_id_with_fashion_mnist_calibration(tmp_path):
                     "--calib-samples", "300", "--out", "s.pt", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "fxprune: method id" in r.stdout and "calibration data: 300 samples" in r.stderr
-    slim = cli.load_slim(tmp_path / "s.pt")
+    slim = fxprune.load(tmp_path / "s.pt")
     f0 = fxprune.count_flops(zoo.build("lenet5"), torch.randn(1, 1, 28, 28))
     assert fxprune.count_flops(slim, torch.randn(1, 1, 28, 28)) <= 0.6 * f0
 
@@ -159,14 +160,15 @@ def test_help_documents_options_with_examples():
 # the slim file format
 # ------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["mobilenetv2", "resnet20"])
-def test_load_slim_matches_slim_model(tmp_path, name):
-    """BatchNorm, residual coupling and depthwise convolutions (groups) survive the save/rebuild round trip."""
+def test_load_rebuilds_the_model_the_file_names(tmp_path, name):
+    """A file that records a zoo name (as --out does) loads without a model; BatchNorm, residual coupling and
+    depthwise convolutions (groups) survive the round trip."""
     torch.manual_seed(0)
     model = zoo.build(name).eval()
     x = zoo.example_input(name)
     res = fxprune.prune(model, x, "l1", amount=0.4, progress=False)
-    cli.save_slim(res.model, tmp_path / "s.pt", name, tuple(x.shape[1:]), {}, "l1")
-    loaded = cli.load_slim(tmp_path / "s.pt")
+    fxprune.save(res, tmp_path / "s.pt", info={"model_spec": name, "input_shape": list(x.shape[1:])})
+    loaded = fxprune.load(tmp_path / "s.pt").eval()
     for (k, a), (k2, b) in zip(res.model.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and a.shape == b.shape and torch.equal(a, b), k
     for m_slim, m_loaded in zip(res.model.modules(), loaded.modules()):
@@ -189,15 +191,15 @@ def test_callable_spec_and_iterative_pruning(tmp_path, monkeypatch, capsys):
                               "--amount", "0.5", "--round-to", "1", "--out", "a.pt")
     assert code == 0, err
     # a spec read from a file that names a plain function is not called on the file's word
-    with pytest.raises(cli.CLIError, match="model="):
-        cli.load_slim("a.pt")
-    slim = cli.load_slim("a.pt", model="mynets:build")
+    with pytest.raises(fxprune.ConfigError, match="a function;.*fxprune.load"):
+        fxprune.load("a.pt")
+    slim = fxprune.load("a.pt", "mynets:build")
     assert slim[0].out_channels == 4 and slim[4].out_features == 16
     # a slim file as --weights: prune again from its widths
     code, out, err = run_main(capsys, "prune", "mynets:build", "--input-shape", "1,28,28", "--weights", "a.pt",
                               "--method", "l1", "--amount", "0.5", "--round-to", "1", "--out", "b.pt")
     assert code == 0, err
-    assert cli.load_slim("b.pt", model="mynets:build")[0].out_channels == 2
+    assert fxprune.load("b.pt", "mynets:build")[0].out_channels == 2
 
 
 def test_weights_are_used(tmp_path, capsys):
@@ -207,7 +209,7 @@ def test_weights_are_used(tmp_path, capsys):
     code, _, err = run_main(capsys, "prune", "lenet5", "--weights", tmp_path / "ckpt.pt", "--method", "l1",
                             "--amount", "0.5", "--out", tmp_path / "s.pt")
     assert code == 0, err
-    slim = cli.load_slim(tmp_path / "s.pt")
+    slim = fxprune.load(tmp_path / "s.pt")
     rows = trained.conv1.weight.detach().flatten(1)
     for row in slim.conv1.weight.detach().flatten(1):  # every kept filter is one of the checkpoint's filters
         assert (rows == row).all(dim=1).any()
@@ -235,6 +237,7 @@ def bad_files(tmp_path):
     torch.save(zoo.build("mlp").state_dict(), tmp_path / "mlp.pt")
     torch.save(zoo.build("lenet5", in_channels=3, image_size=32).state_dict(), tmp_path / "lenet_rgb.pt")
     torch.save(zoo.build("lenet5"), tmp_path / "pickled_model.pt")
+    fxprune.save(zoo.build("mlp"), tmp_path / "mlp_slim.pt")
     (tmp_path / "a_file").write_text("not a folder")
     return tmp_path
 
@@ -250,6 +253,8 @@ BAD = {
                                             "features.0.weight"]),
     "checkpoint with other shapes": (["prune", "lenet5", "--weights", "{t}/lenet_rgb.pt"],
                                      ["shape mismatch", "conv1.weight (6, 3, 5, 5)", "(6, 1, 5, 5)"]),
+    "slim file of another model": (["prune", "lenet5", "--weights", "{t}/mlp_slim.pt"],
+                                   ["mlp_slim.pt", "does not fit LeNet5", "(root)", "MLP in the file"]),
     "pickled module, not a state_dict": (["prune", "lenet5", "--weights", "{t}/pickled_model.pt"],
                                          ["state_dict", "weights_only"]),
     "output under a regular file": (["prune", "lenet5", "--onnx", "{t}/a_file/sub/slim.onnx"],
@@ -315,10 +320,10 @@ def test_bench_bad_files(tmp_path, capsys):
     assert_one_line_error(code, err, "junk.onnx", "not a valid ONNX file")
 
 
-def test_load_slim_rejects_plain_state_dict(tmp_path):
+def test_load_rejects_plain_state_dict(tmp_path):
     torch.save(zoo.build("lenet5").state_dict(), tmp_path / "sd.pt")
-    with pytest.raises(cli.CLIError, match="not a slim model"):
-        cli.load_slim(tmp_path / "sd.pt")
+    with pytest.raises(fxprune.CheckpointError, match="not an fxprune slim-model file"):
+        fxprune.load(tmp_path / "sd.pt")
 
 
 def test_atomic_write_failure_keeps_old_file(tmp_path):
@@ -330,7 +335,7 @@ def test_atomic_write_failure_keeps_old_file(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        cli.atomic_write(target, fail)
+        fileio.atomic_write(target, fail)
     assert target.read_text() == "old" and listing(tmp_path) == ["f.txt"]
 
 
@@ -348,7 +353,7 @@ def test_module_in_current_folder_is_found(tmp_path):
     assert r.returncode == 0, r.stderr
     sys.path.insert(0, str(tmp_path))
     try:
-        slim = cli.load_slim(tmp_path / "t.pt")  # an nn.Module class may be rebuilt from the file's spec
+        slim = fxprune.load(tmp_path / "t.pt")  # an nn.Module class may be rebuilt from the file's spec
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("tinynet", None)

@@ -176,3 +176,41 @@ def test_path_is_a_folder(tmp_path):
     with pytest.raises(ExportError, match="could not move"):
         export_onnx(nn.Linear(4, 2), torch.randn(2, 4), tmp_path / "taken.onnx")
     assert leftovers(tmp_path) == ["taken.onnx"] and not os.listdir(tmp_path / "taken.onnx")
+
+
+class Outputs(nn.Module):
+    """A linear layer whose forward returns one of several output structures."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.lin, self.kind = nn.Linear(4, 3), kind
+
+    def forward(self, x):
+        y = self.lin(x)
+        return {"scalar": lambda: y.sum(), "pair_with_loss": lambda: (y, y.square().mean()),
+                "dict_with_mean": lambda: {"y": y, "m": y.mean()}, "float": lambda: 1.5, "none": lambda: None,
+                "tensor_and_str": lambda: (y, "label")}[self.kind]()
+
+
+@pytest.mark.parametrize("kind, needle", [
+    ("scalar", "output 0 of Outputs is a scalar (a 0-dim tensor"),
+    ("pair_with_loss", "output 1 of Outputs is a scalar"),
+    ("dict_with_mean", "output 1 of Outputs is a scalar"),
+    ("float", "output 0 of Outputs is a float, not a tensor"),
+    ("none", "output 0 of Outputs is None, not a tensor"),
+    ("tensor_and_str", "output 1 of Outputs is a str, not a tensor"),
+])
+def test_outputs_that_cannot_have_a_dynamic_batch_are_named(tmp_path, kind, needle):
+    """Before: a scalar output was blamed on a forward that 'hard-codes the batch size', a float on the
+    exporter ('float' object has no attribute 'name')."""
+    with pytest.raises(ExportError) as err:
+        export_onnx(Outputs(kind), torch.randn(2, 4), tmp_path / "m.onnx")
+    msg = str(err.value)
+    assert msg.startswith(needle) and "\n" not in msg and "hard-code" not in msg, msg
+    assert leftovers(tmp_path) == []
+
+
+def test_model_that_fails_on_its_example_is_one_line(tmp_path):
+    with pytest.raises(ExportError, match=r"^Outputs fails on the example inputs \(RuntimeError: mat1 and mat2"):
+        export_onnx(Outputs("scalar"), torch.randn(2, 5), tmp_path / "m.onnx")
+    assert leftovers(tmp_path) == []

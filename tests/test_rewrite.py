@@ -463,19 +463,21 @@ class SlicedTiny(nn.Module):
 
 
 def test_decision_that_empties_a_consumers_input():
+    """torch has no 0-channel conv: a decision that leaves p nothing to read is refused, naming p; keeping one of
+    its channels works and matches the hand-masked model."""
     torch.manual_seed(0)
     model, x = SlicedTiny().eval(), torch.randn(2, 3, 8, 8)
     an = analyze(capture(model, x))
     g = group_with(an, "a.weight")
-    try:
-        plan = Plan(an, {g.gid: Decision(np.array([2, 3]))})  # the first half (read by p) is gone entirely
-    except RewriteError:  # refusing it is fine too
-        return
+    with pytest.raises(RewriteError, match=r"remove every channel of p\.weight"):
+        Plan(an, {g.gid: Decision(np.array([2, 3]))})  # the first half (read by p) is gone entirely
+    plan = Plan(an, {g.gid: Decision(np.array([1, 2, 3]))})
     slim, _ = plan.slim(an.gm, model)
-    ref = masked_copy(model, {"p": ([0, 1], 1)})
+    ref = masked_copy(model, {"p": ([0], 1)})  # p's input channel 0 (a's channel 0) zeroed
     xs = torch.randn(3, 3, 8, 8)
     with torch.no_grad():
         assert rel_err(slim(xs), ref(xs)) < 1e-5
+        assert rel_err(slim(xs), model(xs)) > 1e-3  # the reference is not just the unpruned model
 
 
 class CatResidual(nn.Module):
@@ -491,32 +493,38 @@ class CatResidual(nn.Module):
 
 
 def test_decision_that_empties_a_producer():
+    """A decision that keeps none of a's channels is refused, naming a; keeping one works and matches the
+    independent hooked reference."""
     torch.manual_seed(0)
     model, x = CatResidual().eval(), torch.randn(2, 3, 8, 8)
     an = analyze(capture(model, x))
     g = group_with(an, "a.weight")
     assert g is group_with(an, "b.weight") and g.width == 7
-    try:
-        plan = Plan(an, {g.gid: Decision(np.array([2, 4, 6]))})  # none of a's channels
-    except RewriteError:  # refusing it is fine too
-        return
-    slim, _ = plan.slim(an.gm, model)
+    with pytest.raises(RewriteError, match=r"remove every channel of a\.weight"):
+        Plan(an, {g.gid: Decision(np.array([2, 4, 6]))})  # none of a's channels
+    plan = Plan(an, {g.gid: Decision(np.array([0, 2, 4, 6]))})
+    slim, eager = plan.slim(an.gm, model)
+    assert eager.a.out_channels == 1 and eager.b.out_channels == 3
     ref = consumer_reference(model, an, plan.decisions)
     xs = torch.randn(3, 3, 8, 8)
     with torch.no_grad():
-        assert rel_err(slim(xs), ref(xs)) < 1e-5
+        assert rel_err(slim(xs), ref(xs)) < 1e-5 and rel_err(eager(xs), ref(xs)) < 1e-5
 
 
 def test_prune_never_empties_a_producer():
+    """a's filters are 100x smaller than b's, so a plain top-k over the group would drop all of a; prune must
+    keep at least one of them and stay exact."""
     torch.manual_seed(0)
     model, x = CatResidual().eval(), torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         model.a.weight.mul_(0.01)
-    try:
-        res = fxprune.prune(model, x, "l1", round_to=None, amount=0.5)
-    except fxprune.FxPruneError:
-        return
-    assert res.verified < 1e-4 and res.model.a.out_channels >= 1
+    res = fxprune.prune(model, x, "l1", round_to=None, amount=0.5, progress=False)
+    assert res.verified is not None and res.verified < 1e-4
+    assert res.model.a.out_channels >= 1 and res.model.a.out_channels + res.model.b.out_channels < 7
+    ref = consumer_reference(model, res.analysis, res.decisions)
+    xs = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        assert rel_err(res.model.eval()(xs), ref(xs)) < 1e-5
 
 
 class ConstScale(nn.Module):

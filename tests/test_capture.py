@@ -1,0 +1,116 @@
+"""Capture failures are one clear error and nothing else: no torch.export log spam on stderr (checked in a fresh
+interpreter, where torch's log handlers write to the real stderr), an input dtype that does not match the model
+named up front, a Hugging Face causal LM that returns its key/value cache told to use use_cache=False."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import fxprune
+from conftest import assert_unchanged, snapshot
+from fxprune import zoo
+from fxprune.errors import CaptureError
+
+def run_python(code: str, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_wrong_input_size_prints_nothing_but_the_error():
+    r = run_python("""
+        import torch, fxprune
+        from fxprune import zoo
+        try:
+            fxprune.prune(zoo.build("lenet5"), torch.randn(2, 1, 32, 32), "l1", amount=0.5, progress=False)
+        except fxprune.CaptureError as e:
+            print(str(e).splitlines()[0])
+        """)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stderr == "", f"{len(r.stderr.splitlines())} lines on stderr, starting: {r.stderr[:500]}"
+    assert r.stdout.startswith("torch.export could not capture LeNet5 with inputs [2, 1, 32, 32] float32: "
+                               "RuntimeError: a and b must have same reduction dim"), r.stdout
+
+
+def test_cli_wrong_input_size_is_one_line(tmp_path):
+    (tmp_path / "tinynet.py").write_text(
+        "import torch.nn as nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 26 * 26, 10))\n")
+    r = subprocess.run([sys.executable, "-m", "fxprune.cli", "prune", "tinynet:build", "--input-shape", "1,30,30",
+                        "--method", "l1", "--amount", "0.5"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) <= 2, r.stderr[:3000]  # the "pruning ..." progress line, the error
+    assert lines[-1].startswith("fxprune: error: torch.export could not capture Sequential with inputs "
+                                "[2, 1, 30, 30] float32"), lines[-1]
+    assert lines[-1].endswith("(details: run with --debug)")
+
+
+def mlp():
+    torch.manual_seed(0)
+    return zoo.build("mlp").eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_input_dtype_other_than_the_model_is_named(dtype):
+    model = mlp()  # linear layers: torch.export itself lets a float64 input through, the failure came later
+    snap = snapshot(model)
+    with pytest.raises(CaptureError) as err:
+        fxprune.prune(model, torch.randn(2, 1, 28, 28, dtype=dtype), "l1", amount=0.5, progress=False)
+    msg = str(err.value)
+    name = str(dtype).replace("torch.", "")
+    assert f"example input 0 is {name} but MLP's parameters are float32" in msg and "\n" not in msg, msg
+    assert "x.to(torch.float32)" in msg
+    assert_unchanged(model, snap)
+
+
+def test_conv_model_dtype_mismatch_is_named():
+    model, x = zoo.build("lenet5").eval(), zoo.example_input("lenet5").double()
+    with pytest.raises(CaptureError, match="example input 0 is float64 but LeNet5's parameters are float32"):
+        fxprune.describe_groups(model, x)
+
+
+class CastsItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x.to(self.a.weight.dtype))))
+
+
+def test_a_model_that_casts_its_input_is_not_refused():
+    torch.manual_seed(0)
+    model = CastsItsInput().eval()
+    res = fxprune.prune(model, torch.randn(4, 6, dtype=torch.float64), "l1", amount=0.5, round_to=None,
+                        progress=False)
+    assert res.model.a.out_features == 4
+
+
+def tiny_causal_lm(kind: str, use_cache: bool):
+    transformers = pytest.importorskip("transformers")
+    common = dict(vocab_size=50, bos_token_id=0, eos_token_id=0, use_cache=use_cache)
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=32, **common)
+        return transformers.GPT2LMHeadModel(cfg).eval()
+    cfg = transformers.LlamaConfig(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                   hidden_size=16, intermediate_size=32, max_position_embeddings=32, **common)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_kv_cache_output_suggests_use_cache_false(kind):
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    model = tiny_causal_lm(kind, use_cache=True)
+    with pytest.raises(CaptureError) as err:
+        fxprune.describe_groups(model, ids)
+    msg = str(err.value)
+    assert "DynamicCache" in msg and "use_cache=False" in msg and "\n" not in msg, msg
+    text = fxprune.describe_groups(tiny_causal_lm(kind, use_cache=False), ids)  # the advice works
+    assert text.splitlines()[0].endswith("frozen")
