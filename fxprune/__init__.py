@@ -9,6 +9,7 @@ See README.md for the pipeline (capture -> analysis -> method -> rewrite -> veri
 """
 
 from .api import PruneResult, compile, describe_groups, groups, prune  # noqa: A004
+from .training import Pruner, TrainingMethod, prepare
 from .checkpoint import load, save
 from .errors import (CaptureError, CheckpointError, ConfigError, DataError, ExportError, FxPruneError,
                      NothingToPruneError, RewriteError, TargetError, VerificationError)
@@ -28,6 +29,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'fxprune' has no attribute {name!r}")
 
 
-__all__ = ["compile", "prune", "groups", "describe_groups", "PruneResult", "Decision", "save", "load",
+__all__ = ["compile", "prune", "prepare", "Pruner", "TrainingMethod", "groups", "describe_groups", "PruneResult",
+           "Decision", "save", "load",
            "FxPruneError", "CaptureError", "CheckpointError", "ConfigError", "DataError", "ExportError",
            "NothingToPruneError", "RewriteError", "TargetError", "VerificationError", *_LAZY]

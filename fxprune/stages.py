@@ -90,12 +90,16 @@ class Job:
 def begin(model: nn.Module, example_inputs, method: str, *, amount=None, target_flops=None, target_params=None,
           round_to=DEFAULT_ROUND_TO, ignore=(), amounts=None, calib=None, calib_samples=DEFAULT_CALIB_SAMPLES,
           reconstruct=None, recalibrate_bn=None, verify=True, verify_inputs=None, inplace=False, progress=True,
-          method_options=None, registry=None) -> Job:
+          method_options=None, registry=None, training=False) -> Job:
     """Validate every option, capture and analyse the model, and fix the target. Changes nothing."""
     from fxprune import passes
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     decide = (registry or passes.get)(method)
+    if getattr(decide, "training", False) and registry is None and not training:
+        raise ConfigError(f"method '{method}' prunes during training: use pruner = fxprune.prepare(model, x, "
+                          f"'{method}', optimizer=opt, steps=n, ...) in your training loop, then pruner.finalize(); "
+                          f"one-shot methods: {', '.join(passes.oneshot_names())}")
     method_options = dict(method_options or {})
     check_method_options(method, decide, method_options)
     _check_amounts(amount, target_flops, target_params, amounts, method_options)

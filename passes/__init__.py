@@ -1,7 +1,8 @@
 """Method passes: each decides, per channel group, which channels stay and how consumers reconstruct the rest.
 
-A pass is a function ``decide(ctx: fxprune.context.PruneContext, **options) -> {group id: Decision}``
-registered under a name. Passes read the model and calibration data; they never edit a tensor (the core's
+A one-shot pass is a function ``decide(ctx: fxprune.context.PruneContext, **options) -> {group id: Decision}``
+registered under a name; a training-time method is a fxprune.training.TrainingMethod subclass registered the
+same way (``fxprune.prepare`` runs it inside the user's training loop). Passes read the model and calibration data; they never edit a tensor (the core's
 rewrite engine does). Register a new one with::
 
     from fxprune.passes import register
@@ -56,3 +57,13 @@ def get(name: str):
 def names() -> list[str]:
     _load_all()
     return sorted(REGISTRY)
+
+
+def oneshot_names() -> list[str]:
+    """Methods for fxprune.prune: they decide on a trained model."""
+    return [n for n in names() if not getattr(REGISTRY[n], "training", False)]
+
+
+def training_names() -> list[str]:
+    """Methods for fxprune.prepare: they work inside the user's training loop."""
+    return [n for n in names() if getattr(REGISTRY[n], "training", False)]

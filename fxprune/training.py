@@ -1,0 +1,245 @@
+"""Training-time pruning: ``fxprune.prepare(...)`` hooks a method into the user's own training loop.
+
+    pruner = fxprune.prepare(model, x, "csgd", target_flops=0.5, optimizer=opt, steps=total_steps)
+    for x, y in loader:                      # the loop is unchanged
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(); loss.backward(); opt.step()
+    print(pruner.status())
+    result = pruner.finalize()               # a verified PruneResult, exactly like fxprune.prune's
+
+The model is captured and analysed once (fxprune/stages.py: the same validation, capture, groups and target as
+``fxprune.prune``). The method lives in hooks: an optimizer step pre-hook (the gradients are final there, already
+all-reduced under DistributedDataParallel) for gradient transforms and regularization, a step post-hook for
+schedules, and forward pre-hooks on consumer modules for channel masks. ``finalize()`` asks the method for
+decisions and hands them to the same rewrite, reconstruction and verification as ``fxprune.prune``.
+``state_dict()`` / ``load_state_dict()`` checkpoint the pruning state beside the model and optimizer; groups are
+keyed by their producers' parameter names, so the state survives a DDP ``module.`` prefix and a restart.
+
+A training method is a class registered in fxprune.passes with ``training = True`` (see TrainingMethod).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import distributed
+from .errors import ConfigError
+from .rewrite import Decision
+from .stages import DEFAULT_CALIB_SAMPLES, PruneResult, begin, finish
+from .targets import DEFAULT_ROUND_TO
+
+
+class TrainingMethod:
+    """Base class of training-time methods. Subclasses take ``(pruner, **options)`` and override what they need.
+    They read and transform gradients, keep their own state, and return decisions; they never slice a tensor."""
+
+    training = True
+
+    def __init__(self, pruner: "Pruner"):
+        self.pruner = pruner
+
+    def before_step(self):
+        """Called before every optimizer step, gradients final (DDP has all-reduced them)."""
+
+    def after_step(self):
+        """Called after every optimizer step (pruner.step already counts it)."""
+
+    def status(self) -> dict:
+        return {}
+
+    def decisions(self) -> dict[int, Decision]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict):
+        pass
+
+
+class Pruner:
+    """The handle ``fxprune.prepare`` returns. See the module docstring."""
+
+    def __init__(self, job, model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, method_cls,
+                 method_options: dict):
+        self.job = job
+        self.model = model                      # the user's module (the DDP-wrapped one's .module)
+        self.optimizer = optimizer
+        self.steps = steps
+        self.step = 0
+        self._handles: list = []
+        self._masks: dict[int, np.ndarray] = {}
+        self._mask_handles: dict[int, list] = {}
+        self.method = method_cls(self, **method_options)
+        self._handles.append(optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.method.before_step()))
+        self._handles.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step()))
+
+    # ---- what methods use -------------------------------------------------------------------------------------
+    @property
+    def ctx(self):
+        return self.job.ctx
+
+    @property
+    def analysis(self):
+        return self.job.ctx.analysis
+
+    def group_key(self, gid: int) -> str:
+        return "|".join(sorted(self.analysis.groups[gid].producers))
+
+    def gid_of(self, key: str) -> int:
+        for g in self.analysis.groups:
+            if "|".join(sorted(g.producers)) == key:
+                return g.gid
+        raise ConfigError(f"pruning state names group '{key}', which this model does not have; was the state saved "
+                          "from another model?")
+
+    def tensor(self, fqn: str) -> torch.Tensor:
+        """The live parameter or buffer ``fqn`` of the user's model."""
+        owner, _, attr = fqn.rpartition(".")
+        return getattr(self.model.get_submodule(owner), attr)
+
+    def group_slots(self, gid: int, roles=("out", "member")):
+        """(slot, positions along the slot's dim that belong to the group, the group channel of each) for every
+        parameter/buffer dim that carries the group's channels in the given roles."""
+        an = self.analysis
+        for s in an.slots.values():
+            if s.role not in roles:
+                continue
+            g, idx = an.positions(s)
+            pos = np.flatnonzero(g == gid)
+            if len(pos):
+                yield s, pos, idx[pos]
+
+    def learning_rate(self, param: torch.Tensor) -> tuple[float, float, float]:
+        """(lr, momentum or beta1, weight decay) of the optimizer's param group holding ``param``."""
+        for group in self.optimizer.param_groups:
+            if any(p is param for p in group["params"]):
+                mom = group.get("momentum", (group.get("betas") or (0.0,))[0]) or 0.0
+                return float(group["lr"]), float(mom), float(group.get("weight_decay", 0.0) or 0.0)
+        raise ConfigError(f"the optimizer does not hold parameter {param.shape}")
+
+    def set_mask(self, gid: int, keep_mask: np.ndarray | None):
+        """Make the removed channels of a group exactly zero for every consumer (None: unmask). The slim model
+        of a selection equals this masked model."""
+        for h in self._mask_handles.pop(gid, []):
+            h.remove()
+        self._masks.pop(gid, None)
+        if keep_mask is None or keep_mask.all():
+            return
+        self._masks[gid] = keep_mask
+        self._mask_handles[gid] = consumer_mask_hooks(self, gid, keep_mask)
+
+    # ---- the user's API ----------------------------------------------------------------------------------------
+    def status(self) -> dict:
+        out = {"method": self.job.method, "step": self.step, "steps": self.steps}
+        out.update(self.method.status())
+        return out
+
+    def finalize(self) -> PruneResult:
+        """Decisions from the method's state -> the one rewrite, reconstruction and verification. The user's
+        model is not changed; every hook comes off."""
+        decisions = self.method.decisions()
+        if distributed.active():  # every rank must build the same slim model
+            decisions = distributed.broadcast_object(decisions)
+        self.remove()
+        return finish(self.job, decisions)
+
+    def remove(self):
+        """Take every hook off; the model keeps its current weights."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        for gid in list(self._mask_handles):
+            self.set_mask(gid, None)
+
+    def _after_step(self):
+        self.step += 1
+        self.method.after_step()
+
+    def state_dict(self) -> dict:
+        return {"format": "fxprune-pruner", "method": self.job.method, "step": self.step, "steps": self.steps,
+                "masks": {self.group_key(g): m.tolist() for g, m in self._masks.items()},
+                "state": self.method.state_dict()}
+
+    def load_state_dict(self, state: dict):
+        if not isinstance(state, dict) or state.get("format") != "fxprune-pruner":
+            raise ConfigError("not a pruner state: pass what Pruner.state_dict() returned")
+        if state["method"] != self.job.method:
+            raise ConfigError(f"the state is from method '{state['method']}', this pruner runs '{self.job.method}'")
+        self.step = int(state["step"])
+        for key, mask in state.get("masks", {}).items():
+            self.set_mask(self.gid_of(key), np.asarray(mask, dtype=bool))
+        self.method.load_state_dict(state["state"])
+
+
+def consumer_mask_hooks(pruner: Pruner, gid: int, keep_mask: np.ndarray) -> list:
+    """Forward pre-hooks that zero a group's removed channels in each consumer module's input."""
+    an = pruner.analysis
+    handles = []
+    for fqn in an.groups[gid].consumers:
+        s = an.slots.get((fqn, 1))
+        if s is None:
+            continue
+        g, idx = an.positions(s)
+        pos = np.flatnonzero((g == gid) & ~keep_mask[np.maximum(idx, 0)])
+        if not len(pos):
+            continue
+        module = pruner.model.get_submodule(fqn.rpartition(".")[0])
+        dim = -1 if isinstance(module, nn.Linear) else 1
+        index = torch.as_tensor(pos)
+
+        def hook(mod, args, index=index, dim=dim):
+            return (args[0].index_fill(dim, index.to(args[0].device), 0.0), *args[1:])
+        handles.append(module.register_forward_pre_hook(hook))
+    return handles
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+    return model.module if isinstance(model, (DistributedDataParallel, nn.DataParallel)) else model
+
+
+def prepare(model: nn.Module, example_inputs, method: str = "csgd", *, optimizer: torch.optim.Optimizer,
+            steps: int, amount: float | None = None, target_flops: float | None = None,
+            target_params: float | None = None, round_to: int | None = DEFAULT_ROUND_TO, ignore=(),
+            amounts: dict | None = None, calib=None, calib_samples: int = DEFAULT_CALIB_SAMPLES,
+            reconstruct: bool | None = None, recalibrate_bn: bool | None = None, verify: bool = True,
+            verify_inputs=None, progress: bool = True, **method_options) -> Pruner:
+    """Analyse the model once and hook a training-time method ("csgd", "aofp", "abfp") into its optimizer.
+
+    Takes fxprune.prune's targets and options, plus the optimizer the user steps and the number of optimizer
+    steps the user will run (``steps``: methods schedule their strength to be done by then). calib= is used at
+    finalize() (reconstruction and BatchNorm statistics, as in fxprune.prune). Nothing about the model changes
+    here except the hooks; ``remove()`` takes them off.
+    """
+    from fxprune import passes
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(f"optimizer must be the torch.optim.Optimizer you step, got {type(optimizer).__name__}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps <= 0:
+        raise ConfigError(f"steps must be the number of optimizer steps you will train for (a positive int), "
+                          f"got {steps!r}")
+    inner = _unwrap(model)
+    method_cls = passes.get(method)
+    if not getattr(method_cls, "training", False):
+        raise ConfigError(f"method '{method}' prunes a trained model in one shot: use fxprune.prune(model, x, "
+                          f"'{method}', ...); training-time methods: {', '.join(passes.training_names())}")
+    _check_optimizer(inner, optimizer)
+    job = begin(inner, example_inputs, method, amount=amount, target_flops=target_flops,
+                target_params=target_params, round_to=round_to, ignore=ignore, amounts=amounts, calib=calib,
+                calib_samples=calib_samples, reconstruct=reconstruct, recalibrate_bn=recalibrate_bn,
+                verify=verify, verify_inputs=verify_inputs, progress=progress and distributed.rank() == 0,
+                method_options=method_options, training=True)
+    return Pruner(job, inner, optimizer, int(steps), method_cls, job.method_options)
+
+
+def _check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer):
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+    if len(missing) == len([p for p in model.parameters() if p.requires_grad]) and missing:
+        raise ConfigError("the optimizer holds none of the model's parameters (e.g. "
+                          f"{missing[0]}); pass the optimizer that trains this model")
+    if missing:
+        raise ConfigError(f"the optimizer does not hold {len(missing)} trainable parameter(s) of the model "
+                          f"(e.g. {', '.join(missing[:3])}); pass the optimizer that trains all of them")
