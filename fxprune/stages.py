@@ -164,7 +164,8 @@ def finish(job: Job, decisions: dict[int, Decision]) -> PruneResult:
         plan.replace_tensors(work, cal.bn)
         recalibrated = sorted({k.rsplit(".", 1)[0] for k in cal.bn})
         if opts.verify:  # the new statistics went into both copies: they must still agree
-            _verify.check_eager_matches_graph(work, slim_gm, _verify.random_like(job.example))
+            with eval_mode(work):
+                _verify.check_eager_matches_graph(work, slim_gm, _verify.random_like(job.example))
     one = tuple(a[:1] if isinstance(a, torch.Tensor) and a.dim() > 0 else a for a in job.example)  # per sample
     result = PruneResult(model=work, graph=slim_gm, analysis=ctx.analysis, decisions=plan.decisions,
                          flops=(count_flops(job.model, one), count_flops(work, one)),
@@ -175,7 +176,8 @@ def finish(job: Job, decisions: dict[int, Decision]) -> PruneResult:
         from .transplant import transplant
         transplant(work, job.model, plan)
         if opts.verify:
-            _verify.check_eager_matches_graph(job.model, slim_gm, _verify.random_like(job.example))
+            with eval_mode(job.model):
+                _verify.check_eager_matches_graph(job.model, slim_gm, _verify.random_like(job.example))
         result.model = job.model
     return result
 

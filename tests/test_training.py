@@ -213,3 +213,17 @@ def test_bad_input_is_a_clear_error_and_the_model_is_untouched():
     with pytest.raises(ConfigError, match="one shot"):
         fxprune.prepare(model, x, "l1", optimizer=good, steps=10, amount=0.5)
     assert_unchanged(model, snap)
+
+
+def test_finalize_with_calibration_data_on_a_model_left_in_train_mode():
+    torch.manual_seed(0)
+    model = Tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    calib = torch.randn(32, 3, 8, 8)
+    pruner = _prepare(model, opt, steps=20, calib=calib)
+    _train(model, opt, 20)
+    assert model.training
+    res = pruner.finalize()
+    assert res.recalibrated_bn == [] or res.calib_samples == 32  # bn1 precedes every pruned consumer
+    assert res.calib_samples == 32 and res.verified < 1e-4
+    assert model.training and res.model.training  # flags kept as they were

@@ -1,0 +1,64 @@
+"""Worker for tests/test_ddp.py: the same pruning runs under torchrun (2 ranks, gloo, each half of every global
+batch and half of the calibration data) and in one process (whole batches), results saved per rank.
+
+    torchrun --nproc_per_node=2 tests/ddp_worker.py OUT      |      python tests/ddp_worker.py OUT --single
+"""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import fxprune
+
+STEPS, BATCH, CALIB = 30, 16, 64
+
+
+def build() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+def shard(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    n = t.shape[0] // world
+    return t[rank * n:(rank + 1) * n]
+
+
+def main(out: str, single: bool):
+    rank, world = 0, 1
+    if not single:
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    x = torch.randn(2, 1, 8, 8)
+    # C-SGD inside a (DDP) training loop
+    model = build()
+    wrapped = model if single else nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    pruner = fxprune.prepare(wrapped, x, "csgd", optimizer=opt, steps=STEPS, amount=0.5, round_to=None,
+                             progress=False)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        X, Y = torch.randn(BATCH, 1, 8, 8, generator=gen), torch.randint(0, 4, (BATCH,), generator=gen)
+        loss = F.cross_entropy(wrapped(shard(X, rank, world)), shard(Y, rank, world))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    res = pruner.finalize()
+    keep = {g: d.keep.tolist() for g, d in res.decisions.items()}
+    csgd = {"state": res.model.state_dict(), "keep": keep, "status": pruner.status()["spread"]}
+    # ID with sharded calibration data: Gram matrices and reconstruction statistics are all-reduced
+    calib = torch.randn(CALIB, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    res = fxprune.prune(build().eval(), x, "id", amount=0.5, calib=shard(calib, rank, world), round_to=None,
+                        progress=False)
+    ident = {"state": res.model.state_dict(), "keep": {g: d.keep.tolist() for g, d in res.decisions.items()}}
+    torch.save({"csgd": csgd, "id": ident, "world": world}, os.path.join(out, f"rank{rank}-of-{world}.pt"))
+    if not single:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], "--single" in sys.argv)
