@@ -24,81 +24,20 @@ from __future__ import annotations
 import numpy as np
 from tqdm.auto import tqdm
 
-from fxprune.calibrate import source_grams
+from fxprune.calibrate import batches, source_grams
 from fxprune.errors import ConfigError
 from fxprune.reconstruct import least_squares
 from fxprune.rewrite import Decision
-from fxprune.targets import check_reachable, fill, unit
+from fxprune.targets import check_reachable, unit
 
 from . import register
+from ._id_allocate import PROBES, OutputProbe, allocate, calibrated_curve
 from ._id_math import id_from_gram
 
 
-def _step_down(w: int, u: int) -> int | None:
-    """The next smaller width in steps of the group's unit, or None at the floor."""
-    nxt = (w - 1) // u * u
-    return nxt if nxt >= u else None
-
-
-def _allocate(ctx, widths: np.ndarray, curves: dict[int, np.ndarray], target: float, metric: str):
-    """Greedy: remove the step that adds the least ID error per unit of cost saved until within target."""
-    cost, r = ctx.cost, ctx.target.round_to
-    upper = widths.copy()
-    frac = cost.fraction(widths, metric)
-    bar = tqdm(total=round(max(frac - target, 0) * 1000), desc="allocating widths", disable=not ctx.progress,
-               leave=False)
-    while frac > target:
-        best = None
-        for g, e in curves.items():
-            nxt = _step_down(widths[g], unit(ctx.groups[g], r))
-            if nxt is None:
-                continue
-            trial = widths.copy()
-            trial[g] = nxt
-            saved = frac - cost.fraction(trial, metric)
-            if saved <= 0:
-                continue
-            score = (e[nxt - 1] - e[widths[g] - 1]) / saved
-            if best is None or score < best[0]:
-                best = (score, g, nxt, saved)
-        if best is None:
-            break
-        widths[best[1]] = best[2]
-        frac -= best[3]
-        bar.update(round(best[3] * 1000))
-    bar.close()
-    # the last steps may overshoot on coarse groups: add back what fits, largest error reduction first
-    gain = lambda g, w: curves[g][w - 1] - curves[g][min(w + unit(ctx.groups[g], r), len(curves[g])) - 1] if g in curves else -1.0  # noqa: E731
-    widths = fill(ctx.analysis, cost, widths, gain, target, metric, r, upper)
-    return _tighten(ctx, widths, curves, gain, target, metric, upper)
-
-
-def _tighten(ctx, widths, curves, gain, target, metric, upper, slack: float = 0.02):
-    """Coarse units (round_to, blocks) can leave the greedy more than ``slack`` below target with no single unit
-    that fits back: trade one unit down on a group for whatever fill can then add, while that gets closer."""
-    cost, r = ctx.cost, ctx.target.round_to
-    frac = cost.fraction(widths, metric)
-    while target - frac > slack:
-        best = None
-        for g in curves:
-            nxt = _step_down(widths[g], unit(ctx.groups[g], r))
-            if nxt is None:
-                continue
-            trial, cap = widths.copy(), upper.copy()
-            trial[g] = cap[g] = nxt  # the unit taken from g must go elsewhere
-            trial = fill(ctx.analysis, cost, trial, gain, target, metric, r, cap)
-            f = cost.fraction(trial, metric)
-            if f > frac + 1e-12 and (best is None or f > best[0]):
-                best = (f, trial)
-        if best is None:
-            break
-        frac, widths = best
-    return widths
-
-
 @register("id")
-def decide(ctx, tol: float | None = None, rounds: int = 3):
-    _check_options(tol, rounds)
+def decide(ctx, tol: float | None = None, rounds: int = 3, probe_samples: int = 64):
+    _check_options(tol, rounds, probe_samples)
     prunable = ctx.prunable
     kept = {g: np.arange(ctx.groups[g].width) for g in prunable}     # current keep, original numbering
     trans = {g: {} for g in prunable}                                # current T per source (k x n)
@@ -107,6 +46,7 @@ def decide(ctx, tol: float | None = None, rounds: int = 3):
     if t.metric is not None:
         check_reachable(ctx.analysis, ctx.cost, prunable, t.value, t.metric, t.round_to)
     stages = [None] if t.metric is None else [t.value ** ((i + 1) / rounds) for i in range(rounds)]
+    probe = _Probe(ctx, probe_samples) if t.metric is not None and probe_samples else None
     for i, stage in enumerate(stages):
         decisions = _decisions(ctx, kept, trans)
         grams = source_grams(ctx, prunable, decisions, ctx.calib_samples, f"ID calibration {i + 1}/{len(stages)}")
@@ -118,38 +58,72 @@ def decide(ctx, tol: float | None = None, rounds: int = 3):
             new_k = ctx.widths()
         else:
             curves = {g: _error_curve(sub[g], id_from_gram(G, k=len(G)).pivots) for g, G in pooled.items()}
+            if probe is not None:
+                curves = probe.calibrate(curves, kept, trans, sub, pooled, f"ID probes {i + 1}/{len(stages)}")
             widths = np.array([len(kept[g]) if g in kept else ctx.groups[g].width for g in range(len(ctx.groups))])
-            new_k = _allocate(ctx, widths, curves, stage, t.metric)
+            new_k = allocate(ctx, widths, curves, stage, t.metric)
         for g, G in pooled.items():
             k = int(new_k[g])
-            if k >= len(kept[g]):
-                continue
-            block_of = ctx.groups[g].block_of
-            res = None
-            if block_of is None:
-                res = id_from_gram(G, k=k)
-                local = res.keep
-                info[g] = {"id_error": float(res.rel_error)}
-            else:  # blocks keep equal counts: ID pivots per block, kept as a selection (grouped consumers)
-                local = _blocked_pivots(G, block_of[kept[g]], k)
-            for src, Gs in sub[g].items():
-                if res is not None and len(sub[g]) == 1:
-                    T_local = res.T  # one source: the ID's own T = [I, R11^-1 R12]
-                else:  # each source's own least-squares T from the shared pivots
-                    T_local = least_squares(Gs[np.ix_(local, local)], Gs[local], ridge=1e-10)
-                trans[g][src] = T_local @ trans[g].get(src, np.eye(len(kept[g]), ctx.groups[g].width))
-            kept[g] = kept[g][local]
+            if k < len(kept[g]):
+                kept[g], trans[g], info[g] = _shrink(ctx, g, kept[g], trans[g], sub[g], G, k)
     return _decisions(ctx, kept, trans, info, final=True)
 
 
 decide.needs_calib = True
 
 
-def _check_options(tol, rounds):
+def _shrink(ctx, g: int, kept: np.ndarray, trans: dict, sub: dict, pooled: np.ndarray, k: int):
+    """Group g cut from its current kept channels to k: (kept, T per source, info)."""
+    block_of = ctx.groups[g].block_of
+    res, info = None, {}
+    if block_of is None:
+        res = id_from_gram(pooled, k=k)
+        local = res.keep
+        info = {"id_error": float(res.rel_error)}
+    else:  # blocks keep equal counts: ID pivots per block, kept as a selection (grouped consumers)
+        local = _blocked_pivots(pooled, block_of[kept], k)
+    new = {}
+    for src, Gs in sub.items():
+        if res is not None and len(sub) == 1:
+            T_local = res.T  # one source: the ID's own T = [I, R11^-1 R12]
+        else:  # each source's own least-squares T from the shared pivots
+            T_local = least_squares(Gs[np.ix_(local, local)], Gs[local], ridge=1e-10)
+        new[src] = T_local @ trans.get(src, np.eye(len(kept), ctx.groups[g].width))
+    return kept[local], new, info
+
+
+class _Probe:
+    """Measures what cutting one group does at the model output (see _id_allocate.py)."""
+
+    def __init__(self, ctx, samples: int):
+        self.ctx = ctx
+        self.out = OutputProbe(ctx.analysis, next(iter(batches(ctx.calib, ctx.example_inputs, samples, samples))))
+
+    def calibrate(self, curves, kept, trans, sub, pooled, desc):
+        ctx = self.ctx
+        now = self.out.set_current(_decisions(ctx, kept, trans))
+        out = {}
+        for g in tqdm(list(curves), desc=desc, disable=not ctx.progress, leave=False):
+            w, u = len(kept[g]), unit(ctx.groups[g], ctx.target.round_to)
+            probes = {}
+            for k in sorted({max(u, int(round(w * f / u)) * u) for f in PROBES}):
+                if k >= w:
+                    continue
+                kk, tt, _ = _shrink(ctx, g, kept[g], trans[g], sub[g], pooled[g], k)
+                trial = _decisions(ctx, {**kept, g: kk}, {**trans, g: tt})
+                probes[k] = self.out.error(trial, g) - now
+            out[g] = calibrated_curve(curves[g], w, probes) if probes else curves[g]
+        return out
+
+
+def _check_options(tol, rounds, probe_samples):
     if tol is not None and not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and 0.0 <= tol < 1.0):
         raise ConfigError(f"tol must be a number in [0, 1) (the relative ID error allowed per group), got {tol!r}")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ConfigError(f"rounds must be a positive int (greedy stages toward a FLOPs target), got {rounds!r}")
+    if isinstance(probe_samples, bool) or not isinstance(probe_samples, int) or probe_samples < 0:
+        raise ConfigError(f"probe_samples must be an int >= 0 (calibration samples that measure each cut at the "
+                          f"model output; 0: allocate by ID error alone), got {probe_samples!r}")
 
 
 def _pooled(by_src: dict[str, np.ndarray]) -> np.ndarray:
