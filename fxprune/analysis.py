@@ -429,8 +429,10 @@ class Analysis:
                         mod = name.rsplit(".", 1)[0]
                         if mod not in g.modules:
                             g.modules.append(mod)
+        nodes = {n.name: n for n in self.gm.graph.nodes}
         for g in self.groups:
             self._find_sources(g)
+            self._whole_sources(g, nodes)
         for ids, blocks, where in self.block_constraints:
             self._apply_blocks(ids, blocks, where)
 
@@ -491,6 +493,49 @@ class Analysis:
                     src.consumers.append(s.fqn)
                 src.why = src.why or why
             self.slot_source[(s.fqn, s.dim, g.gid)] = srcs[0]
+
+    def _whole_sources(self, g: Group, nodes: dict[str, Node]):
+        """A source that holds only part of the group (consumers that read a chunk, a split or a slice of it)
+        moves to the nearest tensor upstream that holds the whole group, so every group has a tensor whose
+        channels a method can measure (ID's Z: the ShuffleNet unit's pooled output, not its two halves). Its
+        consumers take a selection either way; a foldable source already there is left alone."""
+        for name in list(g.sources):
+            node = nodes[name]
+            if self.carries_whole(node, g.gid):
+                continue
+            whole = node
+            while whole is not None and not self.carries_whole(whole, g.gid):
+                whole = self._upstream(whole, g.gid)
+            if whole is None:
+                continue
+            target = self.source(whole, g.gid)
+            if target in g.sources and g.sources[target].foldable:
+                continue
+            moved = g.sources.pop(name)
+            src = g.sources.setdefault(target, Source(target))
+            src.consumers += [c for c in moved.consumers if c not in src.consumers]
+            src.why = src.why or moved.why or "its consumers read parts of the group"
+            for key, v in self.slot_source.items():
+                if key[2] == g.gid and v == name:
+                    self.slot_source[key] = target
+
+    def _upstream(self, node: Node, gid: int) -> Node | None:
+        """The tensor a piece of a split/slice/getitem (or an op T commutes through) was taken from."""
+        if node.op != "call_function":
+            return None
+        h = ops.handler(node.target)
+        if h.family in ("getitem", "split", "slice"):
+            return node.args[0] if isinstance(node.args[0], Node) else None
+        nxt = h.through(self, node, gid)
+        return nxt if isinstance(nxt, Node) else None
+
+    def carries_whole(self, node: Node, gid: int) -> bool:
+        """Whether a node's tensor holds every channel of group ``gid`` (a method can measure the group there)."""
+        cm = self.cmap(node)
+        if cm is None:
+            return False
+        g, idx = self.positions(cm)
+        return len(set(idx[g == gid].tolist())) == self.groups[gid].width
 
     def source(self, node: Node, gid: int) -> str:
         """The tensor a consumer's input really is for group ``gid``: walk back through ops that commute with a

@@ -465,3 +465,35 @@ def test_cost_model_counts_what_torch_counts_and_prices_a_slim_model():
     assert cm.base_flops == count_flops(model, X[:1])  # attention and the transposed conv counted too
     widths = [len(res.decisions[g.gid].keep) if g.gid in res.decisions else g.width for g in res.analysis.groups]
     assert res.decisions and cm.flops(widths) == count_flops(res.model, X[:1])
+
+
+# ------------------------------------------------------------------- a group read only in pieces (ShuffleNet)
+class ShuffleUnit(nn.Module):
+    def __init__(self, pool):
+        super().__init__()
+        self.stem, self.bn, self.pool = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), pool
+        self.conv, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.head, self.fc = nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16, 10)
+
+    def forward(self, x):
+        a, b = self.pool(torch.relu(self.bn(self.stem(x)))).chunk(2, 1)
+        y = torch.cat([a, torch.relu(self.bn2(self.conv(b)))], 1)
+        return self.fc(torch.relu(self.head(y)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("pool,z", [(nn.MaxPool2d(2), "aten.max_pool2d"), (nn.AvgPool2d(2), "aten.relu")])
+def test_group_read_in_pieces_has_one_source_that_holds_it_whole(pool, z):
+    an = run(ShuffleUnit(pool), torch.randn(2, 3, 16, 16))
+    g = group_with(an, "stem.weight")
+    (src,) = g.sources.values()  # not the two chunks: a method measures the whole group here
+    assert ops.op_name(next(n for n in an.gm.graph.nodes if n.name == src.node).target) == z
+    assert sorted(src.consumers) == ["conv.weight", "head.weight"] and not src.foldable
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(2), nn.AvgPool2d(2)], ids=["max", "avg"])
+def test_id_reaches_flops_targets_on_a_shufflenet_unit(pool):
+    torch.manual_seed(0)
+    model, x, calib = ShuffleUnit(pool).eval(), torch.randn(2, 3, 16, 16), torch.randn(64, 3, 16, 16)
+    for t in (0.5, 0.3):
+        res = fxprune.prune(model, x, "id", target_flops=t, calib=calib, round_to=None, progress=False)
+        assert res.flops[1] / res.flops[0] <= t and group_with(res.analysis, "stem.weight").gid in res.decisions
