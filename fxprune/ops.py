@@ -95,7 +95,6 @@ CAST = OpHandler("cast", rules.passthrough, dtype_only_args=(1,))          # .to
 MAX_POOL = OpHandler("pool", rules.pool)
 LINEAR_POOL = OpHandler("pool", rules.pool, commutes=True)                 # averages, upsampling: linear
 JOIN = OpHandler("join", rules.join)
-_NORM_MODULE = shapes.fix_norm_module
 CONV = OpHandler("conv", functools.partial(rules.conv, transposed=False), fix_shape=shapes.fix_conv_groups,
                  has_flops=True)
 CONV_TRANSPOSE = OpHandler("conv", functools.partial(rules.conv, transposed=True),
@@ -106,8 +105,8 @@ LINEAR = OpHandler("linear", rules.linear, has_flops=True)
 MATMUL = OpHandler("matmul", functools.partial(rules.matmul, data=0, weight=1), has_flops=True)
 ADDMM = OpHandler("matmul", functools.partial(rules.matmul, data=1, weight=2, bias=0), data_arg=1,
                   has_flops=True)
-BATCH_NORM = OpHandler("batch_norm", rules.batch_norm, fix_module=_NORM_MODULE, bn_stat_args=(3, 4))
-INSTANCE_NORM = OpHandler("batch_norm", rules.batch_norm, fix_module=_NORM_MODULE)  # statistics per sample
+BATCH_NORM = OpHandler("batch_norm", rules.batch_norm, fix_module=shapes.fix_norm_module, bn_stat_args=(3, 4))
+INSTANCE_NORM = OpHandler("batch_norm", rules.batch_norm, fix_module=shapes.fix_norm_module)  # statistics per sample
 LINEAR_REDUCE = OpHandler("reduce", rules.reduce, commutes=True)
 REDUCE = OpHandler("reduce", rules.reduce)
 VIEW = OpHandler("reshape", rules.reshape, commutes=True, fix_shape=shapes.fix_view)

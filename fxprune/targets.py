@@ -1,8 +1,8 @@
 """Targets: how many channels each group keeps, for an amount or a global FLOPs/params target.
 
 The cost model takes the FLOPs of every op whose handler says it has them (ops.OpHandler.has_flops) from
-torch.utils.flop_counter.FlopCounterMode (run once per op on meta tensors, batch 1) and scales it by the kept fraction of the op's input and output channels; parameters scale
-the same way along their channel dims. For conv/linear this is exact, so a width vector can be priced without
+torch.utils.flop_counter.FlopCounterMode (run once per op on meta tensors, batch 1) and scales them by the kept
+fraction of the op's input and output channels; parameters scale the same way along their channel dims. For conv/linear this is exact, so a width vector can be priced without
 building the slim model, and a solver can try thousands of them.
 
 Example::
