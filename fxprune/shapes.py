@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .errors import RewriteError
+from .rules import split_dim
 
 
 def _input(plan, node):
@@ -34,7 +35,6 @@ def fix_view(plan, node):
 def fix_split(plan, node):
     """A split/chunk of the channel dim becomes split_with_sizes with the slim piece widths; a split of any
     other dim keeps its sizes."""
-    from .rules import split_dim
     pieces, src = plan.an.channel_map(node), _input(plan, node)
     if src is None or not isinstance(pieces, list) or not pieces or pieces[0] is None:
         return

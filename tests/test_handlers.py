@@ -153,6 +153,27 @@ def test_conv_transpose_folds_T_and_slices_against_the_reference():
     assert slim.c3.in_channels == 3
 
 
+class SquareTransposed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.ct = nn.Conv2d(3, 8, 3, padding=1), nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.c3, self.fc = nn.Conv2d(8, 5, 3), nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.fc(self.c3(torch.relu(self.ct(torch.relu(self.c1(x))))).mean((2, 3)))
+
+
+def test_a_wrong_transposed_weight_layout_is_caught_by_verification(monkeypatch):
+    """Mutation: read ConvTranspose2d's (in, out, ...) weight as a plain conv's (out, in, ...). With 8 -> 8
+    channels every shape still fits, so only verification can notice."""
+    torch.manual_seed(0)
+    model = SquareTransposed().eval()
+    assert fxprune.prune(model, X, "l1", amount=0.5, round_to=None, progress=False).verified < 1e-4
+    monkeypatch.setitem(ops.HANDLERS, "aten.conv_transpose2d", ops.CONV)
+    with pytest.raises(fxprune.VerificationError):
+        fxprune.prune(model, X, "l1", amount=0.5, round_to=None, progress=False)
+
+
 def test_depthwise_conv_transpose_follows_its_input():
     an = run(Transposed(depthwise=True))
     g = group_with(an, "c1.weight")
