@@ -352,17 +352,18 @@ class Analysis:
     def _freeze_params_read_elsewhere(self):
         """A parameter with channel slots that some other op also reads (a barrier, a weight computation, a
         use on another dim) cannot be sliced without breaking that op: freeze its slots."""
+        by_fqn: dict[str, list[Slot]] = {}
+        for (f, _), s in self.slots.items():
+            by_fqn.setdefault(f, []).append(s)
         for node in self.gm.graph.nodes:
             fqn = self.param_fqn(node)
-            keys = [k for k in self.slots if k[0] == fqn]
-            if fqn is None or not keys:
+            if fqn not in by_fqn:
                 continue
             for user in self._readers(node):
                 if user in self.param_users.get(fqn, ()) or ops.handler(user.target).family == "ignore":
                     continue
-                for k in keys:
-                    self.uf.freeze(self.slots[k].ids, f"parameter {self.fqn_text(fqn)} is also read by "
-                                                      f"{_where(user)}")
+                for s in by_fqn[fqn]:
+                    self.uf.freeze(s.ids, f"parameter {self.fqn_text(fqn)} is also read by {_where(user)}")
 
     def _readers(self, node: Node):
         """The ops that read a parameter node, looking through layout-only views of it."""

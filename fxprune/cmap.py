@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -55,17 +56,21 @@ class SymSize(int):
 def concrete(size) -> int:
     """A dim size as an int; a symbolic size becomes a SymSize (odd stand-ins from BATCH_STANDIN, printed with
     the batch symbol B, B2, ...)."""
-    if isinstance(size, int) and not isinstance(size, torch.SymInt):
+    if isinstance(size, int):
         return size
     try:
-        expr = size.node.expr
-        syms = sorted(expr.free_symbols, key=str)
-        value = int(expr.subs({s: BATCH_STANDIN + 2 * i for i, s in enumerate(syms)}))
-        import sympy
-        text = str(expr.subs({s: sympy.Symbol("B" if i == 0 else f"B{i + 1}") for i, s in enumerate(syms)}))
-        return SymSize(value, text)
+        return _symbolic(size.node.expr)
     except Exception:  # noqa: BLE001
         return SymSize(BATCH_STANDIN)
+
+
+@functools.lru_cache(maxsize=1024)
+def _symbolic(expr) -> SymSize:
+    import sympy
+    syms = sorted(expr.free_symbols, key=str)
+    value = int(expr.subs({s: BATCH_STANDIN + 2 * i for i, s in enumerate(syms)}))
+    text = str(expr.subs({s: sympy.Symbol("B" if i == 0 else f"B{i + 1}") for i, s in enumerate(syms)}))
+    return SymSize(value, text)
 
 
 def shape_of(node) -> list[int] | None:
