@@ -2,47 +2,33 @@
 
 Every tensor node gets a channel map (``CMap``): the dim that carries channels and, per position along it, an
 element id (and a tag: the spatial sub-position once C*H*W features are flattened). Producers (conv/linear
-outputs) mint fresh elements; ops from the table in ops.py move, slice, concatenate or unite them; anything not
-in the table is a barrier that freezes what reaches it. Union-find over elements gives channel classes;
-classes minted by the same producer form a group, and every parameter dim that carries channels (a ``Slot``)
-maps its positions to (group, index).
+outputs) mint fresh elements; the op handlers in ops.py move, slice, concatenate or unite them; an op without a
+handler is a barrier that freezes what reaches it. Union-find over elements gives channel classes; classes
+minted by the same producer form a group, and every parameter dim that carries channels (a ``Slot``) maps its
+positions to (group, index). Channel maps live in ``node.meta[META_KEY]``, so copies of the graph carry them.
+Parameters shared by several modules (tied weights) are one parameter here, under their canonical name.
 
 Example::
 
     an = analyze(capture(model, x))
-    for g in an.groups:
-        print(g.describe())
+    print(an.describe())          # every group, and every barrier op with its node, module and reason
 """
 
 from __future__ import annotations
 
-import math
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch.fx import GraphModule, Node
 
+from . import ops
 from .capture import node_module_path
-from .ops import barrier_reason, op_name, rule_for
+from .cmap import CMap, concrete, op_name, prod, shape_of  # noqa: F401 - re-exported for callers
+from .errors import RewriteError
 
-# ops between Z and a consumer that commute with a channel-linear map Z -> Z[:, keep] @ T
-COMMUTING = {"aten.avg_pool1d", "aten.avg_pool2d", "aten.avg_pool3d", "aten.adaptive_avg_pool1d",
-             "aten.adaptive_avg_pool2d", "aten._adaptive_avg_pool2d", "aten.mean", "aten.sum", "aten.view",
-             "aten.reshape", "aten._unsafe_view", "aten.flatten", "aten.squeeze", "aten.unsqueeze",
-             "aten.dropout", "aten.clone", "aten.contiguous", "aten.alias",
-             "aten.upsample_nearest2d", "aten.upsample_bilinear2d", "aten.permute", "aten.transpose"}
-
-
-@dataclass
-class CMap:
-    """Channel map of one tensor: which dim carries channels, and the element id at each position."""
-    dim: int
-    ids: np.ndarray
-    tags: np.ndarray
-
-    def with_dim(self, dim: int) -> "CMap":
-        return CMap(dim, self.ids, self.tags)
+META_KEY = "fxprune_cmap"  # node.meta entry: (analysis token, channel map); survives graph copies
 
 
 @dataclass
@@ -153,44 +139,43 @@ class _UnionFind:
         return np.fromiter((self.find(i) for i in ids.tolist()), dtype=np.int64, count=len(ids))
 
 
-def concrete(size) -> int:
-    """A dim size as an int; symbolic (batch) sizes become a large odd stand-in so they never equal a width."""
-    if isinstance(size, int):
-        return size
-    try:
-        expr = size.node.expr
-        return int(expr.subs({s: 1_000_003 + 2 * i for i, s in enumerate(sorted(expr.free_symbols, key=str))}))
-    except Exception:  # noqa: BLE001
-        return 1_000_003
-
-
-def shape_of(node) -> list[int] | None:
-    val = node.meta.get("val") if isinstance(node, Node) else None
-    return [concrete(s) for s in val.shape] if isinstance(val, torch.Tensor) else None
-
-
 def _where(node: Node) -> str:
     mod = node_module_path(node)
     return f"node '{node.name}'" + (f" in module '{mod}'" if mod else "")
 
 
+@dataclass
+class Barrier:
+    """An op that froze the channels reaching it (or that no channel reached, but would have frozen)."""
+    node: str
+    module: str
+    reason: str  # names the op, the node and the module
+
+
+_TOKENS = itertools.count()
+_CONSUMER_ROLES = ("in", "grouped_in")
+
+
 class Analysis:
-    """Runs the rules over a captured graph; result in ``groups``, ``slots`` and ``cmaps``."""
+    """Runs the op handlers' rules over a captured graph; result in ``groups``, ``slots``, ``barriers`` and
+    each node's channel map in ``node.meta[META_KEY]`` (read it with ``cmap``/``channel_map``)."""
 
     def __init__(self, gm: GraphModule):
         self.gm = gm
+        self.token = next(_TOKENS)  # tells this analysis' channel maps from another's on the same graph
         self.uf = _UnionFind()
-        self.cmaps: dict[Node, object] = {}
         self.slots: dict[tuple[str, int], Slot] = {}
+        self.slot_users: dict[tuple[str, int], list[Node]] = {}  # the nodes that read each slot
         self.barrier_nodes: list[Node] = []
+        self.barriers: list[Barrier] = []
         self.param_users: dict[str, list[Node]] = {}
         self.block_constraints: list[tuple[np.ndarray, int, str]] = []  # (ids in order, blocks, where)
         self.slot_source: dict[tuple[str, int, int], str] = {}  # (consumer fqn, dim, group) -> source node
-        from . import rules  # the rule functions, one per rule name in ops.py
-        self._rules = rules.RULES
+        self.aliases = _aliases(gm)  # canonical name -> every name of the same tensor (tied weights)
+        self._canonical = {name: canon for canon, names in self.aliases.items() for name in names}
         for node in gm.graph.nodes:
             self._visit(node)
-        self._freeze_params_at_barriers()
+        self._freeze_params_read_elsewhere()
         self.groups: list[Group] = []
         self.class_index: dict[int, tuple[int, int]] = {}
         self._elem_group: np.ndarray | None = None
@@ -199,73 +184,212 @@ class Analysis:
     # ---- graph walk -------------------------------------------------------------------------------------
     def _visit(self, node: Node):
         if node.op == "placeholder" or node.op == "get_attr":
-            self.cmaps[node] = None  # model inputs and raw parameters carry no tracked channels
+            self._set(node, None)  # model inputs and raw parameters carry no tracked channels
         elif node.op == "output":
             for arg in _flat_nodes(node.args):
-                for cm in _flat_cmaps(self.cmaps.get(arg)):
+                for cm in _flat_cmaps(self.channel_map(arg)):
                     self.uf.freeze(cm.ids, "reaches the model output (its width is part of the interface)")
         elif node.op == "call_function":
-            rule = rule_for(node.target)
-            if rule == "ignore":
-                self.cmaps[node] = None
-            elif rule is None:
-                self.barrier(node, barrier_reason(node.target))
+            h = ops.handler(node.target)
+            if h.rule is None:
+                self._set(node, self.barrier(node, ops.barrier_reason(node.target)))
             else:
-                self.cmaps[node] = self._rules[rule](self, node)
+                self._set(node, h.rule(self, node))
         else:  # call_module (guards) / call_method: nothing tracked flows through
+            self._set(node, None)
             if isinstance(node.meta.get("val"), torch.Tensor):
                 self.barrier(node, f"{node.op} {node.target} is opaque to the analysis")
-            else:
-                self.cmaps[node] = None
 
-    # ---- helpers the rules use ----------------------------------------------------------------------------
+    def _set(self, node: Node, cm):
+        node.meta[META_KEY] = (self.token, cm)
+
+    # ---- channel maps (kept in node.meta, so copies of the graph carry them) ------------------------------
+    def channel_map(self, node):
+        """What the analysis found for a node: a CMap, a list of them (multi-output ops) or None."""
+        entry = node.meta.get(META_KEY) if isinstance(node, Node) else None
+        if entry is None:
+            return None
+        token, cm = entry
+        if token != self.token:
+            raise RewriteError(f"node '{node.name}' carries the channel maps of another analysis of this graph "
+                               "(it was analysed again); use the plan of the newest analysis")
+        return cm
+
     def cmap(self, arg) -> CMap | None:
-        cm = self.cmaps.get(arg) if isinstance(arg, Node) else None
+        cm = self.channel_map(arg)
         return cm if isinstance(cm, CMap) else None
 
+    @property
+    def cmaps(self) -> dict[Node, object]:
+        """{node: channel map} for every node of the analysed graph."""
+        return {n: self.channel_map(n) for n in self.gm.graph.nodes}
+
+    # ---- helpers the rules use ----------------------------------------------------------------------------
+    def handler(self, node: Node) -> ops.OpHandler:
+        return ops.handler(node.target)
+
+    def data_input(self, node: Node) -> Node:
+        """The argument a consumer node reads its input channels from (addmm: its second)."""
+        return node.args[ops.handler(node.target).data_arg]
+
+    def where_text(self, node: Node, why: str) -> str:
+        return f"{why} ({_where(node)})"
+
     def barrier(self, node: Node, why: str) -> None:
-        why = f"{why} ({_where(node)})"
+        """Freeze every tracked channel among the node's inputs, and record why. Returns None (no channels)."""
+        why = self.where_text(node, why)
         for arg in _flat_nodes(node.args) + _flat_nodes(node.kwargs):
-            for cm in _flat_cmaps(self.cmaps.get(arg)):
+            for cm in _flat_cmaps(self.channel_map(arg)):
                 self.uf.freeze(cm.ids, why)
         self.barrier_nodes.append(node)
-        self.cmaps[node] = None
+        self.barriers.append(Barrier(node.name, node_module_path(node), why))
+        return None
 
     def param_fqn(self, arg) -> str | None:
-        return arg.target if isinstance(arg, Node) and arg.op == "get_attr" else None
+        """The canonical name of a parameter/buffer node (tied weights: the first name it has)."""
+        if isinstance(arg, Node) and arg.op == "get_attr":
+            return self._canonical.get(arg.target, arg.target)
+        return None
+
+    def canonical(self, name: str) -> str:
+        """The canonical name of a parameter or buffer known by ``name`` (one of its tied names)."""
+        return self._canonical.get(name, name)
+
+    def fqn_text(self, fqn: str) -> str:
+        others = [a for a in self.aliases.get(fqn, [fqn]) if a != fqn]
+        return fqn + (f" (also {', '.join(others)})" if others else "")
+
+    def param_view(self, arg) -> tuple[str, list[int]] | None:
+        """(parameter name, parameter dim per dim of arg) when ``arg`` is a parameter or a layout-only view of
+        one (t, transpose, permute, detach, clone, a dtype cast): its dims can be sliced on the parameter."""
+        if not isinstance(arg, Node):
+            return None
+        if arg.op == "get_attr":
+            shape = shape_of(arg)
+            return (self.param_fqn(arg), list(range(len(shape)))) if shape is not None else None
+        if arg.op != "call_function" or ops.handler(arg.target).family not in ("identity", "cast", "permute"):
+            return None
+        inner = self.param_view(arg.args[0])
+        if inner is None:
+            return None
+        fqn, dims = inner
+        name, rank = op_name(arg.target), len(dims)
+        if name == "aten.permute":
+            dims = [dims[d % rank] for d in arg.args[1]]
+        elif name == "aten.transpose" or (name == "aten.t" and rank == 2):
+            d0, d1 = (arg.args[1] % rank, arg.args[2] % rank) if name == "aten.transpose" else (0, 1)
+            dims = list(dims)
+            dims[d0], dims[d1] = dims[d1], dims[d0]
+        return fqn, dims
+
+    def params_feeding(self, node) -> list[str]:
+        """The parameters (canonical names) a computed tensor is computed from, in graph order."""
+        seen, todo, out = set(), [node] if isinstance(node, Node) else [], []
+        while todo:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n.op == "get_attr":
+                out.append(self.param_fqn(n))
+            todo.extend(n.all_input_nodes)
+        order = {n.target: i for i, n in enumerate(self.gm.graph.nodes) if n.op == "get_attr"}
+        return sorted(set(out), key=lambda f: order.get(f, len(order)))
+
+    def is_weight(self, arg) -> bool:
+        return self.param_view(arg) is not None
 
     def slot(self, node: Node, arg, dim: int, role: str, cm: CMap | None, foldable: bool = True):
         """Record that parameter ``arg``'s dim ``dim`` carries channels ``cm`` (a fresh map if cm is None).
-        A parameter used twice (shared weights) unites the channels of both uses. Returns the slot's CMap."""
-        fqn = self.param_fqn(arg)
-        if fqn is None:
+        A parameter used twice (shared or tied weights) unites the channels of both uses. Returns the slot's
+        CMap; ``cm`` unchanged when ``arg`` is not a parameter."""
+        view = self.param_view(arg)
+        if view is None:
             return cm
+        fqn, dims = view
         users = self.param_users.setdefault(fqn, [])
         if node not in users:
             users.append(node)
         size = shape_of(arg)[dim]
-        key = (fqn, dim)
+        key = (fqn, dims[dim])
+        readers = self.slot_users.setdefault(key, [])
+        if node not in readers:
+            readers.append(node)
         if key in self.slots:
             s = self.slots[key]
-            if cm is not None and len(cm.ids) == len(s.ids) and np.array_equal(cm.tags, s.tags):
+            if (s.role in _CONSUMER_ROLES) != (role in _CONSUMER_ROLES) or {s.role, role} == set(_CONSUMER_ROLES):
+                why = (f"parameter {self.fqn_text(fqn)} is read as '{s.role}' channels by node '{s.node}' and as "
+                       f"'{role}' channels by {_where(node)}")
+                self.uf.freeze(np.concatenate([s.ids] + ([cm.ids] if cm is not None else [])), why)
+            elif cm is not None and len(cm.ids) == len(s.ids) and np.array_equal(cm.tags, s.tags):
                 self.uf.union(s.ids, cm.ids)
             elif cm is not None:
-                self.uf.freeze(np.concatenate([s.ids, cm.ids]), f"parameter {fqn} is shared by uses that disagree")
+                self.uf.freeze(np.concatenate([s.ids, cm.ids]),
+                               f"parameter {self.fqn_text(fqn)} is shared by uses that disagree")
             s.foldable = s.foldable and foldable
             return CMap(0, s.ids, s.tags)
         if cm is None:
             cm = CMap(0, self.uf.fresh(size), np.zeros(size, dtype=np.int64))
-        self.slots[key] = Slot(fqn, dim, role, cm.ids, cm.tags, node.name, foldable)
+        self.slots[key] = Slot(fqn, dims[dim], role, cm.ids, cm.tags, node.name, foldable)
         return cm
 
-    def _freeze_params_at_barriers(self):
-        # A parameter that a barrier also reads cannot be sliced without breaking that op.
-        for node in self.barrier_nodes:
-            for arg in _flat_nodes(node.args):
-                fqn = self.param_fqn(arg)
-                for (f, _), s in self.slots.items():
-                    if f == fqn:
-                        self.uf.freeze(s.ids, f"parameter {fqn} is also read by {_where(node)}")
+    def member(self, node: Node, arg, dim: int, cm: CMap, what: str):
+        """A per-channel argument (bias, norm weight, running statistics) that must follow channels ``cm``:
+        a parameter becomes a 'member' slot; a tensor computed in forward freezes the channels."""
+        if cm is None or not isinstance(arg, Node):
+            return cm
+        if self.is_weight(arg):
+            return self.slot(node, arg, dim, "member", cm)
+        why = self.where_text(node, f"the {what} of {op_name(node.target)} is computed in forward (node "
+                                    f"'{arg.name}'); fxprune slices only parameters an op reads directly")
+        self.uf.freeze(cm.ids, why)
+        other = self.cmap(arg)
+        if other is not None:
+            self.uf.freeze(other.ids, why)
+        self.barriers.append(Barrier(node.name, node_module_path(node), why))
+        return cm
+
+    def _freeze_params_read_elsewhere(self):
+        """A parameter with channel slots that some other op also reads (a barrier, a weight computation, a
+        use on another dim) cannot be sliced without breaking that op: freeze its slots."""
+        by_fqn: dict[str, list[Slot]] = {}
+        for (f, _), s in self.slots.items():
+            by_fqn.setdefault(f, []).append(s)
+        for node in self.gm.graph.nodes:
+            fqn = self.param_fqn(node)
+            if fqn not in by_fqn:
+                continue
+            for user in self._readers(node):
+                if user in self.param_users.get(fqn, ()) or ops.handler(user.target).family == "ignore":
+                    continue
+                for s in by_fqn[fqn]:
+                    self.uf.freeze(s.ids, f"parameter {self.fqn_text(fqn)} is also read by {_where(user)}")
+
+    def _readers(self, node: Node):
+        """The ops that read a parameter node, looking through layout-only views of it."""
+        for user in node.users:
+            if user.op == "call_function" and user.args and user.args[0] is node and self.param_view(user) \
+                    is not None:
+                yield from self._readers(user)
+            else:
+                yield user
+
+    def tensor(self, fqn: str) -> torch.Tensor:
+        """The analysed graph's parameter or buffer by (any of its) names."""
+        obj = self.gm
+        for part in fqn.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def describe(self) -> str:
+        """Every group (what it couples, or why it is frozen) and every barrier op with its node and module."""
+        n_free = sum(g.prunable for g in self.groups)
+        lines = [f"{len(self.groups)} channel groups: {n_free} prunable, {len(self.groups) - n_free} frozen"]
+        lines += [g.describe() for g in self.groups]
+        if self.barriers:
+            lines.append(f"barriers: {len(self.barriers)} op(s) freeze the channels that reach them")
+            lines += [f"  {b.reason}" for b in self.barriers]
+        return "\n".join(lines)
 
     # ---- groups -------------------------------------------------------------------------------------------
     def _build_groups(self):
@@ -302,11 +426,14 @@ class Analysis:
                 g = self.groups[gid]
                 {"out": g.producers, "member": g.members, "in": g.consumers, "grouped_in": g.consumers}[s.role].append(s.fqn)
                 if s.role == "out":
-                    mod = s.fqn.rsplit(".", 1)[0]
-                    if mod not in g.modules:
-                        g.modules.append(mod)
+                    for name in self.aliases.get(s.fqn, [s.fqn]):
+                        mod = name.rsplit(".", 1)[0]
+                        if mod not in g.modules:
+                            g.modules.append(mod)
+        nodes = {n.name: n for n in self.gm.graph.nodes}
         for g in self.groups:
             self._find_sources(g)
+            self._whole_sources(g, nodes)
         for ids, blocks, where in self.block_constraints:
             self._apply_blocks(ids, blocks, where)
 
@@ -352,7 +479,8 @@ class Analysis:
             mine = gid == g.gid
             if not mine.any():
                 continue
-            srcs = sorted({self.source(user.args[0], g.gid) for user in self.param_users.get(s.fqn, [])})
+            srcs = sorted({self.source(self.data_input(user), g.gid)
+                           for user in self.slot_users.get((s.fqn, s.dim), [])})
             why = None
             if not s.foldable:
                 why = f"consumer {s.fqn} is not a plain linear map of its input"
@@ -367,21 +495,61 @@ class Analysis:
                 src.why = src.why or why
             self.slot_source[(s.fqn, s.dim, g.gid)] = srcs[0]
 
+    def _whole_sources(self, g: Group, nodes: dict[str, Node]):
+        """A source that holds only part of the group (consumers that read a chunk, a split or a slice of it)
+        moves to the nearest tensor upstream that holds the whole group, so every group has a tensor whose
+        channels a method can measure (ID's Z: the ShuffleNet unit's pooled output, not its two halves). Its
+        consumers take a selection either way; a foldable source already there is left alone."""
+        for name in list(g.sources):
+            node = nodes[name]
+            if self.carries_whole(node, g.gid):
+                continue
+            whole = node
+            while whole is not None and not self.carries_whole(whole, g.gid):
+                whole = self._upstream(whole, g.gid)
+            if whole is None:
+                continue
+            target = self.source(whole, g.gid)
+            if target in g.sources and g.sources[target].foldable:
+                continue
+            moved = g.sources.pop(name)
+            src = g.sources.setdefault(target, Source(target))
+            src.consumers += [c for c in moved.consumers if c not in src.consumers]
+            src.why = src.why or moved.why or "its consumers read parts of the group"
+            for key, v in self.slot_source.items():
+                if key[2] == g.gid and v == name:
+                    self.slot_source[key] = target
+
+    def _upstream(self, node: Node, gid: int) -> Node | None:
+        """The tensor a piece of a split/slice/getitem (or an op T commutes through) was taken from."""
+        if node.op != "call_function":
+            return None
+        h = ops.handler(node.target)
+        if h.family in ("getitem", "split", "slice"):
+            return node.args[0] if isinstance(node.args[0], Node) else None
+        nxt = h.through(self, node, gid)
+        return nxt if isinstance(nxt, Node) else None
+
+    def carries_whole(self, node: Node, gid: int) -> bool:
+        """Whether a node's tensor holds every channel of group ``gid`` (a method can measure the group there)."""
+        cm = self.cmap(node)
+        if cm is None:
+            return False
+        g, idx = self.positions(cm)
+        return len(set(idx[g == gid].tolist())) == self.groups[gid].width
+
     def source(self, node: Node, gid: int) -> str:
+        """The tensor a consumer's input really is for group ``gid``: walk back through ops that commute with a
+        channel-linear map (averages, reshapes, zero pads, a cat where one input carries the group)."""
         while node.op == "call_function":
-            name = op_name(node.target)
-            if name == "aten.cat":
-                carriers = {a for a in node.args[0] if self._carries(a, gid)}
-                if len(carriers) != 1:
-                    break
-                node = carriers.pop()
-            elif name in COMMUTING or _zero_pad(node):
-                node = node.args[0]
-            else:
+            nxt = ops.handler(node.target).through(self, node, gid)
+            if not isinstance(nxt, Node):
                 break
+            node = nxt
         return node.name
 
-    def _carries(self, node, gid: int) -> bool:
+    def carries(self, node, gid: int) -> bool:
+        """Whether a node's tensor holds channels of group ``gid``."""
         cm = self.cmap(node)
         return cm is not None and bool((self.positions(cm)[0] == gid).any())
 
@@ -392,17 +560,6 @@ def _finer(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
     fine, coarse = (a, b) if a.max() >= b.max() else (b, a)
     nested = all(len(set(coarse[fine == k].tolist())) == 1 for k in range(int(fine.max()) + 1))
     return fine if nested else None
-
-
-def _zero_pad(node: Node) -> bool:
-    name = op_name(node.target)
-    if name == "aten.constant_pad_nd":
-        return (node.args[2] if len(node.args) > 2 else 0) == 0
-    if name == "aten.pad":
-        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
-        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
-        return mode == "constant" and not value
-    return False
 
 
 def _flat_nodes(args) -> list[Node]:
@@ -419,10 +576,19 @@ def _flat_cmaps(cm) -> list[CMap]:
     return []
 
 
+def _aliases(gm: GraphModule) -> dict[str, list[str]]:
+    """Canonical name -> every name of the same parameter or buffer object (two modules sharing one tensor).
+    The canonical name is the one named_parameters()/named_buffers() report."""
+    out: dict[str, list[str]] = {}
+    first: dict[int, str] = {}
+    named = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
+    for name, t in named:
+        canon = first.setdefault(id(t), name)
+        out.setdefault(canon, []).append(name)
+    return out
+
+
 def analyze(gm: GraphModule) -> Analysis:
     """Run the channel analysis on a captured GraphModule."""
     return Analysis(gm)
 
-
-def prod(xs) -> int:
-    return math.prod(xs) if xs else 1

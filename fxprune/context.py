@@ -59,14 +59,13 @@ class PruneContext:
 
     def producer_rows(self, gid: int):
         """Yield (weight tensor with channels in dim 0, group index per row) for every producer of a group."""
-        params = dict(self.analysis.gm.named_parameters())
         for s in self.analysis.slots.values():
             if s.role != "out":
                 continue
             g, idx = self.analysis.positions(s)
             mine = g == gid
             if mine.any():
-                w = params[s.fqn].detach().movedim(s.dim, 0)[torch.as_tensor(np.flatnonzero(mine))]
+                w = self.analysis.tensor(s.fqn).detach().movedim(s.dim, 0)[torch.as_tensor(np.flatnonzero(mine))]
                 yield w, idx[mine]
 
     def widths(self, scores: dict[int, np.ndarray] | None = None) -> dict[int, int]:

@@ -1,104 +1,220 @@
-"""The op table: how channel indices flow through each ATen op. Data only; the rules live in analysis.py.
+"""The op handlers: everything fxprune knows about one ATen op (or a family of them), in one place.
 
-Each entry maps an ATen op (its packet name, or one overload where overloads differ) to a rule:
+An ``OpHandler`` says, for the ops it is registered under in ``HANDLERS``:
 
-    "pass"       output channels are the input's channels (element-wise ops, dropout, norms per channel)
-    "pool"       like "pass", but only when channels sit in dim 1 (N, C, *spatial) and spatial dims are pooled
-    "join"       element-wise with broadcasting: inputs that span the channel dim are the SAME channels
-    "conv"       convolution: output channels are new (a producer), input channels are consumed
-    "linear"     x @ W^T + b over the last dim: a producer of the last dim, a consumer of the input's last dim
-    "batch_norm" per-channel parameters and running statistics follow the input's channels
-    "reduce"     mean/sum/amax over some dims: fine unless the channel dim itself is reduced
-    "reshape"    view/reshape/flatten/squeeze/unsqueeze: the channel dim moves, or merges with trailing dims
-    "permute"    permute/transpose: the channel dim moves
-    "cat"        concatenation: along the channel dim channel maps are concatenated, else joined
-    "split"      split/chunk: along the channel dim each piece gets a slice of the channel map
-    "slice"      slice/narrow: along the channel dim a slice of the channel map
-    "pad"        constant padding of trailing (spatial) dims
-    "getitem"    picks one output of a multi-output op
-    "ignore"     no tensor flows (assertions, shape queries)
+    rule            how channel indices flow from inputs to outputs (a function in rules.py, called as
+                    rule(analysis, node); it returns the node's channel map, a list of them for multi-output
+                    ops, or None when no tracked channel flows out). None: the op is a barrier.
+    barrier         why a known barrier freezes the channels that reach it ("normalizes across channels")
+    commutes        whether a channel-linear map Z -> Z[:, keep] @ T passes through the op unchanged, so the
+                    consumers after it may read the reconstruction of the tensor BEFORE it (True for the op's
+                    first argument, or a function (analysis, node, group id) -> the input node, or None)
+    dtype_only_args positions of tensor arguments that only lend a dtype (type_as(x, other))
+    data_arg        the argument a consumer reads its input channels from (addmm(bias, x, W): 1); the hooked
+                    reference replaces that argument by its reconstruction
+    fix_shape       fix_shape(plan, node): rewrites the node's shape constants in the slim graph (view sizes,
+                    split sizes, slice bounds, depthwise groups); functions in shapes.py
+    fix_module      fix_module(plan, node, module): updates width attributes of the module that issued the node
+                    when no tensor of that module shows the new width (InstanceNorm2d(affine=False).num_features)
+    has_flops       the cost model prices it (FlopCounterMode on meta tensors) and scales it by the kept
+                    fraction of its input and output channels
+    bn_stat_args    (running_mean, running_var) argument positions of a BatchNorm whose statistics can be
+                    re-estimated after pruning
 
-Any op NOT in this table is a barrier: the channels that reach it are frozen and the report names the op.
-Adding an op is one line here plus a test in tests/test_ops.py.
+Any op without a handler is a barrier: the channels that reach it are frozen and the report names the op, the
+node and the module — never guessed.
+
+Adding an op: one entry in ``HANDLERS`` (reuse a family handler, or build one with the fields it needs) and a
+test in tests/test_ops.py. For example, hard-shrink is element-wise, so::
+
+    "aten.hardshrink": ELEMENTWISE,
+
+and a new op that is linear per channel (it commutes with T) and keeps the channel dim::
+
+    "aten.my_blur": OpHandler("pool", rules.pool, commutes=True),
+
+The test builds a tiny module using the op, captures and analyses it, and checks the groups by hand (producers,
+consumers, what is frozen and why); tests/test_rewrite.py checks a pruned model against a float64 reference.
 """
 
-RULES = {
-    # element-wise, one tensor in, same channels out
-    **{op: "pass" for op in (
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+from . import rules, shapes
+from .cmap import op_name
+
+
+@dataclass(frozen=True)
+class OpHandler:
+    """What fxprune knows about one op family (see the module docstring for each field)."""
+    family: str
+    rule: Callable | None = None
+    barrier: str | None = None
+    commutes: bool | Callable = False
+    dtype_only_args: tuple[int, ...] = ()
+    data_arg: int = 0
+    fix_shape: Callable | None = None
+    fix_module: Callable | None = None
+    has_flops: bool = False
+    bn_stat_args: tuple[int, int] | None = None
+
+    def through(self, an, node, gid: int):
+        """The input node a consumer's reconstruction may be taken at instead of this node's output (T commutes
+        through the op), or None."""
+        if self.commutes is True:
+            return node.args[0]
+        if callable(self.commutes):
+            return self.commutes(an, node, gid)
+        return None
+
+
+def _zero_pad_input(an, node, gid):
+    """Padding with zeros commutes with a channel-linear map (the pad of Z[:, keep] @ T is the pad of Z ...)."""
+    name = op_name(node.target)
+    if name == "aten.constant_pad_nd":
+        value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
+        return node.args[0] if value == 0 else None
+    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+    value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
+    return node.args[0] if mode == "constant" and not value else None
+
+
+def _single_carrier(an, node, gid):
+    """A concatenation commutes for a group when exactly one of its inputs carries that group's channels."""
+    carriers = {a for a in node.args[0] if an.carries(a, gid)}
+    return carriers.pop() if len(carriers) == 1 else None
+
+
+# ---- the families ---------------------------------------------------------------------------------------------
+ELEMENTWISE = OpHandler("elementwise", rules.passthrough)                  # nonlinear per element: Z after it
+IDENTITY = OpHandler("identity", rules.passthrough, commutes=True)          # copies, dropout at eval
+CAST = OpHandler("cast", rules.passthrough, dtype_only_args=(1,))          # .to(other) / type_as(other)
+MAX_POOL = OpHandler("pool", rules.pool)
+LINEAR_POOL = OpHandler("pool", rules.pool, commutes=True)                 # averages, upsampling: linear
+JOIN = OpHandler("join", rules.join)
+CONV = OpHandler("conv", functools.partial(rules.conv, transposed=False), fix_shape=shapes.fix_conv_groups,
+                 has_flops=True)
+CONV_TRANSPOSE = OpHandler("conv", functools.partial(rules.conv, transposed=True),
+                           fix_shape=shapes.fix_conv_groups, has_flops=True)
+CONVOLUTION = OpHandler("conv", functools.partial(rules.conv, transposed=None), fix_shape=shapes.fix_conv_groups,
+                        has_flops=True)                                     # aten.convolution: flags in its args
+LINEAR = OpHandler("linear", rules.linear, has_flops=True)
+MATMUL = OpHandler("matmul", functools.partial(rules.matmul, data=0, weight=1), has_flops=True)
+ADDMM = OpHandler("matmul", functools.partial(rules.matmul, data=1, weight=2, bias=0), data_arg=1,
+                  has_flops=True)
+BATCH_NORM = OpHandler("batch_norm", rules.batch_norm, fix_module=shapes.fix_norm_module, bn_stat_args=(3, 4))
+INSTANCE_NORM = OpHandler("batch_norm", rules.batch_norm, fix_module=shapes.fix_norm_module)  # statistics per sample
+LINEAR_REDUCE = OpHandler("reduce", rules.reduce, commutes=True)
+REDUCE = OpHandler("reduce", rules.reduce)
+VIEW = OpHandler("reshape", rules.reshape, commutes=True, fix_shape=shapes.fix_view)
+RESHAPE = OpHandler("reshape", rules.reshape, commutes=True)               # flatten/squeeze: no sizes to fix
+PERMUTE = OpHandler("permute", rules.permute, commutes=True)
+CAT = OpHandler("cat", rules.cat, commutes=_single_carrier)
+SPLIT = OpHandler("split", rules.split, fix_shape=shapes.fix_split)
+SLICE = OpHandler("slice", rules.slice_, fix_shape=shapes.fix_slice)
+PAD = OpHandler("pad", rules.pad, commutes=_zero_pad_input)
+GETITEM = OpHandler("getitem", rules.getitem)
+IGNORE = OpHandler("ignore", rules.nothing)                                 # no tensor flows (asserts, sizes)
+
+
+def _barrier(why: str, has_flops: bool = False) -> OpHandler:
+    return OpHandler("barrier", barrier=why, has_flops=has_flops)
+
+
+HANDLERS: dict[str, OpHandler] = {
+    **dict.fromkeys((
         "aten.relu", "aten.relu_", "aten.relu6", "aten.gelu", "aten.silu", "aten.silu_", "aten.sigmoid",
         "aten.tanh", "aten.hardtanh", "aten.hardtanh_", "aten.hardswish", "aten.hardswish_",
         "aten.hardsigmoid", "aten.leaky_relu", "aten.leaky_relu_", "aten.elu", "aten.mish", "aten.softplus",
+        "aten.neg", "aten.abs", "aten.exp", "aten.sqrt", "aten.rsqrt", "aten.clamp", "aten.clamp_min",
+        "aten.clamp_max", "aten.square", "aten.reciprocal", "aten.log", "aten.erf", "aten.pow", "aten.hardshrink",
+    ), ELEMENTWISE),
+    **dict.fromkeys((
         "aten.dropout", "aten.dropout_", "aten.feature_dropout", "aten.alpha_dropout", "aten.clone",
-        "aten.contiguous", "aten.alias", "aten.detach", "aten.lift_fresh_copy", "aten._to_copy", "aten.to",
-        "aten.type_as", "aten.neg", "aten.abs", "aten.exp", "aten.sqrt", "aten.rsqrt", "aten.clamp",
-        "aten.clamp_min", "aten.clamp_max", "aten.square", "aten.reciprocal", "aten.log", "aten.erf",
-        "aten.pow", "aten.identity",
-    )},
-    # spatial ops on (N, C, *spatial)
-    **{op: "pool" for op in (
-        "aten.max_pool1d", "aten.max_pool2d", "aten.max_pool3d", "aten.avg_pool1d", "aten.avg_pool2d",
-        "aten.avg_pool3d", "aten.adaptive_avg_pool1d", "aten.adaptive_avg_pool2d", "aten._adaptive_avg_pool2d",
-        "aten.adaptive_avg_pool3d", "aten.adaptive_max_pool1d", "aten.adaptive_max_pool2d",
-        "aten.max_pool2d_with_indices", "aten.upsample_nearest1d", "aten.upsample_nearest2d",
-        "aten.upsample_bilinear2d", "aten.upsample_bicubic2d",
-    )},
-    **{op: "join" for op in (
+        "aten.contiguous", "aten.alias", "aten.detach", "aten.lift_fresh_copy", "aten.identity",
+    ), IDENTITY),
+    **dict.fromkeys(("aten._to_copy", "aten.to", "aten.type_as"), CAST),
+    **dict.fromkeys((
+        "aten.max_pool1d", "aten.max_pool2d", "aten.max_pool3d", "aten.adaptive_max_pool1d",
+        "aten.adaptive_max_pool2d", "aten.max_pool2d_with_indices",
+    ), MAX_POOL),
+    **dict.fromkeys((
+        "aten.avg_pool1d", "aten.avg_pool2d", "aten.avg_pool3d", "aten.adaptive_avg_pool1d",
+        "aten.adaptive_avg_pool2d", "aten._adaptive_avg_pool2d", "aten.adaptive_avg_pool3d",
+        "aten.upsample_nearest1d", "aten.upsample_nearest2d", "aten.upsample_bilinear2d", "aten.upsample_bicubic2d",
+    ), LINEAR_POOL),
+    **dict.fromkeys((
         "aten.add", "aten.add_", "aten.sub", "aten.sub_", "aten.mul", "aten.mul_", "aten.div", "aten.div_",
         "aten.maximum", "aten.minimum", "aten.where",
-    )},
-    **{op: "conv" for op in ("aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.convolution")},
-    "aten.linear": "linear",
-    **{op: "batch_norm" for op in (
-        "aten.batch_norm", "aten._native_batch_norm_legit_no_training", "aten.native_batch_norm",
-        "aten.instance_norm",
-    )},
-    **{op: "reduce" for op in ("aten.mean", "aten.sum", "aten.amax", "aten.amin")},
-    **{op: "reshape" for op in (
-        "aten.view", "aten.reshape", "aten._unsafe_view", "aten.flatten", "aten.squeeze", "aten.unsqueeze",
-    )},
-    **{op: "permute" for op in ("aten.permute", "aten.transpose", "aten.t")},
-    "aten.cat": "cat",
-    **{op: "split" for op in ("aten.split", "aten.split_with_sizes", "aten.chunk", "aten.tensor_split")},
-    **{op: "slice" for op in ("aten.slice", "aten.narrow")},
-    "aten.constant_pad_nd": "pad",
-    "aten.pad": "pad",
-    "_operator.getitem": "getitem",
-    **{op: "ignore" for op in (
+    ), JOIN),
+    **dict.fromkeys(("aten.conv1d", "aten.conv2d", "aten.conv3d"), CONV),
+    **dict.fromkeys(("aten.conv_transpose1d", "aten.conv_transpose2d", "aten.conv_transpose3d"), CONV_TRANSPOSE),
+    "aten.convolution": CONVOLUTION,
+    "aten.linear": LINEAR,
+    **dict.fromkeys(("aten.mm", "aten.matmul"), MATMUL),
+    "aten.addmm": ADDMM,
+    **dict.fromkeys(("aten.batch_norm", "aten._native_batch_norm_legit_no_training", "aten.native_batch_norm"),
+                    BATCH_NORM),
+    "aten.instance_norm": INSTANCE_NORM,
+    **dict.fromkeys(("aten.mean", "aten.sum"), LINEAR_REDUCE),
+    **dict.fromkeys(("aten.amax", "aten.amin"), REDUCE),
+    **dict.fromkeys(("aten.view", "aten.reshape", "aten._unsafe_view"), VIEW),
+    **dict.fromkeys(("aten.flatten", "aten.squeeze", "aten.unsqueeze"), RESHAPE),
+    **dict.fromkeys(("aten.permute", "aten.transpose", "aten.t"), PERMUTE),
+    **dict.fromkeys(("aten.cat", "aten.concat", "aten.concatenate"), CAT),
+    **dict.fromkeys(("aten.split", "aten.split_with_sizes", "aten.chunk", "aten.tensor_split"), SPLIT),
+    **dict.fromkeys(("aten.slice", "aten.narrow"), SLICE),
+    **dict.fromkeys(("aten.constant_pad_nd", "aten.pad"), PAD),
+    "_operator.getitem": GETITEM,
+    **dict.fromkeys((
         "aten._assert_tensor_metadata", "aten._assert_scalar", "aten.sym_size", "aten.sym_numel",
         "aten.sym_stride", "aten.sym_constrain_range_for_size", "aten._assert_async",
         "_operator.mul", "_operator.add", "_operator.sub", "_operator.floordiv", "_operator.eq",
-    )},
+    ), IGNORE),
+    # known barriers: the reason goes into the report
+    **dict.fromkeys(("aten.layer_norm", "aten.native_layer_norm"),
+                    _barrier("normalizes across channels (LayerNorm statistics mix them)")),
+    "aten.group_norm": _barrier("normalizes across channels within groups"),
+    **dict.fromkeys(("aten.softmax", "aten._softmax"), _barrier("mixes the entries of the dim it normalizes")),
+    **dict.fromkeys(("aten.bmm", "aten.baddbmm"), _barrier("is a batched matrix product", has_flops=True)),
+    "aten.einsum": _barrier("is an einsum (a product over named dims)", has_flops=True),
+    "aten.scaled_dot_product_attention": _barrier("is attention (heads couple channels)", has_flops=True),
+    "aten.embedding": _barrier("looks up rows of its weight by index"),
+    "aten.index_select": _barrier("reorders channels by data"),
+    "aten.select": _barrier("removes a dim by picking one index"),
+    "aten.sort": _barrier("reorders by value"),
 }
 
-# Barriers we know: why each freezes the channels that reach it (anything else: "not in fxprune's op table").
-MIXING = {
-    "aten.layer_norm": "normalizes across channels (LayerNorm statistics mix them)",
-    "aten.group_norm": "normalizes across channels within groups",
-    "aten.native_layer_norm": "normalizes across channels (LayerNorm statistics mix them)",
-    "aten.softmax": "mixes the entries of the dim it normalizes",
-    "aten._softmax": "mixes the entries of the dim it normalizes",
-    "aten.matmul": "is a matrix product with a non-parameter operand",
-    "aten.bmm": "is a batched matrix product",
-    "aten.mm": "is a matrix product with a non-parameter operand",
-    "aten.scaled_dot_product_attention": "is attention (heads couple channels)",
-    "aten.index_select": "reorders channels by data",
-    "aten.select": "removes a dim by picking one index",
-    "aten.sort": "reorders by value",
-}
+UNKNOWN = _barrier("is not in fxprune's op table")
 
 
-def op_name(target) -> str:
-    """'aten.relu' for torch.ops.aten.relu.default; '_operator.getitem' for operator.getitem."""
-    if hasattr(target, "overloadpacket"):
-        return f"aten.{target.overloadpacket.__name__}" if target.namespace == "aten" else str(target)
-    return f"{getattr(target, '__module__', '')}.{getattr(target, '__name__', str(target))}"
+def handler(target) -> OpHandler:
+    """The handler of a call_function target (UNKNOWN, a barrier, for ops fxprune does not know)."""
+    return HANDLERS.get(op_name(target), UNKNOWN)
+
+
+def node_handler(node) -> OpHandler | None:
+    """The handler of a graph node, or None for nodes that are not op calls (placeholders, get_attr, output)."""
+    return handler(node.target) if node.op == "call_function" else None
 
 
 def barrier_reason(target) -> str:
     name = op_name(target)
-    return f"{name} {MIXING[name]}" if name in MIXING else f"op {name} is not in fxprune's op table"
+    h = HANDLERS.get(name)
+    if h is not None and h.barrier:
+        return f"{name} {h.barrier}"
+    return f"op {name} {UNKNOWN.barrier}"
 
 
-def rule_for(target) -> str | None:
-    """The rule name for a call_function target, or None for a barrier."""
-    return RULES.get(op_name(target))
+def bn_stat_args(node) -> tuple[int, int] | None:
+    """(running_mean, running_var) argument positions when ``node`` is a BatchNorm with running statistics
+    that are parameters of the model, else None."""
+    h = node_handler(node)
+    if h is None or h.bn_stat_args is None:
+        return None
+    if any(len(node.args) <= i or getattr(node.args[i], "op", None) != "get_attr" for i in h.bn_stat_args):
+        return None
+    return h.bn_stat_args

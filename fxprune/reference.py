@@ -16,12 +16,14 @@ import numpy as np
 import torch
 from torch.fx import GraphModule, Interpreter
 
+from .ops import handler
 from .rewrite import Plan, segments
 
 
 def consumer_hooks(plan: Plan) -> dict[str, list]:
     """node name -> [(slot, group per position, index per position, channel dim of the node's input)] for every
-    consumer node that reads a decided group."""
+    consumer node that reads a decided group. The input is the node's data argument (``data_arg``: its first,
+    addmm's second); ``hooked_args`` replaces it."""
     an = plan.an
     hooks: dict[str, list] = {}
     for s in an.slots.values():
@@ -30,8 +32,8 @@ def consumer_hooks(plan: Plan) -> dict[str, list]:
         gid, idx = an.positions(s)
         if not np.isin(gid, list(plan.decisions)).any():
             continue
-        for user in an.param_users[s.fqn]:
-            dim = an.cmap(user.args[0]).dim  # where the consumer's input carries the channels
+        for user in an.slot_users[(s.fqn, s.dim)]:
+            dim = an.cmap(an.data_input(user)).dim  # where the consumer's input carries the channels
             hooks.setdefault(user.name, []).append((s, gid, idx, dim))
     return hooks
 
@@ -55,6 +57,16 @@ def reconstruct(plan: Plan, x: torch.Tensor, s, gid: np.ndarray, idx: np.ndarray
     return out
 
 
+def hooked_args(plan: Plan, node, entries: list, args: tuple) -> tuple:
+    """A consumer node's arguments with its data argument replaced by the reconstruction (``entries``: the
+    node's list from consumer_hooks)."""
+    i = handler(node.target).data_arg
+    x = args[i]
+    for s, gid, idx, dim in entries:
+        x = reconstruct(plan, x, s, gid, idx, dim)
+    return (*args[:i], x, *args[i + 1:])
+
+
 class HookedInterpreter(Interpreter):
     """Runs the original graph with every consumer reading its reconstruction. ``capture`` names nodes whose
     outputs are kept in ``captured``."""
@@ -69,10 +81,7 @@ class HookedInterpreter(Interpreter):
     def run_node(self, n):
         if n.name in self.hooks:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
-            x = args[0]
-            for s, gid, idx, dim in self.hooks[n.name]:
-                x = reconstruct(self.plan, x, s, gid, idx, dim)
-            out = getattr(self, n.op)(n.target, (x, *args[1:]), kwargs)
+            out = getattr(self, n.op)(n.target, hooked_args(self.plan, n, self.hooks[n.name], args), kwargs)
         else:
             out = super().run_node(n)
         if n.name in self.capture:

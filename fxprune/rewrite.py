@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from .analysis import Analysis, Slot
+from .capture import node_module_path
 from .errors import RewriteError
-from .ops import op_name
+from .ops import node_handler
 
 
 @dataclass
@@ -170,21 +171,20 @@ class Plan:
         for fqn, slots in by_fqn.items():
             if not any(self._touches(s, touched) for s in slots):
                 continue
-            owner_path, _, attr = fqn.rpartition(".")
-            owner = module.get_submodule(owner_path)
-            old = getattr(owner, attr)
+            old = _get(module, fqn)
             with torch.no_grad():
                 new = old.detach()
                 for s in slots:
                     new = self.new_tensor(s, new)
             if isinstance(old, nn.Parameter):
-                setattr(owner, attr, nn.Parameter(new.clone(), requires_grad=old.requires_grad))
-            elif attr in owner._buffers:
-                owner._buffers[attr] = new.clone()
-            else:  # a plain tensor attribute
-                setattr(owner, attr, new.clone())
+                new = nn.Parameter(new.clone(), requires_grad=old.requires_grad)
+            else:
+                new = new.clone()
+            for name in self.an.aliases.get(fqn, [fqn]):  # tied weights stay one tensor
+                _put(module, name, new)
         for mod in module.modules():
             update_attributes(mod)
+        self.fix_modules(module)
 
     def replace_tensors(self, module: nn.Module, values: dict[str, torch.Tensor]):
         """Copy full-width values (e.g. re-estimated BatchNorm statistics, keyed by FQN) into a slimmed module,
@@ -194,11 +194,10 @@ class Plan:
             by_fqn.setdefault(s.fqn, []).append(s)
         for fqn, value in values.items():
             new = value.detach()
-            for s in by_fqn.get(fqn, []):
+            for s in by_fqn.get(self.an.canonical(fqn), []):
                 new = self.new_tensor(s, new)
-            owner_path, _, attr = fqn.rpartition(".")
             with torch.no_grad():
-                getattr(module.get_submodule(owner_path), attr).copy_(new)
+                _get(module, fqn).copy_(new)
 
     def _touches(self, s: Slot, touched: set) -> bool:
         gid, _ = self.an.positions(s)
@@ -217,53 +216,21 @@ class Plan:
 
     # ---- graph constants ----------------------------------------------------------------------------------
     def fix_graph(self, gm: torch.fx.GraphModule):
-        """Rewrite shape constants that carry a pruned width, then recompile the graph."""
-        cmap_of = {n.name: cm for n, cm in self.an.cmaps.items()}  # gm may be a copy of the analysed graph
+        """Rewrite shape constants that carry a pruned width (each op handler's fix_shape), then recompile.
+        ``gm`` is the analysed graph or a copy of it: the channel maps travel in node.meta."""
         for node in gm.graph.nodes:
-            if node.op != "call_function":
-                continue
-            name = op_name(node.target)
-            cm = cmap_of.get(node.name)
-            src = cmap_of.get(node.args[0].name) if node.args and isinstance(node.args[0], torch.fx.Node) else None
-            if name in ("aten.view", "aten.reshape", "aten._unsafe_view") and cm is not None:
-                sizes = list(node.args[1])
-                if isinstance(sizes[cm.dim], int) and sizes[cm.dim] != -1:
-                    sizes[cm.dim] = self.new_size(cm)
-                    node.args = (node.args[0], sizes, *node.args[2:])
-            elif name in ("aten.split", "aten.split_with_sizes", "aten.chunk", "aten.tensor_split"):
-                if isinstance(cm, list) and cm and cm[0] is not None and src is not None and cm[0].dim == src.dim:
-                    node.target = torch.ops.aten.split_with_sizes.default
-                    node.args = (node.args[0], [self.new_size(c) for c in cm], cm[0].dim)
-                    node.kwargs = {}
-            elif name in ("aten.slice", "aten.narrow") and cm is not None and src is not None:
-                self._fix_slice(node, name, src)
-            elif name in ("aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.convolution"):
-                gi = 8 if name == "aten.convolution" else 6
-                groups = node.args[gi] if len(node.args) > gi else node.kwargs.get("groups", 1)
-                if groups > 1 and src is not None and cm is not None and src.ids is cm.ids:
-                    args = list(node.args) + [1] * (gi + 1 - len(node.args))
-                    args[gi] = self.new_size(src)
-                    node.args = tuple(args)
+            h = node_handler(node)
+            if h is not None and h.fix_shape is not None:
+                h.fix_shape(self, node)
         gm.recompile()
 
-    def _fix_slice(self, node, name, src):
-        dim = node.args[1] if len(node.args) > 1 else 0
-        dim = dim + len(node.meta["val"].shape) if dim < 0 else dim
-        if dim != src.dim:
-            return
-        kept = np.concatenate([[0], np.cumsum(self.kept_positions(src))])
-        n = len(src.ids)
-        clamp = lambda v: min(max(v + n if v < 0 else v, 0), n)  # noqa: E731
-        if name == "aten.narrow":
-            start, length = clamp(node.args[2]), node.args[3]
-            node.args = (node.args[0], dim, int(kept[start]), int(kept[clamp(start + length)] - kept[start]))
-            return
-        start = clamp(node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0)
-        end = clamp(node.args[3] if len(node.args) > 3 and node.args[3] is not None else n)
-        step = node.args[4] if len(node.args) > 4 else 1
-        if step != 1:
-            raise RewriteError(f"node '{node.name}' slices channels with step {step}; freeze that group instead")
-        node.args = (node.args[0], dim, int(kept[start]), int(kept[end]), 1)
+    def fix_modules(self, module: nn.Module):
+        """Width attributes of the modules that issued a node whose handler knows them (fix_module)."""
+        mods = dict(module.named_modules())
+        for node in self.an.gm.graph.nodes:
+            h = node_handler(node)
+            if h is not None and h.fix_module is not None and node_module_path(node) in mods:
+                h.fix_module(self, node, mods[node_module_path(node)])
 
 
 def _slice_grouped_inputs(w: torch.Tensor, kept: np.ndarray) -> torch.Tensor:
@@ -279,21 +246,39 @@ def _slice_grouped_inputs(w: torch.Tensor, kept: np.ndarray) -> torch.Tensor:
     return w.gather(1, index.to(w.device))
 
 
+def _get(module: nn.Module, name: str):
+    owner_path, _, attr = name.rpartition(".")
+    return getattr(module.get_submodule(owner_path), attr)
+
+
+def _put(module: nn.Module, name: str, value: torch.Tensor):
+    owner_path, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_path)
+    if isinstance(value, nn.Parameter):
+        setattr(owner, attr, value)
+    elif attr in owner._buffers:
+        owner._buffers[attr] = value
+    else:  # a plain tensor attribute
+        setattr(owner, attr, value)
+
+
 def update_attributes(mod: nn.Module):
-    """Keep the standard modules' size attributes (used by repr, state-dict loading, F.* calls) true."""
+    """Keep the standard modules' size attributes (used by repr, state-dict loading, F.* calls) true. Norms
+    without a per-channel tensor (InstanceNorm2d(affine=False)) are updated from the graph: Plan.fix_modules."""
     w = getattr(mod, "weight", None)
     if isinstance(mod, nn.modules.conv._ConvNd) and w is not None:
-        transposed = mod.transposed
-        out_c = w.shape[1] * mod.groups if transposed else w.shape[0]
-        depthwise = mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
-        if depthwise and not transposed:
+        transposed = mod.transposed  # transposed weights are (in, out / groups, ...)
+        depthwise = mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels and w.shape[1] == 1
+        if depthwise:
             mod.groups = w.shape[0]
             mod.in_channels = mod.out_channels = w.shape[0]
         else:
-            mod.out_channels = out_c
-            mod.in_channels = (w.shape[0] if transposed else w.shape[1] * mod.groups)
+            mod.out_channels = w.shape[1] * mod.groups if transposed else w.shape[0]
+            mod.in_channels = w.shape[0] if transposed else w.shape[1] * mod.groups
     elif isinstance(mod, nn.Linear) and w is not None:
         mod.out_features, mod.in_features = w.shape
+    elif type(mod).__name__ == "Conv1D" and hasattr(mod, "nf") and w is not None and w.dim() == 2:
+        mod.nx, mod.nf = w.shape  # Hugging Face's Conv1D (GPT-2): y = x @ W + b with W (in, out)
     elif isinstance(mod, nn.modules.batchnorm._NormBase):
         ref = w if w is not None else mod.running_mean
         if ref is not None:

@@ -1,5 +1,5 @@
-"""The channel rules named in ops.py. Each takes (analysis, node) and returns the node's channel map:
-a CMap, a list of them for multi-output ops, or None when no tracked channel flows out."""
+"""The channel rules the op handlers in ops.py name. Each takes (analysis, node) and returns the node's channel
+map: a CMap, a list of them for multi-output ops, or None when no tracked channel flows out."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from .analysis import CMap, prod, shape_of
-from .ops import op_name
+from .cmap import CMap, op_name, prod, shape_of
 
 
 def _arg(node: Node, i: int, name: str, default=None):
@@ -26,17 +25,27 @@ def _multi(node: Node, cm):
     return [cm] * len(val) if isinstance(val, (tuple, list)) else cm
 
 
-DTYPE_ONLY = {"aten.type_as", "aten.to", "aten._to_copy"}  # a second tensor argument only lends its dtype
+def _is_tensor(a) -> bool:
+    return isinstance(a, Node) and isinstance(a.meta.get("val"), torch.Tensor)
 
 
 def _fixed(an, n: int, node: Node) -> CMap:
     return CMap(0, an.uf.fresh(n, frozen=f"fixed-width input of '{node.name}'"), np.zeros(n, dtype=np.int64))
 
 
+def _fresh(an, n: int, dim: int, frozen: str | None = None) -> CMap:
+    return CMap(dim, an.uf.fresh(n, frozen=frozen), np.zeros(n, dtype=np.int64))
+
+
+def nothing(an, node):
+    return None
+
+
 def passthrough(an, node):
-    others = [a for a in list(node.args[1:]) + list(node.kwargs.values()) if isinstance(a, Node)
-              and isinstance(a.meta.get("val"), torch.Tensor)]
-    if others and op_name(node.target) not in DTYPE_ONLY:
+    skip = an.handler(node).dtype_only_args
+    others = [a for i, a in enumerate(node.args) if i > 0 and i not in skip and _is_tensor(a)]
+    others += [a for a in node.kwargs.values() if _is_tensor(a)]
+    if others:
         return join(an, node, [node.args[0], *others])  # e.g. clamp(a, max=b), a ** b: element-wise in both
     return an.cmap(node.args[0])
 
@@ -78,55 +87,97 @@ def join(an, node, inputs=None):
     return CMap(d, first.ids, first.tags)
 
 
-def conv(an, node):
+def computed_weight(an, node, w, out_size: int, out_dim: int) -> CMap:
+    """A conv/linear whose weight is not a parameter but computed in forward (weight_norm or spectral_norm
+    parametrizations, weight standardization, a merged adapter): slicing the parameters it is computed from
+    would not slice the result the same way, so the op's input and output channels are frozen."""
+    how = f"by {op_name(w.target)}" if isinstance(w, Node) and w.op == "call_function" else "outside the graph"
+    params = an.params_feeding(w)
+    if params:
+        how += f" from {', '.join(params[:3])}" + (" ..." if len(params) > 3 else "")
+    why = (f"the weight of {op_name(node.target)} is computed in forward ({how}: a parametrization such as "
+           "weight_norm/spectral_norm, weight standardization or a merged adapter); fxprune slices only "
+           "parameters an op reads directly")
+    an.barrier(node, why)
+    return _fresh(an, out_size, out_dim, frozen=an.where_text(node, why))
+
+
+def conv(an, node, transposed: bool | None):
+    """Convolution; ``transposed`` None reads the flag from aten.convolution's own arguments."""
     x, w, b = node.args[0], node.args[1], _arg(node, 2, "bias")
-    if node.target is torch.ops.aten.convolution.default:
-        transposed, groups = node.args[6], node.args[8]
+    if transposed is None:
+        transposed, groups = bool(node.args[6]), node.args[8]
     else:
-        transposed, groups = False, _arg(node, 6, "groups", 1)
+        groups = _arg(node, 6, "groups", 1)
     cm = an.cmap(x)
     if cm is not None and cm.dim != 1:
         return an.barrier(node, "convolution over a tensor whose channels are not in dim 1")
     cin, cout = shape_of(x)[1], shape_of(node)[1]
-    out_dim, in_dim = (1, 0) if transposed else (0, 1)
+    if not an.is_weight(w):
+        return computed_weight(an, node, w, cout, 1)
+    out_dim, in_dim = (1, 0) if transposed else (0, 1)  # transposed weights are (in, out / groups, ...)
     if groups == 1:
         # an untracked input still gets a (frozen) slot, so a weight shared with a tracked use stays whole
         an.slot(node, w, in_dim, "in", cm if cm is not None else _fixed(an, cin, node))
         out = an.slot(node, w, out_dim, "out", None)
-        an.slot(node, b, 0, "member", out)
+        an.member(node, b, 0, out, "bias")
         return CMap(1, out.ids, np.zeros(len(out.ids), dtype=np.int64))
-    if groups == cin == cout and not transposed:  # depthwise: channel c in -> channel c out
+    if groups == cin == cout:  # depthwise: channel c in -> channel c out (weight (C, 1, ...) either way)
         if cm is None:
             return None
         an.slot(node, w, 0, "member", cm)
-        an.slot(node, b, 0, "member", cm)
+        an.member(node, b, 0, cm, "bias")
         return cm
     if transposed or cin % groups or cout % groups:
-        why = f"transposed grouped convolution (groups={groups}) is not supported (node '{node.name}')"
+        why = an.where_text(node, f"transposed grouped convolution (groups={groups}) is not supported")
         if cm is not None:
             an.uf.freeze(cm.ids, why)
-        return CMap(1, an.uf.fresh(cout, frozen=why), np.zeros(cout, dtype=np.int64))
+        return _fresh(an, cout, 1, frozen=why)
     # grouped: input and output channels stay in their conv group, so each group's blocks shrink equally
     where = f"grouped convolution '{node.name}' (groups={groups})"
     if cm is not None:
         an.slot(node, w, 1, "grouped_in", cm, foldable=False)
         an.block_constraints.append((cm.ids, groups, where))
     out = an.slot(node, w, 0, "out", None)
-    an.slot(node, b, 0, "member", out)
+    an.member(node, b, 0, out, "bias")
     an.block_constraints.append((out.ids, groups, where))
     return CMap(1, out.ids, np.zeros(cout, dtype=np.int64))
 
 
-def linear(an, node):
-    x, w, b = node.args[0], node.args[1], _arg(node, 2, "bias")
+def _product(an, node, x, w, w_in: int, w_out: int, bias=None):
+    """y = x @ W (+ bias) over x's last dim, W a parameter with its input dim ``w_in``, output dim ``w_out``."""
     cm = an.cmap(x)
     rank = len(shape_of(node))
     if cm is not None and cm.dim != len(shape_of(x)) - 1:
-        return cm  # the linear map acts on another dim; channels pass through untouched
-    an.slot(node, w, 1, "in", cm if cm is not None else _fixed(an, shape_of(x)[-1], node))
-    out = an.slot(node, w, 0, "out", None)
-    an.slot(node, b, 0, "member", out)
+        return cm  # the map acts on another dim; channels pass through untouched
+    an.slot(node, w, w_in, "in", cm if cm is not None else _fixed(an, shape_of(x)[-1], node))
+    out = an.slot(node, w, w_out, "out", None)
+    if bias is not None:
+        bshape = shape_of(bias)
+        if bshape is not None and bshape and bshape[-1] != 1:
+            an.member(node, bias, len(bshape) - 1, out, "bias")
     return CMap(rank - 1, out.ids, np.zeros(len(out.ids), dtype=np.int64))
+
+
+def linear(an, node):
+    x, w = node.args[0], node.args[1]
+    if not an.is_weight(w):
+        return computed_weight(an, node, w, shape_of(node)[-1], len(shape_of(node)) - 1)
+    return _product(an, node, x, w, 1, 0, _arg(node, 2, "bias"))
+
+
+def matmul(an, node, data: int, weight: int, bias: int | None = None):
+    """x @ W with W a 2-d parameter (mm, matmul, and addmm(bias, x, W) as GPT-2's Conv1D exports): a producer
+    of W's dim 1 and a consumer of x's last dim. A product of two untracked tensors (an adapter's B @ A) carries
+    no channels; any other operand is a barrier."""
+    x, w = node.args[data], node.args[weight]
+    wshape = shape_of(w)
+    if an.is_weight(w) and wshape is not None and len(wshape) == 2 and not an.is_weight(x) \
+            and len(shape_of(x) or ()) >= 2:
+        return _product(an, node, x, w, 0, 1, node.args[bias] if bias is not None else None)
+    if an.cmap(x) is None and an.cmap(w) is None:
+        return None
+    return an.barrier(node, f"{op_name(node.target)} is a matrix product with a non-parameter operand")
 
 
 def batch_norm(an, node):
@@ -134,8 +185,8 @@ def batch_norm(an, node):
     if cm is not None and cm.dim != 1:
         return an.barrier(node, "normalization whose channel dim is not dim 1")
     if cm is not None:
-        for i in range(1, 5):
-            an.slot(node, node.args[i], 0, "member", cm)
+        for i, what in enumerate(("weight", "bias", "running mean", "running variance"), start=1):
+            an.member(node, _arg(node, i, what), 0, cm, what)
     return _multi(node, cm)
 
 
@@ -211,13 +262,17 @@ def cat(an, node):
     return CMap(d, np.concatenate(ids), np.concatenate(tags))
 
 
+def split_dim(node) -> int:
+    """The dim a split/chunk/tensor_split node splits (non-negative)."""
+    return _norm(_arg(node, 2, "dim", 0), len(shape_of(node.args[0])))
+
+
 def split(an, node):
     cm = an.cmap(node.args[0])
     pieces = node.meta.get("val")
     if cm is None:
         return [None] * len(pieces)
-    rank = len(shape_of(node.args[0]))
-    d = _norm(_arg(node, 2, "dim", 0), rank)
+    d = split_dim(node)
     if d != cm.dim:
         return [cm] * len(pieces)
     if node.target is torch.ops.aten.chunk.default and len(cm.ids) % len(pieces) == 0:
@@ -257,12 +312,5 @@ def pad(an, node):
 
 
 def getitem(an, node):
-    src = an.cmaps.get(node.args[0])
+    src = an.channel_map(node.args[0])
     return src[node.args[1]] if isinstance(src, list) else None
-
-
-RULES = {
-    "pass": passthrough, "pool": pool, "join": join, "conv": conv, "linear": linear,
-    "batch_norm": batch_norm, "reduce": reduce, "reshape": reshape, "permute": permute, "cat": cat,
-    "split": split, "slice": slice_, "pad": pad, "getitem": getitem,
-}

@@ -1,8 +1,8 @@
 """Targets: how many channels each group keeps, for an amount or a global FLOPs/params target.
 
-The cost model takes every op's FLOPs from torch.utils.flop_counter.FlopCounterMode (run once per op on meta
-tensors, batch 1) and scales it by the kept fraction of the op's input and output channels; parameters scale
-the same way along their channel dims. For conv/linear this is exact, so a width vector can be priced without
+The cost model takes the FLOPs of every op whose handler says it has them (ops.OpHandler.has_flops) from
+torch.utils.flop_counter.FlopCounterMode (run once per op on meta tensors, batch 1) and scales them by the kept
+fraction of the op's input and output channels; parameters scale the same way along their channel dims. For conv/linear this is exact, so a width vector can be priced without
 building the slim model, and a solver can try thousands of them.
 
 Example::
@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .analysis import Analysis
 from .errors import ConfigError, TargetError
+from .ops import node_handler
 
 
 def _meta(arg):
@@ -50,13 +51,11 @@ class CostModel:
         self.n = np.array([g.width for g in an.groups], dtype=np.float64)
         self.flop_terms = []   # (flops, in fraction vector, out fraction vector)
         for node in an.gm.graph.nodes:
-            if node.op != "call_function" or node.target is getattr(__import__("operator"), "getitem"):
-                continue
-            f = _op_flops(node) if "conv" in str(node.target) or "linear" in str(node.target) \
-                or "mm" in str(node.target) or "matmul" in str(node.target) else 0
+            h = node_handler(node)
+            f = _op_flops(node) if h is not None and h.has_flops else 0
             if not f:
                 continue
-            src, out = an.cmap(node.args[0]), an.cmap(node)
+            src, out = an.cmap(an.data_input(node)), an.cmap(node)
             fin = self._fraction(src) if src is not None and (out is None or src.ids is not out.ids) else None
             self.flop_terms.append((float(f), fin, self._fraction(out) if out is not None else None))
         self.param_terms = []  # (numel, [fraction vectors of its channel dims])

@@ -160,10 +160,12 @@ def consumer_reference(model: nn.Module, an, decisions: dict, dtype=None) -> nn.
             T = d.T_for(src[0].node) if len(src) == 1 else None  # a weight read from two tensors: selection
             if T is None:
                 T = _selection(keep, n)
-            slot = an.slots[(fqn, 1)]  # conv and linear weights read their input along dim 1
+            names = getattr(an, "aliases", {}).get(fqn, [fqn])  # tied weights: every module reading it
+            slot = an.slots[(fqn, _input_dim(model.get_submodule(names[0].rsplit(".", 1)[0])))]
             gids, idx = an.positions(slot)
             for P in _segments(gids, idx, slot.tags, gid):
-                per_module.setdefault(fqn.rsplit(".", 1)[0], []).append((P, idx[P], keep, np.asarray(T), n))
+                for name in names:
+                    per_module.setdefault(name.rsplit(".", 1)[0], []).append((P, idx[P], keep, np.asarray(T), n))
 
     def make_hook(entries, channel_dim):
         def hook(mod, args):
@@ -184,9 +186,21 @@ def consumer_reference(model: nn.Module, an, decisions: dict, dtype=None) -> nn.
 
     for name, entries in per_module.items():
         mod = ref.get_submodule(name)
-        assert isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear)), (name, type(mod))
-        mod.register_forward_pre_hook(make_hook(entries, -1 if isinstance(mod, nn.Linear) else 1))
+        assert isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear)) \
+            or _is_hf_conv1d(mod), (name, type(mod))
+        mod.register_forward_pre_hook(make_hook(entries, -1 if isinstance(mod, nn.Linear) or _is_hf_conv1d(mod)
+                                                else 1))
     return ref
+
+
+def _is_hf_conv1d(mod) -> bool:
+    return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf")  # Hugging Face's (GPT-2): weight (in, out)
+
+
+def _input_dim(mod) -> int:
+    """The weight dim a consumer module reads its input channels along: 1 for conv and linear weights
+    (out, in, ...), 0 for transposed convs (in, out, ...) and Hugging Face's Conv1D (in, out)."""
+    return 0 if _is_hf_conv1d(mod) or getattr(mod, "transposed", False) else 1
 
 
 def _selection(keep, n):

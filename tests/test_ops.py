@@ -37,21 +37,33 @@ def in_positions(an, fqn, dim=1):
 
 
 # ---------------------------------------------------------------------------------------------------- table
-def test_every_table_entry_names_an_existing_rule():
-    assert len(ops.RULES) > 50
-    for op, rule in ops.RULES.items():
-        assert rule == "ignore" or rule in rules.RULES, f"{op} -> {rule!r} has no rule function"
-    # and every rule function is reachable from the table
-    assert set(rules.RULES) <= set(ops.RULES.values())
+def _rule_function(h):
+    return getattr(h.rule, "func", h.rule)  # handlers configure a rule with functools.partial
 
 
-def test_op_name_and_rule_for():
+def test_every_handler_is_a_rule_or_a_barrier_with_a_reason():
+    assert len(ops.HANDLERS) > 50
+    for op, h in ops.HANDLERS.items():
+        assert (h.rule is None) == bool(h.barrier), f"{op}: a handler has a rule or is a barrier with a reason"
+        if h.rule is not None:
+            assert getattr(rules, _rule_function(h).__name__) is _rule_function(h), op
+    # every public rule function is reachable from the table
+    used = {_rule_function(h).__name__ for h in ops.HANDLERS.values() if h.rule is not None}
+    public = {n for n, f in vars(rules).items() if callable(f) and getattr(f, "__module__", "") == rules.__name__
+              and not n.startswith("_") and n not in ("join", "computed_weight", "split_dim")}
+    assert public <= used, public - used
+
+
+def test_op_name_and_handler():
     assert ops.op_name(torch.ops.aten.relu.default) == "aten.relu"
     assert ops.op_name(torch.ops.aten.conv2d.default) == "aten.conv2d"
     import operator
     assert ops.op_name(operator.getitem) == "_operator.getitem"
-    assert ops.rule_for(torch.ops.aten.sort.default) is None
-    assert ops.rule_for(torch.ops.aten.cat.default) == "cat"
+    assert ops.handler(torch.ops.aten.sort.default).rule is None
+    assert ops.handler(torch.ops.aten.cumsum.default) is ops.UNKNOWN
+    assert ops.handler(torch.ops.aten.cat.default) is ops.CAT
+    assert ops.barrier_reason(torch.ops.aten.sort.default) == "aten.sort reorders by value"
+    assert ops.barrier_reason(torch.ops.aten.cumsum.default) == "op aten.cumsum is not in fxprune's op table"
 
 
 # ---------------------------------------------------------------------------------------------------- pass
@@ -715,7 +727,7 @@ def test_op_not_in_table_is_a_barrier_that_names_op_and_node(how, op):
     an = run(Unknown(how))
     g = group_with(an, "a.weight")
     assert g.frozen and op in g.frozen
-    assert op not in ops.RULES
+    assert ops.handler(getattr(torch.ops.aten, op.split(".")[1]).default).rule is None
     barrier = next(n for n in an.barrier_nodes if ops.op_name(n.target) == op)
     assert f"'{barrier.name}'" in g.frozen
     if how == "cumsum":

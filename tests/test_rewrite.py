@@ -4,6 +4,7 @@ reconstructions. Also: Plan validation, module attributes, state_dict, training,
 tests proving that verification can fail."""
 
 import copy
+import dataclasses
 import io
 
 import numpy as np
@@ -14,7 +15,7 @@ from torch import nn
 
 import fxprune
 from conftest import consumer_reference, group_with, masked_copy, randomize_bn, rel_err, sgd_step_ok, warm_bn
-from fxprune import rules, zoo
+from fxprune import ops, zoo
 from fxprune.analysis import analyze
 from fxprune.capture import capture
 from fxprune.errors import RewriteError, VerificationError
@@ -379,7 +380,7 @@ def test_mutated_flatten_order_is_caught_by_verification(monkeypatch):
     torch.manual_seed(0)
     model, x = ConvFlattenLinear(False).eval(), torch.randn(2, 3, 8, 8)
     assert fxprune.prune(model, x, "l1", round_to=None, amount=0.5).verified < 1e-4
-    original = rules.RULES["reshape"]
+    original = ops.RESHAPE.rule
     mutated = []
 
     def channels_last_flatten(an, node):
@@ -392,7 +393,9 @@ def test_mutated_flatten_order_is_caught_by_verification(monkeypatch):
             mutated.append(node.name)
         return cm
 
-    monkeypatch.setitem(rules.RULES, "reshape", channels_last_flatten)
+    for name, h in list(ops.HANDLERS.items()):
+        if h.family == "reshape":
+            monkeypatch.setitem(ops.HANDLERS, name, dataclasses.replace(h, rule=channels_last_flatten))
     with pytest.raises(VerificationError):
         fxprune.prune(model, x, "l1", round_to=None, amount=0.5)
     assert mutated

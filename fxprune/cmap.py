@@ -1,0 +1,90 @@
+"""Channel maps and the node helpers (shapes, op names) the channel rules use.
+
+A channel map (``CMap``) describes one tensor: the dim that carries channels and, per position along it, an
+element id (union-find over ids gives the coupled channels) and a tag (the spatial sub-position once C*H*W
+features are flattened). Shapes come from the fake tensors torch.export records (``node.meta["val"]``); a
+symbolic size (the batch) becomes a ``SymSize``: a large odd int that never equals a channel width, printed as
+``B`` so messages never show the stand-in number.
+
+Example::
+
+    shape_of(node)        # [B, 17, 64]: a list of ints, the batch a SymSize
+    CMap(1, ids, tags)    # channels in dim 1
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.fx import Node
+
+BATCH_STANDIN = 1_000_003  # odd and large: a symbolic size never equals (or divides into) a channel width
+
+
+@dataclass
+class CMap:
+    """Channel map of one tensor: which dim carries channels, and the element id at each position."""
+    dim: int
+    ids: np.ndarray
+    tags: np.ndarray
+
+    def with_dim(self, dim: int) -> "CMap":
+        return CMap(dim, self.ids, self.tags)
+
+
+class SymSize(int):
+    """A symbolic dim size: behaves as its stand-in int in arithmetic, prints as its symbol ('B', '2*B')."""
+
+    def __new__(cls, value: int, text: str = "B"):
+        obj = super().__new__(cls, value)
+        obj.text = text
+        return obj
+
+    def __repr__(self) -> str:
+        return self.text
+
+    __str__ = __repr__
+
+    def __reduce__(self):
+        return SymSize, (int(self), self.text)
+
+
+def concrete(size) -> int:
+    """A dim size as an int; a symbolic size becomes a SymSize (odd stand-ins from BATCH_STANDIN, printed with
+    the batch symbol B, B2, ...)."""
+    if isinstance(size, int):
+        return size
+    try:
+        return _symbolic(size.node.expr)
+    except Exception:  # noqa: BLE001
+        return SymSize(BATCH_STANDIN)
+
+
+@functools.lru_cache(maxsize=1024)
+def _symbolic(expr) -> SymSize:
+    import sympy
+    syms = sorted(expr.free_symbols, key=str)
+    value = int(expr.subs({s: BATCH_STANDIN + 2 * i for i, s in enumerate(syms)}))
+    text = str(expr.subs({s: sympy.Symbol("B" if i == 0 else f"B{i + 1}") for i, s in enumerate(syms)}))
+    return SymSize(value, text)
+
+
+def shape_of(node) -> list[int] | None:
+    """The shape of a node's tensor value (symbolic sizes as SymSize), or None when it is not one tensor."""
+    val = node.meta.get("val") if isinstance(node, Node) else None
+    return [concrete(s) for s in val.shape] if isinstance(val, torch.Tensor) else None
+
+
+def prod(xs) -> int:
+    return math.prod(xs) if xs else 1
+
+
+def op_name(target) -> str:
+    """'aten.relu' for torch.ops.aten.relu.default; '_operator.getitem' for operator.getitem."""
+    if hasattr(target, "overloadpacket"):
+        return f"aten.{target.overloadpacket.__name__}" if target.namespace == "aten" else str(target)
+    return f"{getattr(target, '__module__', '')}.{getattr(target, '__name__', str(target))}"
