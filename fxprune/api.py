@@ -64,10 +64,10 @@ def groups(model: nn.Module, example_inputs) -> list:
 
 
 def describe_groups(model: nn.Module, example_inputs) -> str:
-    gs = groups(model, example_inputs)
-    n_free = sum(g.prunable for g in gs)
-    head = f"{len(gs)} channel groups: {n_free} prunable, {len(gs) - n_free} frozen"
-    return "\n".join([head] + [g.describe() for g in gs])
+    """Every channel group (what it couples, or why it is frozen) and every barrier op with its node, module
+    and reason."""
+    with eval_mode(model):
+        return analyze(capture(model, as_tuple(example_inputs))).describe()
 
 
 __all__ = ["compile", "prune", "groups", "describe_groups", "PruneResult"]

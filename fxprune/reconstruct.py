@@ -35,14 +35,13 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .calibrate import as_rows, batches, group_columns
-from .ops import op_name
-from .reference import consumer_hooks, reconstruct as hooked_input
+from .ops import bn_stat_args
+from .reference import consumer_hooks, hooked_args
 from .rewrite import Decision, Plan
 
 RIDGE = 1e-8
 CHUNK = 100                      # samples per op call inside the layer-major pass
 MEMORY_BUDGET = 4 * 2**30        # bytes of live activations the pass may hold (original + pruned)
-BATCH_NORMS = {"aten._native_batch_norm_legit_no_training", "aten.batch_norm"}  # running_mean, running_var at 3, 4
 
 
 def least_squares(A: np.ndarray, B: np.ndarray, ridge: float = RIDGE) -> np.ndarray:
@@ -79,8 +78,7 @@ def calibrate(plan: Plan, calib, example: tuple, *, reconstruct: bool = True, re
     fit = _fit_targets(plan) if reconstruct else {}
     hooks = consumer_hooks(plan)
     changed = _downstream(gm, set(hooks)) if recalibrate_bn else set()
-    bns = {n.name for n in gm.graph.nodes if n.op == "call_function" and op_name(n.target) in BATCH_NORMS
-           and n.name in changed}
+    bns = {n.name: bn_stat_args(n) for n in gm.graph.nodes if n.name in changed and bn_stat_args(n) is not None}
     samples = _fit_memory(gm, samples, copies=2 if fit else 1, notes=notes)
     chunks = [xs for xs in batches(calib, example, samples, CHUNK)]
     cal = Calibration(samples=sum(c[0].shape[0] for c in chunks))
@@ -90,11 +88,11 @@ def calibrate(plan: Plan, calib, example: tuple, *, reconstruct: bool = True, re
         if orig is not None and i <= last_fit:
             orig.run(node)
         if node.name in bns:
-            stats = _bn_stats(pruned.args(node)[0])
-            cal.bn[node.args[3].target], cal.bn[node.args[4].target] = stats
-            pruned.run(node, override={3: stats[0], 4: stats[1]})
+            (i, j), stats = bns[node.name], _bn_stats(pruned.args(node)[0])
+            cal.bn[node.args[i].target], cal.bn[node.args[j].target] = stats
+            pruned.run(node, override={i: stats[0], j: stats[1]})
         elif node.name in hooks:
-            pruned.run(node, hook=lambda x: _apply_hooks(plan, hooks[node.name], x))
+            pruned.run(node, hook=lambda args: hooked_args(plan, node, hooks[node.name], args))
         else:
             pruned.run(node)
         for g, src in fit.get(node.name, []):
@@ -124,12 +122,6 @@ def _set_T(plan: Plan, g: int, src: str, T: np.ndarray, err: float):
     Ts[src] = T
     info = {**d.info, "recon_error": {**d.info.get("recon_error", {}), src: err}}
     plan.decisions[g] = Decision(d.keep, Ts, info)
-
-
-def _apply_hooks(plan, entries, x):
-    for s, gid, idx, dim in entries:
-        x = hooked_input(plan, x, s, gid, idx, dim)
-    return x
 
 
 def _fit(plan: Plan, g: int, src: str, pruned: list, orig: list, ridge: float) -> tuple[np.ndarray, float]:
@@ -248,7 +240,7 @@ class _Env:
                 for pos, v in (override or {}).items():
                     args[pos] = v
                 if hook is not None:
-                    args[0] = hook(args[0])
+                    args = list(hook(tuple(args)))
                 outs.append(fn(*args, **kwargs))
             self.vals[node] = outs
 

@@ -517,4 +517,5 @@ def test_id_reaches_flops_targets_on_a_shufflenet_unit(pool):
     model, x, calib = ShuffleUnit(pool).eval(), torch.randn(2, 3, 16, 16), torch.randn(64, 3, 16, 16)
     for t in (0.5, 0.3):
         res = fxprune.prune(model, x, "id", target_flops=t, calib=calib, round_to=None, progress=False)
-        assert res.flops[1] / res.flops[0] <= t and group_with(res.analysis, "stem.weight").gid in res.decisions
+        assert res.flops[1] / res.flops[0] <= t
+    assert group_with(res.analysis, "stem.weight").gid in res.decisions  # 0.3 cannot be met without the stem
