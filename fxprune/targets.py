@@ -96,13 +96,29 @@ class CostModel:
 # Kept widths are rounded up to a multiple of this by default. Measured (benchmarks/RESULTS.md, "Realized
 # speedup"): ONNX Runtime's CPU conv kernels pad channels to blocks of 16 on AVX-512 (8 on AVX2), so 16 is the
 # only policy that kept batch-64 latency at about the FLOPs ratio on VGG-16 and ResNet-56; 8 and None (odd
-# widths) were up to 1.6x and 2.6x worse. Pass round_to=None (or 1) for exact widths.
+# widths) were up to 1.6x and 2.6x worse. A group that cannot shrink at 16 (a 16-wide layer) falls back to 8,
+# 4, ... (see unit / aligned_width), so a requested cut is never dropped. round_to=None (or 1): exact widths.
 DEFAULT_ROUND_TO = 16
 
 
+def alignments(round_to: int | None):
+    """round_to, then ever finer alignments down to exact widths: 16, 8, 4, 2, 1."""
+    a = max(1, int(round_to or 1))
+    while a > 1:
+        yield a
+        a //= 2
+    yield 1
+
+
 def unit(group, round_to: int | None) -> int:
-    """Widths move in multiples of this: round_to, and the group's block count (grouped conv, chunk)."""
-    return math.lcm(max(1, round_to or 1), group.blocks)
+    """Widths move in multiples of this: the coarsest of round_to, round_to / 2, ... 1 at which the group can
+    shrink at all (a 16-wide group under round_to=16 moves in 8s), and of the group's block count (grouped conv,
+    chunk)."""
+    for a in alignments(round_to):
+        u = math.lcm(a, group.blocks)
+        if u < group.width:
+            return u
+    return math.lcm(1, group.blocks)
 
 
 def round_width(k: int, group, round_to: int | None) -> int:
@@ -111,12 +127,27 @@ def round_width(k: int, group, round_to: int | None) -> int:
     return min(n, max(u, int(math.ceil(max(1, int(k)) / u)) * u))
 
 
-def uniform_widths(an: Analysis, amounts: dict[int, float], round_to: int | None) -> np.ndarray:
-    """Keep n - round(amount * n) channels in each prunable group (amounts keyed by group id)."""
+def aligned_width(k: int, group, round_to: int | None) -> int:
+    """k rounded up at the coarsest alignment (round_to, round_to / 2, ... 1) that still leaves a cut: the width
+    an amount asks for is never silently dropped because of rounding."""
+    n = group.width
+    for a in alignments(round_to):
+        u = math.lcm(a, group.blocks)
+        w = min(n, max(u, int(math.ceil(max(1, int(k)) / u)) * u))
+        if w < n:
+            return w
+    return n
+
+
+def uniform_widths(an: Analysis, amounts: dict[int, float], round_to: int | None,
+                   fallback: bool = True) -> np.ndarray:
+    """Keep n - round(amount * n) channels in each prunable group (amounts keyed by group id): aligned as coarsely
+    as still allows the cut (``fallback``), or to the group's fixed unit (the target solvers)."""
     widths = np.array([g.width for g in an.groups])
     for gid, a in amounts.items():
-        n = an.groups[gid].width
-        widths[gid] = round_width(n - int(round(a * n)), an.groups[gid], round_to)
+        g = an.groups[gid]
+        k = g.width - int(round(a * g.width))
+        widths[gid] = g.width if k >= g.width else (aligned_width if fallback else round_width)(k, g, round_to)
     return widths
 
 
@@ -127,9 +158,10 @@ def fit_uniform(an: Analysis, cost: CostModel, prunable: list[int], target: floa
     lo, hi = 0.0, 1.0
     for _ in range(40):
         mid = (lo + hi) / 2
-        w = uniform_widths(an, {g: mid for g in prunable}, round_to)
+        w = uniform_widths(an, {g: mid for g in prunable}, round_to, fallback=False)
         lo, hi = (lo, mid) if cost.fraction(w, metric) <= target else (mid, hi)
-    return fill(an, cost, uniform_widths(an, {g: hi for g in prunable}, round_to), None, target, metric, round_to)
+    return fill(an, cost, uniform_widths(an, {g: hi for g in prunable}, round_to, fallback=False), None, target,
+                metric, round_to)
 
 
 def fit_global(an: Analysis, scores: dict[int, np.ndarray], cost: CostModel, target: float, metric: str,

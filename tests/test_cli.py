@@ -58,13 +58,13 @@ def listing(folder: Path) -> list[str]:
 # end to end
 # ------------------------------------------------------------------------------------------------------------
 def test_default_rounds_widths_to_16(tmp_path):
-    """Without --round-to the library's default width policy (multiples of 16) applies; LeNet's 6/16-wide convs
-    cannot shrink under it, which the report says."""
+    """Without --round-to the library's default width policy applies: multiples of 16, and finer alignments for
+    LeNet's 6- and 16-wide convs, which cannot shrink at 16."""
     r = fxprune_cmd("prune", "lenet5", "--method", "l1", "--amount", "0.5", "--out", "s.pt", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     slim = fxprune.load(str(tmp_path / "s.pt"))
-    assert slim.conv1.out_channels == 6 and slim.fc1.out_features % 16 == 0
-    assert "kept their full width" in r.stdout
+    assert slim.conv1.out_channels == 4 and slim.conv2.out_channels == 8 and slim.fc1.out_features == 64
+    assert "kept their full width" not in r.stdout
 
 
 @pytest.fixture(scope="module")
