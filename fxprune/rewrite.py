@@ -210,7 +210,7 @@ class Plan:
             slim_gm = copy.deepcopy(gm)
         self.apply_params(slim_gm)
         self.fix_graph(slim_gm)
-        eager = copy.deepcopy(model)
+        eager = _deepcopy(model)
         self.apply_params(eager)
         return slim_gm, eager
 
@@ -231,6 +231,28 @@ class Plan:
             h = node_handler(node)
             if h is not None and h.fix_module is not None and node_module_path(node) in mods:
                 h.fix_module(self, node, mods[node_module_path(node)])
+
+
+def _deepcopy(model: nn.Module) -> nn.Module:
+    """A deep copy of the user's model (fxprune never edits the original); an attribute that cannot be copied is
+    named in the error."""
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:  # noqa: BLE001 - find the culprit for the message
+        for name, mod in model.named_modules():
+            for attr, value in vars(mod).items():
+                if attr.startswith("_") and attr not in ("_parameters", "_buffers"):
+                    continue
+                try:
+                    copy.deepcopy(value)
+                except Exception:  # noqa: BLE001
+                    where = f"{name}.{attr}" if name else attr
+                    raise RewriteError(
+                        f"fxprune works on a copy of the model, and attribute '{where}' ({type(value).__name__}) "
+                        f"cannot be deep-copied ({type(exc).__name__}: {exc}). Make it copyable (define "
+                        "__deepcopy__, or keep it outside the module) and prune again") from None
+        raise RewriteError(f"fxprune works on a copy of the model, and copy.deepcopy failed: "
+                           f"{type(exc).__name__}: {exc}") from None
 
 
 def _slice_grouped_inputs(w: torch.Tensor, kept: np.ndarray) -> torch.Tensor:

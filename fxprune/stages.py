@@ -116,7 +116,9 @@ def begin(model: nn.Module, example_inputs, method: str, *, amount=None, target_
     if getattr(decide, "needs_calib", False) and calib is None:
         raise DataError(f"method '{method}' needs calibration data: pass calib= (e.g. 1000 held-out training "
                         "images as a tensor, or a DataLoader); on the command line use --calib")
+    _check_finite(model)
     example = as_tuple(example_inputs)
+    opts.calib = calib = _replayable(calib, example, opts.calib_samples)
     opts.verify_inputs = None if verify_inputs is None else _check_verify_inputs(verify_inputs, example)
     ignored = match_modules(model, _patterns(ignore, "ignore"), "ignore")
     per_module = match_modules(model, list(amounts or {}), "amounts")
@@ -231,6 +233,31 @@ def _flag(name: str, value, calib) -> bool:
     if value and calib is None:
         raise DataError(f"{name}=True needs calibration data: pass calib= (e.g. 1000 held-out training images)")
     return value
+
+
+def _check_finite(model: nn.Module):
+    """NaN/inf weights make every score and every comparison meaningless: refuse them up front."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ConfigError(f"model tensor '{name}' has {bad} NaN/inf value(s); fxprune can neither rank nor "
+                              "verify such a model: fix or re-initialize those weights first")
+
+
+def _replayable(calib, example: tuple, samples: int):
+    """Calibration data is read several times (ID's rounds and probes, reconstruction, verification): a one-shot
+    iterator (a generator) is read once here, up to ``samples`` samples, and kept as a list of batches."""
+    if calib is None or isinstance(calib, (torch.Tensor, tuple, list)) or iter_is_self(calib) is False:
+        return calib
+    from .calibrate import batches
+    return list(batches(calib, example, samples))
+
+
+def iter_is_self(obj) -> bool | None:
+    try:
+        return iter(obj) is obj
+    except TypeError:
+        return None
 
 
 def _patterns(value, what: str) -> list:
