@@ -102,7 +102,7 @@ def _capture_error(model: nn.Module, args: tuple, exc: BaseException) -> Capture
             f"{head}: its output holds a {cache.group(1).rsplit('.', 1)[-1]} (a key/value cache); build the model "
             "with use_cache=False (or set model.config.use_cache = False) so that forward returns tensors only")
     return CaptureError(
-        f"{head}: {_first_line(exc)}\n"
+        f"{head}: {_first_line(exc)}. "
         "What to try: check that example_inputs have the shape and dtype the model's forward expects (a batch of "
         "2 avoids batch-size-1 specialization); data-dependent Python control flow (if on tensor values) must be "
         "rewritten with torch.cond or moved out of forward.")

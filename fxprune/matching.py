@@ -73,7 +73,8 @@ def group_amounts(prunable, amounts: dict, selected: dict[str, object], default:
     idle = [p for p in amounts if p not in used]
     if idle:
         raise ConfigError(
-            f"amounts: pattern{'s' if len(idle) > 1 else ''} {', '.join(map(repr, idle))} select no module whose "
+            f"amounts: pattern{'s' if len(idle) > 1 else ''} {', '.join(map(repr, idle))} "
+            f"select{'' if len(idle) > 1 else 's'} no module whose "
             "output channels can be pruned (they match only frozen layers, or modules such as BatchNorm that "
             "follow another layer's channels); name the conv/linear layer that produces the channels. "
             "fxprune.describe_groups(model, example_inputs) lists the groups and their layers")

@@ -229,7 +229,8 @@ def check_reachable(an, cost, prunable, target, metric, round_to):
     if floor > target:
         raise TargetError(
             f"target_{metric}={target:g} is unreachable: pruning every prunable group down to "
-            f"{'one channel' if not round_to else f'{round_to} channels'} still keeps {floor:.3f} of the {metric}. "
+            f"{'one channel' if not round_to else 'its smallest aligned width'} still keeps {floor:.3f} of the "
+            f"{metric}. "
             "Frozen groups (see fxprune.groups(model, x)) and layers that do not shrink set this floor; "
             f"ask for {metric} >= {math.ceil(floor * 1000) / 1000:g}"
             + (", or round widths more finely (round_to=8, or None for exact widths; they run less efficiently "

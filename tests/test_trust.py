@@ -134,7 +134,7 @@ def test_amounts_most_specific_pattern_wins_and_idle_patterns_are_errors():
     assert res.model.c1.out_channels == 4 and res.model.c2.out_channels == 6  # c2's own entry beats "c*"
     res = fxprune.prune(model, X, "l1", round_to=None, progress=False, amounts={"c2": 0.0, "c*": 0.5})
     assert res.model.c2.out_channels == 6  # order does not matter
-    with pytest.raises(ConfigError, match="select no module whose output channels can be pruned"):
+    with pytest.raises(ConfigError, match="selects no module whose output channels can be pruned"):
         fxprune.prune(model, X, "l1", round_to=None, amounts={"fc": 0.5})  # fc feeds the output: frozen
 
 
