@@ -45,7 +45,7 @@ from .targets import DEFAULT_ROUND_TO
 RECIPE = "r1"  # bump when the training recipe changes, so stale cached weights are not reused
 TRAIN_LR, FINETUNE_LR, BATCH = 0.05, 0.01, 128
 BATCH_SIZES = (1, 64)
-COLUMNS = ["method", "params", "flops", "flops_kept", "acc_base", "acc_pruned", "acc_finetuned",
+COLUMNS = ["method", "schedule", "params", "flops", "flops_kept", "acc_base", "acc_pruned", "acc_finetuned",
            "latency_b1_ms", "latency_b64_ms", "speedup_b64"]
 RESULTS_JSON, PLOT_PNG = "demo_results.json", "demo_accuracy_vs_flops.png"
 QUICK = {"train_samples": 2000, "test_samples": 500, "calib_samples": 500}
@@ -237,19 +237,27 @@ def _run(target_flops, methods, epochs, finetune_epochs, train_samples, test_sam
     example = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
     one = example[:1]
     base_flops, base_params = count_flops(base, one), count_params(base)
-    rows = [{"method": "base", "params": base_params, "flops": base_flops, "flops_kept": 1.0, "acc_base": acc_base,
+    rows = [{"method": "base", "schedule": None, "params": base_params, "flops": base_flops, "flops_kept": 1.0, "acc_base": acc_base,
              "acc_pruned": None, "acc_finetuned": None, "latency_b1_ms": None, "latency_b64_ms": None,
              "speedup_b64": None}]
     slim = {}
+    from . import passes
+    training = set(passes.training_names())
     for i, method in enumerate(methods):
         t = time.perf_counter()
-        _say(f"[3/{steps}] method {method} ({i + 1}/{len(methods)}): prune to {target_flops:.0%} of the FLOPs, "
-             f"evaluate, fine-tune {finetune_epochs} epoch(s){' with distillation' if distill else ''} ...")
+        what = (f"train {finetune_epochs} epoch(s) pruning to {target_flops:.0%} of the FLOPs, finalize"
+                if method in training else f"prune to {target_flops:.0%} of the FLOPs, evaluate, fine-tune "
+                f"{finetune_epochs} epoch(s){' with distillation' if distill else ''}")
+        _say(f"[3/{steps}] method {method} ({i + 1}/{len(methods)}): {what} ...")
         row = dict.fromkeys(COLUMNS)
-        row.update(method=method, acc_base=acc_base)
+        row.update(method=method, acc_base=acc_base, schedule="training" if method in training else "one-shot")
         try:
-            res = prune(base, example, method, target_flops=target_flops, round_to=round_to, calib=calib_x,
-                        progress=progress)
+            if method in training:  # pruned while training for the fine-tuning budget, then merged/trimmed
+                model, res = _train_with(method, base, example, train, test, row, target_flops, round_to, calib_x,
+                                         finetune_epochs, seed, progress)
+            else:
+                res = prune(base, example, method, target_flops=target_flops, round_to=round_to, calib=calib_x,
+                            progress=progress)
         except FxPruneError as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             _say(f"    {method} failed: {first}")
@@ -260,13 +268,18 @@ def _run(target_flops, methods, epochs, finetune_epochs, train_samples, test_sam
         model = res.model.eval()
         row["params"], row["flops"] = count_params(model), count_flops(model, one)
         row["flops_kept"] = row["flops"] / base_flops
-        row["acc_pruned"] = evaluate(model, test)
-        _say(f"    {row['flops_kept']:.1%} of the FLOPs, {row['params'] / base_params:.1%} of the parameters; "
-             f"test accuracy {row['acc_pruned']:.2%} before fine-tuning")
-        finetune(model, train, epochs=finetune_epochs, lr=FINETUNE_LR, batch_size=BATCH, seed=seed,
-                 teacher=base if distill else None, progress=progress)
-        row["acc_finetuned"] = evaluate(model, test)
-        _say(f"    test accuracy {row['acc_finetuned']:.2%} after fine-tuning")
+        if method in training:
+            row["acc_finetuned"] = evaluate(model, test)
+            _say(f"    {row['flops_kept']:.1%} of the FLOPs; test accuracy {row['acc_pruned']:.2%} before finalize, "
+                 f"{row['acc_finetuned']:.2%} after")
+        else:
+            row["acc_pruned"] = evaluate(model, test)
+            _say(f"    {row['flops_kept']:.1%} of the FLOPs, {row['params'] / base_params:.1%} of the parameters; "
+                 f"test accuracy {row['acc_pruned']:.2%} before fine-tuning")
+            finetune(model, train, epochs=finetune_epochs, lr=FINETUNE_LR, batch_size=BATCH, seed=seed,
+                     teacher=base if distill else None, progress=progress)
+            row["acc_finetuned"] = evaluate(model, test)
+            _say(f"    test accuracy {row['acc_finetuned']:.2%} after fine-tuning")
         slim[method] = model
         rows.append(row)
         timings[f"{method}_s"] = time.perf_counter() - t
@@ -315,6 +328,26 @@ def _run(target_flops, methods, epochs, finetune_epochs, train_samples, test_sam
     return results
 
 
+def _train_with(method, base, example, train, test, row, target_flops, round_to, calib, epochs, seed, progress):
+    """A training-time method on a copy of the base model for the same budget as the one-shot methods'
+    fine-tuning: fxprune.prepare hooked into the same training loop, then finalize."""
+    import copy
+
+    from .finetune import evaluate, finetune
+    from .training import prepare
+
+    model = copy.deepcopy(base)
+    pruners = []
+
+    def setup(optimizer, steps):
+        pruners.append(prepare(model, example, method, optimizer=optimizer, steps=steps, target_flops=target_flops,
+                               round_to=round_to, calib=calib, progress=progress))
+    finetune(model, train, epochs=epochs, lr=FINETUNE_LR, batch_size=BATCH, seed=seed, progress=progress,
+             desc=f"training with {method}", setup=setup)
+    row["acc_pruned"] = evaluate(model, test)  # trained with the method, before the merge / trim
+    return model, pruners[0].finalize()
+
+
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
@@ -323,15 +356,15 @@ def format_table(results: dict) -> str:
     """The demo's one table: a row per method (base first)."""
     pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
     ms = lambda v: "-" if v is None else f"{v:.3f}" if v < 10 else f"{v:.2f}"  # noqa: E731
-    head = ["method", "params", "FLOPs", "FLOPs kept", "acc base %", "pruned %", "fine-tuned %", "b=1 ms",
+    head = ["method", "schedule", "params", "FLOPs", "FLOPs kept", "acc base %", "pruned %", "final %", "b=1 ms",
             "b=64 ms", "speedup b=64"]
     body = []
     for r in results["rows"]:
         if r.get("error"):
-            body.append([r["method"], "-", "-", "-", pct(r["acc_base"]), "failed: " + r["error"][:60], "", "", "",
-                         ""])
+            body.append([r["method"], r.get("schedule") or "", "-", "-", "-", pct(r["acc_base"]),
+                         "failed: " + r["error"][:60], "", "", "", ""])
             continue
-        body.append([r["method"], fmt_count(r["params"]), fmt_count(r["flops"]),
+        body.append([r["method"], r.get("schedule") or "-", fmt_count(r["params"]), fmt_count(r["flops"]),
                      "-" if r["flops_kept"] is None else f"{r['flops_kept']:.3f}", pct(r["acc_base"]),
                      pct(r["acc_pruned"]), pct(r["acc_finetuned"]), ms(r["latency_b1_ms"]), ms(r["latency_b64_ms"]),
                      "-" if r["speedup_b64"] is None else f"{r['speedup_b64']:.2f}x"])
@@ -345,7 +378,10 @@ def format_table(results: dict) -> str:
     title = (f"fxprune demo: {c['model']} on Fashion-MNIST ({c['train_samples']} train / {c['test_samples']} test "
              f"images, {c['epochs']} training epoch(s)), every method pruned to {c['target_flops']:.0%} of the FLOPs"
              f"{'' if not c.get('round_to') else ' (widths rounded to multiples of %d)' % c['round_to']}, "
-             f"then {c['finetune_epochs']} fine-tuning epoch(s){' distilled' if c['distill'] else ''}.\n"
+             f"then {c['finetune_epochs']} fine-tuning epoch(s){' distilled' if c['distill'] else ''}; "
+             f"training-time methods prune during that many epochs instead, then finalize.\n"
+             "pruned % = one-shot: right after pruning; training: trained, before the merge/trim. final % = after "
+             "fine-tuning / after finalize.\n"
              f"FLOPs per image; latency = median in ONNX Runtime {bench.get('ort_version', '')} CPU with "
              f"{bench.get('threads') or '?'} thread(s); speedup = base latency / model latency at batch 64.")
     rule = "-" * len(fmt(head))
@@ -392,7 +428,7 @@ def plot(results: dict, path) -> None:
     ax.set_xlabel("MFLOPs per image")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{c['model']} on Fashion-MNIST, pruned to {c['target_flops']:.0%} FLOPs\n"
-                 "hollow: right after pruning, filled: after fine-tuning")
+                 "hollow: right after pruning (training methods: before finalize), filled: final")
     ax.grid(alpha=0.3)
     ax.set_xlim(left=0)
     ax.legend(fontsize=8, loc="lower right")

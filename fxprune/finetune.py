@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Iterable, Iterator, Optional, Tuple, Union
+from typing import Callable, Iterable, Iterator, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,7 @@ def finetune(
     progress: bool = True,
     seed: int = 0,
     desc: str = "finetune",
+    setup: Optional[Callable] = None,
 ) -> nn.Module:
     """Train ``model`` in place and return it in eval mode.
 
@@ -54,6 +55,7 @@ def finetune(
 
     The learning rate follows a cosine from ``lr`` to 0 over the whole run (``epochs`` or ``max_steps``, whichever
     ends first). ``seed`` fixes shuffling and any dropout, without touching the caller's global RNG state.
+    ``setup(optimizer, total_steps)`` is called once before training (e.g. to hook in fxprune.prepare).
     """
     if epochs < 1 or lr <= 0 or batch_size < 1 or temperature <= 0 or not 0.0 <= alpha <= 1.0:
         raise ConfigError(
@@ -75,6 +77,8 @@ def finetune(
         raise ConfigError("the model has no trainable parameters (all have requires_grad=False)")
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    if setup is not None:
+        setup(optimizer, total)
     teacher_flags = [(m, m.training) for m in teacher.modules()] if teacher is not None else []
     if teacher is not None:
         teacher.eval()

@@ -93,3 +93,14 @@ def test_bad_arguments():
         evaluate(mlp(0), (data[0][:0], data[1][:0]))
     with pytest.raises(ConfigError, match="max_steps"):
         finetune(mlp(0), iter([data]), progress=False)  # no length: the schedule needs max_steps
+
+
+def test_setup_hook_sees_the_optimizer_and_the_step_budget():
+    from fxprune.finetune import finetune
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    data = (torch.randn(20, 1, 2, 2), torch.randint(0, 2, (20,)))
+    seen = []
+    finetune(model, data, epochs=2, batch_size=8, progress=False, setup=lambda opt, steps: seen.append((opt, steps)))
+    (opt, steps), = seen
+    assert isinstance(opt, torch.optim.SGD) and steps == 6  # 3 batches per epoch, 2 epochs
+    assert any(p is model[1].weight for g in opt.param_groups for p in g["params"])
