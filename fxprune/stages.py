@@ -256,7 +256,7 @@ def _replayable(calib, example: tuple, samples: int):
 def iter_is_self(obj) -> bool | None:
     try:
         return iter(obj) is obj
-    except TypeError:
+    except Exception:  # not iterable, or opening it fails: the calibration reader reports that with context
         return None
 
 

@@ -114,11 +114,14 @@ class Pruner:
 
     def learning_rate(self, param: torch.Tensor) -> tuple[float, float, float]:
         """(lr, momentum or beta1, weight decay) of the optimizer's param group holding ``param``."""
-        for group in self.optimizer.param_groups:
-            if any(p is param for p in group["params"]):
-                mom = group.get("momentum", (group.get("betas") or (0.0,))[0]) or 0.0
-                return float(group["lr"]), float(mom), float(group.get("weight_decay", 0.0) or 0.0)
-        raise ConfigError(f"the optimizer does not hold parameter {param.shape}")
+        where = getattr(self, "_group_of", {})
+        if id(param) not in where:  # (re)index: the user may have added param groups since
+            where = self._group_of = {id(p): i for i, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
+        if id(param) not in where:
+            raise ConfigError(f"the optimizer does not hold parameter {tuple(param.shape)}")
+        group = self.optimizer.param_groups[where[id(param)]]
+        mom = group.get("momentum", (group.get("betas") or (0.0,))[0]) or 0.0
+        return float(group["lr"]), float(mom), float(group.get("weight_decay", 0.0) or 0.0)
 
     def set_mask(self, gid: int, keep_mask: np.ndarray | None):
         """Make the removed channels of a group exactly zero for every consumer (None: unmask). The slim model

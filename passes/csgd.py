@@ -117,22 +117,29 @@ class CSGD(TrainingMethod):
         return np.concatenate(parts, axis=1) if parts else np.zeros((n, 1))
 
     # ---- the gradient transform ---------------------------------------------------------------------------
+    def _targets(self) -> list:
+        """(fqn, dim, positions, cluster label per position) of every parameter the rule transforms, built once
+        (the per-step work is then a few tensor ops per parameter)."""
+        if getattr(self, "_cached", None) is None:
+            self._cached = [(s.fqn, s.dim, torch.as_tensor(pos), torch.as_tensor(labels[chan]))
+                            for gid, labels in self.clusters.items() for s, pos, chan in self.pruner.group_slots(gid)
+                            if isinstance(self.pruner.tensor(s.fqn), torch.nn.Parameter)]
+        return self._cached
+
     @torch.no_grad()
     def before_step(self):
-        for gid, labels in self.clusters.items():
-            for s, pos, chan in self.pruner.group_slots(gid):
-                p = self.pruner.tensor(s.fqn)
-                if not isinstance(p, torch.nn.Parameter) or p.grad is None:
-                    continue
-                lr, mom, wd = self.pruner.learning_rate(p)
-                eps = self.eps * VECTOR_FACTOR["kernels" if p.dim() > 1 else "bn_params"]
-                eta = self.eta if wd == 0 and p.dim() > 1 else 0.0
-                lab = torch.as_tensor(labels[chan], device=p.device)
-                index = torch.as_tensor(pos, device=p.device)
-                w = p.detach().movedim(s.dim, 0).index_select(0, index)
-                g = p.grad.movedim(s.dim, 0)
-                new = _cluster_mean(g.index_select(0, index), lab) + eta * w + eps * (w - _cluster_mean(w, lab))
-                g.index_copy_(0, index, new.to(g.dtype))
+        for fqn, dim, index, lab in self._targets():
+            p = self.pruner.tensor(fqn)
+            if p.grad is None:
+                continue
+            lr, mom, wd = self.pruner.learning_rate(p)
+            eps = self.eps * VECTOR_FACTOR["kernels" if p.dim() > 1 else "bn_params"]
+            eta = self.eta if wd == 0 and p.dim() > 1 else 0.0
+            index, lab = index.to(p.device), lab.to(p.device)
+            w = p.detach().movedim(dim, 0).index_select(0, index)
+            g = p.grad.movedim(dim, 0)
+            new = _cluster_mean(g.index_select(0, index), lab) + eta * w + eps * (w - _cluster_mean(w, lab))
+            g.index_copy_(0, index, new.to(g.dtype))
 
     def after_step(self):
         if self.pruner.step % self.check_every == 0:
@@ -214,6 +221,7 @@ class CSGD(TrainingMethod):
 
     def load_state_dict(self, state: dict):
         self.clusters = {self.pruner.gid_of(k): np.asarray(v, dtype=np.int64) for k, v in state["clusters"].items()}
+        self._cached = None
         self.eps, self.spread0 = float(state["eps"]), dict(state["spread0"])
 
 

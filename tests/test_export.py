@@ -1,4 +1,5 @@
 import os
+import tempfile
 import subprocess
 import sys
 
@@ -112,11 +113,18 @@ def test_unwritable_folder(tmp_path):
     assert leftovers(tmp_path) == ["not_a_folder"]
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores folder permissions")
-def test_read_only_folder(tmp_path):
+def test_read_only_folder(tmp_path, monkeypatch):
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:  # root ignores folder permissions: refuse as the OS would
+        real = tempfile.mkstemp
+
+        def mkstemp(*a, dir=None, **k):
+            if os.path.samefile(dir, locked):
+                raise PermissionError(13, "Permission denied", str(locked))
+            return real(*a, dir=dir, **k)
+        monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
     try:
         with pytest.raises(ExportError, match="cannot write"):
             export_onnx(nn.Linear(4, 2), torch.randn(2, 4), locked / "m.onnx")
