@@ -176,7 +176,7 @@ def _save(path: Path, model: nn.Module, meta: dict) -> None:
     CACHE.mkdir(parents=True, exist_ok=True)
     ignore = CACHE / ".gitignore"
     if not ignore.exists():
-        atomic_write_text(ignore, "# trained base models of the benchmarks (benchmarks/_models.py): never committed\n*\n")
+        atomic_write_text(ignore, "# trained base models of benchmarks/_models.py: never committed\n*\n")
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
