@@ -179,7 +179,8 @@ def run_model(name, args, splits, options_here, out_dir, res):
     base_acc = 100 * evaluate(base, test)
     tqdm.write(f"{name}: base test accuracy {base_acc:.2f} % ({'trained now' if info['trained_now'] else 'cached'}, "
                f"{info['cache']})")
-    entry = {"base_acc": base_acc, "base_flops": base_flops, "train": info, "rows": {}}
+    entry = {"base_acc": base_acc, "base_flops": base_flops, "train": info, "command": res["command"],
+             "commit": res["commit"], "date": res["date"], "rows": {}}
     res["models"][name] = entry
     rows = [r for r in TABLE1 + TABLE2 if r in args.rows]
     models = {}  # (row, target) -> slim model, so the +bn rows reuse their source row's pruning
@@ -297,6 +298,8 @@ def render_md(res: dict) -> str:
         L.append(f"## {PRETTY.get(name, name)}: unpruned {m['base_acc']:.2f} %  (recipe: {tr['recipe']['epochs']} "
                  f"epochs, lr {tr['recipe']['lr']}, batch {tr['recipe']['batch']}, {tr['train_samples']} images, "
                  f"trained in {tr['train_s'] / 60:.1f} min)")
+        if m.get("command", res["command"]) != res["command"]:
+            L += ["", f"measured by `{m['command']}`, commit `{m['commit']}`, {m['date']}"]
         for title, rows in ((f"round_to=None (exact widths)", TABLE1),
                             (f"fxprune's default round_to={DEFAULT_ROUND_TO}", TABLE2)):
             rows = [r for r in rows if r in m["rows"]]
@@ -366,6 +369,22 @@ def save(res: dict, out_dir: Path):
     write_text_atomic(out_dir / "reconstruction.json", json.dumps(res, indent=1) + "\n")
 
 
+def keep_models(res: dict, path: Path, replaced) -> None:
+    """--append: the earlier run's other models go into res (each keeps its own command, commit and date)."""
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    if old.get("targets_flops") != res["targets_flops"] or old.get("quick") != res["quick"]:
+        raise SystemExit(f"--append: {path} was run with targets {old.get('targets_flops')} (quick "
+                         f"{old.get('quick')}), this run with {res['targets_flops']} (quick {res['quick']})")
+    for name, m in old["models"].items():
+        if name not in replaced:
+            m.setdefault("command", old["command"])
+            m.setdefault("commit", old["commit"])
+            m.setdefault("date", old["date"])
+            res["models"][name] = m
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -385,6 +404,8 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--replot", action="store_true", help="only redo the .md and .png from the JSON in --out")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the other models of the JSON already in --out (same targets), replace these")
     args = ap.parse_args(argv)
     args.targets = args.targets or ([0.7, 0.5] if args.quick else list(TARGETS))
     if any(not 0 < t <= 1 for t in args.targets):
@@ -426,6 +447,8 @@ def main(argv=None):
            f"one epoch on {len(ft[0])} training images, SGD lr 0.01 cosine, rows {', '.join(FINETUNED)}",
            "models": {}}
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.append:
+        keep_models(res, out_dir / "reconstruction.json", args.models)
     for name in args.models:
         run_model(name, args, splits, options_here, out_dir, res)
     res["total_s"] = time.perf_counter() - t_start
