@@ -183,7 +183,7 @@ def run_model(name, args, splits, options_here, out_dir, res):
              "commit": res["commit"], "date": res["date"], "rows": {}}
     res["models"][name] = entry
     rows = [r for r in TABLE1 + TABLE2 if r in args.rows]
-    models = {}  # (row, target) -> slim model, so the +bn rows reuse their source row's pruning
+    models = {}  # (row, target) -> (slim model, note), so the +bn rows reuse their source row's pruning
     bar = tqdm(total=len(rows) * len(args.targets), desc=f"{name} rows", unit="row", disable=args.no_progress)
     for target in args.targets:
         for row in rows:
@@ -194,14 +194,13 @@ def run_model(name, args, splits, options_here, out_dir, res):
             try:
                 src = row[:-3] if post == "bn" else row
                 if post == "bn" and (src, target) in models:
-                    slim = models[(src, target)]
-                    v["note"] = models.get((src, target, "note"), "")
+                    slim, v["note"] = models[(src, target)]
                 elif method is None:
                     slim, v["note"] = tp_at_flops(base, target, x1, base_flops, args.tp_global)
                 else:
                     slim, v["note"] = prune_fx(base, x1, method, target, calib, with_calib, new_opts, round_to,
                                                options_here)
-                models[(src, target)], models[(src, target, "note")] = slim, v["note"]
+                models[(src, target)] = slim, v["note"]
                 if post == "bn":
                     slim = recalibrate_bn_dense(slim, calib)
                 v["prune_s"] = time.perf_counter() - t0
