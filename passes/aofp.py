@@ -41,8 +41,12 @@ plain Conv/Linear consumer module to measure at are not searched (status() notes
 
 finalize(): keep the live channels, a plain selection (T = None): the slim model equals the masked model. With
 calib=, the core refits each consumer's T and re-estimates BatchNorm statistics as for every method.
-Step overhead: one extra forward of the consumers of each active group per measured step (no backward); none
-once the search is over (the hooks come off).
+Step overhead: per measured step, each active group's consumers run once more on the masked channels only
+(a conv/linear is linear in its input, so the masked output is the base output minus what those channels
+contribute: |masked| / C_in of the layer's cost, no backward) plus the BatchNorm/activation probe on both
+outputs. Measured on ResNet-20 (batch 128, 1 thread, every group searching): about +30 % per step measuring
+every step, about half that with the default ``measure_every=2`` (the authors measure every step; each channel
+then collects half as many t samples per halving); nothing once the search is over (the hooks come off).
 """
 
 from __future__ import annotations
@@ -146,7 +150,7 @@ class AOFP(TrainingMethod):
     """See the module docstring. Options: threshold, steps_per_half, warmup, search_until, measure_every, seed."""
 
     def __init__(self, pruner, threshold: float = AUTHORS["threshold"], steps_per_half: int | None = None,
-                 warmup: int | None = None, search_until: float = 0.6, measure_every: int = 1, seed: int = 0):
+                 warmup: int | None = None, search_until: float = 0.6, measure_every: int = 2, seed: int = 0):
         super().__init__(pruner)
         _check(threshold, steps_per_half, warmup, search_until, measure_every, seed)
         self.threshold, self.measure_every, self.seed = float(threshold), int(measure_every), int(seed)
@@ -251,13 +255,15 @@ class AOFP(TrainingMethod):
                 continue
             probe = self.probes[(gid, c.fqn)]
             if c.fqn not in base:
-                base[c.fqn] = probe(out).double()
+                base[c.fqn] = probe(out)
             yb = base[c.fqn]
-            ym = probe(module.forward(x.index_fill(c.dim, torch.as_tensor(pos, device=x.device), 0.0))).double()
+            ym = probe(out.detach() - _masked_part(module, x, c.dim, torch.as_tensor(pos, device=x.device)))
             buf = self._buf.setdefault(gid, torch.zeros(len(self.consumers[gid]), 2, dtype=torch.float64,
                                                         device=x.device))
-            buf[i, 0] += (yb - ym).square().sum()
-            buf[i, 1] += yb.square().sum()
+            if (c.fqn, "norm") not in base:
+                base[(c.fqn, "norm")] = float(torch.linalg.vector_norm(yb)) ** 2
+            buf[i, 0] += float(torch.linalg.vector_norm(ym.sub_(yb))) ** 2
+            buf[i, 1] += base[(c.fqn, "norm")]
 
     def before_step(self):
         masks = self._masked if self._masked_step == self.pruner.step else {}
@@ -419,6 +425,19 @@ class AOFP(TrainingMethod):
         if self.done:
             self._unhook()
         self._masked_step = -1
+
+
+def _masked_part(module, x: torch.Tensor, dim: int, pos: torch.Tensor) -> torch.Tensor:
+    """What the input channels at ``pos`` contribute to a Conv/Linear output (the module is linear in its
+    input): the base output minus this is the output with them zeroed. Reading only those channels costs
+    |pos| / C_in of the layer (a grouped conv is run whole on the masked input instead)."""
+    if isinstance(module, torch.nn.Linear):
+        return torch.nn.functional.linear(x.index_select(-1, pos), module.weight.index_select(1, pos))
+    if module.groups == 1:
+        return module._conv_forward(x.index_select(dim, pos), module.weight.index_select(1, pos), None)
+    bias = module.bias
+    full = module._conv_forward(x, module.weight, bias)
+    return full - module._conv_forward(x.index_fill(dim, pos, 0.0), module.weight, bias)
 
 
 def _check(threshold, steps_per_half, warmup, search_until, measure_every, seed):
