@@ -36,7 +36,8 @@ fixes it.
 Stages ("abreast advancing"): ``stages`` stages end at prune_by * steps * (s + 1) / stages, each ranks the live
 channels of every group anew and picks the channels its end removes: the kept fraction of the FLOPs (params)
 target^((s + 1) / stages) through the same global width solver as every method (fxprune.targets.fit_global on
-the magnitudes; already-removed channels stay removed), or for amount= a kept count n * (k / n)^((s + 1) /
+the magnitudes, no group above its live width, then filled back up to just under the goal: removed channels
+stay removed), or for amount= a kept count n * (k / n)^((s + 1) /
 stages), rounded to ``round_to``. At a stage's end its weak channels are masked for good (pruner.set_mask,
 exactly zero at every consumer), so the rest of the budget trains the model as it will be; the last stage
 meets the target. finalize() keeps the unmasked channels: a plain selection, the slim model equals the masked
@@ -57,7 +58,7 @@ from fxprune import distributed
 from fxprune.context import top_k
 from fxprune.errors import ConfigError
 from fxprune.rewrite import Decision
-from fxprune.targets import fit_global, round_width
+from fxprune.targets import fill, fit_global, round_width
 from fxprune.training import TrainingMethod, output_probe
 
 from . import register
@@ -141,8 +142,13 @@ class ABFP(TrainingMethod):
         if self.final is not None:  # amount=: kept counts interpolated geometrically
             return {g: min(int(self.live[g].sum()), round_width(int(round(ctx.groups[g].width * (
                 self.final[g] / ctx.groups[g].width) ** frac)), ctx.groups[g], t.round_to)) for g in scores}
-        w = fit_global(ctx.analysis, scores, ctx.cost, t.value ** frac, t.metric, t.round_to)
-        return {g: min(int(w[g]), int(self.live[g].sum())) for g in scores}
+        upper = np.array([g.width for g in ctx.groups])
+        for g in scores:
+            upper[g] = int(self.live[g].sum())
+        goal = t.value ** frac
+        w = np.minimum(fit_global(ctx.analysis, scores, ctx.cost, goal, t.metric, t.round_to), upper)
+        w = fill(ctx.analysis, ctx.cost, w, None, goal, t.metric, t.round_to, upper=upper)  # removed stay removed
+        return {g: int(w[g]) for g in scores}
 
     def _rank(self):
         """Pick this stage's weak channels (decided on rank 0, broadcast) and fix its boundaries theta."""

@@ -24,15 +24,23 @@ past it is cut to the fewest lowest-scoring channels that reach it); with ``amou
 own kept count. Training goes on with the masks. A group that would end between multiples of ``round_to``
 gets back its last-pruned channels up to the next multiple (the target was checked on the rounded widths).
 
+Pace (``pace=True``, beyond the authors, who search for as long as it takes): a budget of a few thousand steps
+leaves room for a handful of halvings, and the threshold rarely passes a half of a trained layer that early.
+So the cut is paced linearly over the search window (from 1 at the end of warm-up to the target at
+``search_until * steps``): a halving whose threshold test fails while the live FLOPs are above that line
+prunes its lower half anyway, cut to the fewest lowest-scoring channels that bring the FLOPs back to the line
+(``amount=``: each group's own line). The channels are still the ones whose masking the consumers noticed
+least; status() counts them apart (pruned_by_pace). ``pace=False`` is the authors' rule alone.
 Schedule from ``steps=`` (the authors: 1000 steps per halving, threshold 0.01, warm-up 500, with no fixed end).
 The search must end by ``search_until * steps`` so the rest of the budget recovers with the masks. That window
 is sized for warm-up + ``HALVINGS`` halvings + the stagger at the authors' proportions:
 f = min(1, window / (500 + 1000 * (HALVINGS + 1))), steps_per_half = max(2, round(1000 f)),
 warmup = round(500 f); with a budget large enough (f = 1) these are the authors' values. If the window ends
-before the target is reached, the remaining cut is chosen by score in one step (a fallback the authors do not
-have): each live channel's mean t over the whole search (channels never masked count as the group's largest),
-the same global width solver as every method (widths toward the target), the lowest channels masked; status()
-counts the channels pruned this way. finalize() before the search is over does the same on a copy.
+before the target is reached (``pace=False``, or the pace fell short), the remaining cut is chosen by score in
+one step (a fallback the authors do not have): each live channel's mean t over the whole search (channels never
+masked count as the group's largest), the same global width solver as every method (no group above its live
+width), the lowest channels masked; status() counts them (pruned_by_fallback). finalize() before the search is
+over does the same without changing the pruner.
 
 Beyond the authors: they searched only layers outside residual streams (ResNet: the first conv of each block);
 here every prunable group is searched, a coupled group (a residual stream) as one group with t measured at
@@ -60,7 +68,7 @@ from fxprune import distributed
 from fxprune.context import top_k
 from fxprune.errors import ConfigError
 from fxprune.rewrite import Decision
-from fxprune.targets import check_reachable, fit_global, round_width
+from fxprune.targets import check_reachable, fill, fit_global, round_width
 from fxprune.training import TrainingMethod, consumer_inputs, output_probe
 
 from . import register
@@ -101,10 +109,12 @@ class GroupSearch:
             s = np.where(self.acc_cnt > 0, self.acc_t / self.acc_cnt, np.inf)
         return np.where(self.S, s, np.inf)
 
-    def halve(self, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-        """The halving decision: (channels to prune for good, lowest mean score first, and the mean scores).
-        When there are any, the caller prunes them (or a prefix: the target may need fewer) with ``prune``,
-        which restarts S; otherwise S has shrunk to the lower half or restarted. The scores start afresh."""
+    def halve(self, threshold: float, force: bool = False) -> tuple[np.ndarray, np.ndarray, bool]:
+        """The halving decision: (the lower half of S by mean score, lowest first, when it is to be pruned for
+        good, else empty; the mean scores; whether the threshold passed it). The caller prunes it (or a prefix:
+        the target may need fewer) with ``prune``, which restarts S. Otherwise S shrinks to that lower half, or
+        restarts when the lower half is one channel. ``force``: prune the lower half even when the threshold
+        does not pass it (the budget's pace). The scores start afresh."""
         scores = self.mean_scores()
         members = np.flatnonzero(self.S)
         order = members[np.lexsort((members, scores[members]))]
@@ -112,14 +122,15 @@ class GroupSearch:
         lower = order[:granu]
         self.acc_t[:] = 0.0
         self.acc_cnt[:] = 0.0
-        if granu >= 1 and scores[lower[-1]] < threshold:
-            return lower, scores
+        passed = granu >= 1 and scores[lower[-1]] < threshold
+        if passed or (force and granu >= 1):
+            return lower, scores, bool(passed)
         if granu > 1:
             self.S = np.zeros_like(self.S)
             self.S[lower] = True
         else:
             self.S = self.live.copy()
-        return lower[:0], scores
+        return lower[:0], scores, False
 
     def prune(self, channels: np.ndarray, scores: np.ndarray | None = None):
         self.live[channels] = False
@@ -147,12 +158,17 @@ class GroupSearch:
 
 @register("aofp")
 class AOFP(TrainingMethod):
-    """See the module docstring. Options: threshold, steps_per_half, warmup, search_until, measure_every, seed."""
+    """See the module docstring. Options: threshold, steps_per_half, warmup, search_until, measure_every, pace,
+    seed."""
 
     def __init__(self, pruner, threshold: float = AUTHORS["threshold"], steps_per_half: int | None = None,
-                 warmup: int | None = None, search_until: float = 0.6, measure_every: int = 2, seed: int = 0):
+                 warmup: int | None = None, search_until: float = 0.6, measure_every: int = 2, pace: bool = True,
+                 seed: int = 0):
         super().__init__(pruner)
         _check(threshold, steps_per_half, warmup, search_until, measure_every, seed)
+        if not isinstance(pace, bool):
+            raise ConfigError(f"pace must be True or False, got {pace!r}")
+        self.pace = pace
         self.threshold, self.measure_every, self.seed = float(threshold), int(measure_every), int(seed)
         self.notes: list[str] = []
         self.consumers = self._searchable()
@@ -168,6 +184,7 @@ class AOFP(TrainingMethod):
         self.probes = {(g, c.fqn): output_probe(pruner, c.fqn, 1) for g, cs in self.consumers.items() for c in cs}
         self.done = False
         self.forced = 0          # channels pruned by the end-of-window fallback
+        self.paced = 0           # channels pruned at a halving the threshold failed, to keep the pace
         self._masked: dict[int, np.ndarray] = {}   # this step's random halves
         self._masked_step = -1
         self._buf: dict[int, torch.Tensor] = {}    # gid -> [consumers, 2] (sum diff^2, sum base^2), float64
@@ -293,29 +310,51 @@ class AOFP(TrainingMethod):
             if step < s.start or step - s.half_start < self.steps_per_half or not self._active(gid):
                 continue
             s.half_start = step
-            lower, scores = s.halve(self.threshold)
+            behind = self.pace and self._behind(gid, step)
+            lower, scores, passed = s.halve(self.threshold, force=behind)
             if len(lower):
-                self._prune(gid, lower, scores)
+                self._prune(gid, lower, scores, pace_only=not passed)
             if self.done:
                 return
         if step >= self.window:
             self._apply(self._fallback_keep(), forced=True)
 
-    def _prune(self, gid: int, lower: np.ndarray, scores: np.ndarray):
-        """Mask ``lower`` (lowest first) for good, cut to what the target still needs; stop at the target."""
+    def _progress(self, step: int) -> float:
+        """How far along the search window a linear pace would have the cut by now (0 at warm-up, 1 at its end)."""
+        return float(np.clip((step - self.warmup) / max(1, self.window - self.warmup), 0.0, 1.0))
+
+    def _planned_live(self, gid: int, step: int) -> int:
+        n = len(self.search[gid].live)
+        return int(np.ceil(n - (n - self.floor[gid]) * self._progress(step)))
+
+    def _behind(self, gid: int, step: int) -> bool:
+        t = self.pruner.ctx.target
+        if t.metric is not None:
+            return self._cost() > 1.0 - (1.0 - t.value) * self._progress(step) + 1e-12
+        return int(self.search[gid].live.sum()) > self._planned_live(gid, step)
+
+    def _prune(self, gid: int, lower: np.ndarray, scores: np.ndarray, pace_only: bool = False):
+        """Mask ``lower`` (lowest first) for good, cut to what the target still needs (``pace_only``: to what
+        the pace needs now); stop at the target."""
         s = self.search[gid]
-        room = int(s.live.sum()) - self.floor[gid]
-        lower = self._keep_each_producer(gid, lower[:max(0, room)])
+        live = int(s.live.sum())
+        step = self.pruner.step
+        t = self.pruner.ctx.target
+        floor = self.floor[gid]
+        if pace_only and t.metric is None:
+            floor = max(floor, self._planned_live(gid, step))
+        lower = self._keep_each_producer(gid, lower[:max(0, live - floor)])
         if not len(lower):
             s.S = s.live.copy()
             return
-        t = self.pruner.ctx.target
         if t.metric is not None:
-            for c in range(1, len(lower) + 1):  # the fewest channels that reach the target
-                if self._cost(gid, int(s.live.sum()) - c) <= t.value + 1e-12:
+            goal = 1.0 - (1.0 - t.value) * self._progress(step) if pace_only else t.value
+            for c in range(1, len(lower) + 1):  # the fewest channels that reach the goal
+                if self._cost(gid, live - c) <= max(goal, t.value) + 1e-12:
                     lower = lower[:c]
                     break
         s.prune(lower, scores)
+        self.paced += int(len(lower)) if pace_only else 0
         self.pruner.set_mask(gid, s.live.copy())
         if self._reached():
             self._apply({g: x.live.copy() for g, x in self.search.items()}, forced=False)
@@ -355,19 +394,21 @@ class AOFP(TrainingMethod):
         return all(int(s.live.sum()) <= self.floor[g] for g, s in self.search.items())
 
     def _fallback_keep(self) -> dict[int, np.ndarray]:
-        """The rest of the cut by score: the global width solver on the long-run mean t, lowest masked."""
+        """The rest of the cut by score: the global width solver on the long-run mean t (no group above its
+        live width, rounded up), the lowest channels masked."""
         ctx = self.pruner.ctx
         t = ctx.target
         scores = {g: s.long_run_scores() for g, s in self.search.items()}
         if t.metric is not None:
-            w = fit_global(ctx.analysis, scores, ctx.cost, t.value, t.metric, t.round_to)
+            upper = self._widths({g: int(s.live.sum()) for g, s in self.search.items()})
+            w = np.minimum(fit_global(ctx.analysis, scores, ctx.cost, t.value, t.metric, t.round_to), upper)
+            w = fill(ctx.analysis, ctx.cost, w, None, t.value, t.metric, t.round_to, upper=upper)
         else:
             w = {g: self.floor[g] for g in scores}
         out = {}
         for g, sc in scores.items():
-            k = min(int(w[g]), int(self.search[g].live.sum())) if t.metric is None else int(w[g])
             keep = np.zeros(len(sc), dtype=bool)
-            keep[top_k(sc, k)] = True
+            keep[top_k(sc, int(w[g]))] = True
             out[g] = keep
         return out
 
@@ -396,8 +437,8 @@ class AOFP(TrainingMethod):
                "search_ends": self.window,
                "live": {ctx.groups[g].modules[0]: f"{int(s.live.sum())}/{len(s.live)}" for g, s in
                         self.search.items()},
-               "pruned_by_threshold": int(sum((~s.live).sum() for s in self.search.values())) - self.forced,
-               "pruned_by_fallback": self.forced}
+               "pruned_by_threshold": int(sum((~s.live).sum() for s in self.search.values())) - self.forced
+               - self.paced, "pruned_by_pace": self.paced, "pruned_by_fallback": self.forced}
         if ctx.target.metric is not None:
             out[f"{ctx.target.metric}_live"] = self._cost()
         if self.notes:
@@ -416,12 +457,12 @@ class AOFP(TrainingMethod):
 
     def state_dict(self) -> dict:
         return {"search": {self.pruner.group_key(g): s.state() for g, s in self.search.items()},
-                "done": self.done, "forced": self.forced}
+                "done": self.done, "forced": self.forced, "paced": self.paced}
 
     def load_state_dict(self, state: dict):
         for key, st in state["search"].items():
             self.search[self.pruner.gid_of(key)].load(st)
-        self.done, self.forced = bool(state["done"]), int(state["forced"])
+        self.done, self.forced, self.paced = bool(state["done"]), int(state["forced"]), int(state["paced"])
         if self.done:
             self._unhook()
         self._masked_step = -1

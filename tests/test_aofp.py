@@ -56,7 +56,7 @@ def test_channels_planted_with_exactly_zero_effect_are_found_first():
         model.c2.weight[:, planted] = 0.0  # the next layer ignores them: removing them changes nothing
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the planted zeros stay exact
     pruner = _prepare(model, opt, 300, amounts={"c1": 3 / 8}, steps_per_half=10, warmup=0, search_until=1.0,
-                      measure_every=1)
+                      measure_every=1, pace=False)
     gid = group_with(pruner.analysis, "c1.weight").gid
     _train(model, opt, 300)
     st = pruner.status()
@@ -81,27 +81,31 @@ def test_halving_rule_on_scripted_scores():
     thr = 0.01
     # the lower half's worst is under the threshold: those are pruned (lowest first), S restarts from live
     s = _scripted(8, range(8), [0.5, 0.001, 0.3, 0.002, 0.009, 0.2, 0.004, 0.6])
-    lower, _ = s.halve(thr)
-    assert lower.tolist() == [1, 3, 6, 4]
+    lower, _, passed = s.halve(thr)
+    assert lower.tolist() == [1, 3, 6, 4] and passed
     s.prune(lower)
     assert s.S.tolist() == s.live.tolist() and s.live.sum() == 4
     # one member of the lower half is at the threshold: S shrinks to that half, nothing pruned
     s = _scripted(8, range(8), [0.5, 0.001, 0.3, 0.002, 0.01, 0.2, 0.004, 0.6])
-    lower, _ = s.halve(thr)
-    assert len(lower) == 0 and np.flatnonzero(s.S).tolist() == [1, 3, 4, 6] and s.live.all()
+    lower, _, passed = s.halve(thr)
+    assert len(lower) == 0 and not passed and np.flatnonzero(s.S).tolist() == [1, 3, 4, 6] and s.live.all()
     assert s.acc_cnt.sum() == 0  # each halving scores afresh
+    # ... unless the pace forces it: the same lower half comes back for pruning, S untouched until prune()
+    s = _scripted(8, range(8), [0.5, 0.001, 0.3, 0.002, 0.01, 0.2, 0.004, 0.6])
+    lower, _, passed = s.halve(thr, force=True)
+    assert lower.tolist() == [1, 3, 6, 4] and not passed and s.S.all()
     # a member never masked counts as the largest score, never as the lowest; ties go to the lower index
     s = _scripted(6, [0, 2, 3, 5], [0.2, np.nan, 0.2, 0.1])
-    lower, _ = s.halve(thr)
+    lower, _, _ = s.halve(thr)
     assert len(lower) == 0 and np.flatnonzero(s.S).tolist() == [0, 5]
     # a failing single channel (|S| = 2 or 3): S restarts as every live channel
     s = _scripted(6, [0, 5, 2], [0.02, 0.03, 0.5])
     s.live[3] = False
-    lower, _ = s.halve(thr)
+    lower, _, _ = s.halve(thr)
     assert len(lower) == 0 and s.S.tolist() == s.live.tolist()
     # ... and a passing one is pruned alone
     s = _scripted(6, [0, 5], [0.5, 0.003])
-    lower, _ = s.halve(thr)
+    lower, _, _ = s.halve(thr)
     assert lower.tolist() == [5]
 
 
@@ -115,6 +119,22 @@ def test_halving_draws_half_of_the_search_set_and_scores_only_the_masked():
     scores = s.mean_scores()
     np.testing.assert_allclose(scores[masked], 0.5)
     assert np.isinf(scores[~masked]).all()
+
+
+def test_the_pace_spreads_the_cut_over_the_window_when_the_threshold_never_passes():
+    torch.manual_seed(0)
+    model = randomize_bn(Net(16))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    pruner = _prepare(model, opt, 80, target_flops=0.5, threshold=1e-12, steps_per_half=4, warmup=0,
+                      search_until=0.5, measure_every=1)
+    seen = []
+    for i in range(40):
+        _train(model, opt, 1, seed=i)
+        seen.append(pruner.status()["flops_live"])
+    st = pruner.status()
+    assert st["pruned_by_threshold"] == 0 and st["pruned_by_pace"] > 0 and not st["searching"]
+    assert 1.0 > seen[19] > 0.5 and seen[-1] <= 0.5  # half-way through the window, part of the cut is done
+    assert st["pruned_by_fallback"] <= st["pruned_by_pace"]
 
 
 def _zero_consumer_columns(model, pruner):
@@ -246,6 +266,7 @@ def test_bad_input_is_a_clear_error_and_the_model_is_untouched():
         (ConfigError, "warmup", dict(warmup=-1)),
         (ConfigError, "search_until", dict(search_until=1.5)),
         (ConfigError, "measure_every", dict(measure_every=0)),
+        (ConfigError, "pace", dict(pace="yes")),
         (ConfigError, "unknown option", dict(thresh=0.01)),
         (TargetError, "unreachable", dict(target_flops=0.001)),
     ]
