@@ -15,7 +15,11 @@ decisions and hands them to the same rewrite, reconstruction and verification as
 ``state_dict()`` / ``load_state_dict()`` checkpoint the pruning state beside the model and optimizer; groups are
 keyed by their producers' parameter names, so the state survives a DDP ``module.`` prefix and a restart.
 
-A training method is a class registered in fxprune.passes with ``training = True`` (see TrainingMethod).
+A training method is a class registered in fxprune.passes with ``training = True`` (see TrainingMethod). What
+methods use here: ``pruner.group_slots`` / ``tensor`` / ``learning_rate`` (parameters and optimizer settings),
+``set_mask`` (removed channels exactly zero at every consumer), ``consumer_inputs`` (where each consumer module
+reads a group), ``output_probe`` (a layer's output through its next BatchNorm, with running statistics, and its
+activation, as taken from the graph) and ``track`` (module hooks that ``remove()`` takes off with the others).
 """
 
 from __future__ import annotations
