@@ -31,6 +31,9 @@ def main():
     ap.add_argument("--lr", type=float, default=0.02)
     ap.add_argument("--out", default="slim-csgd.pt")
     ap.add_argument("--train-samples", type=int, default=None, help="use only the first N training images")
+    ap.add_argument("--model", default="vgg-small", choices=["vgg-small", "lenet5"],
+                    help="lenet5 has no BatchNorm, so 2 processes compute exactly what 1 process does; BatchNorm "
+                         "layers normalize with each rank's own half batch (no SyncBatchNorm on CPU)")
     args = ap.parse_args()
 
     distributed = "RANK" in os.environ
@@ -42,7 +45,7 @@ def main():
     train_x, train_y, calib, _ = split_train(images, labels, calib=1000, seed=0)
     train_x, train_y = train_x[:args.train_samples], train_y[:args.train_samples]
     torch.manual_seed(0)
-    model = zoo.build("vgg-small", in_channels=1, image_size=28)
+    model = zoo.build(args.model, in_channels=1, image_size=28)
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
     per_rank = args.batch // world

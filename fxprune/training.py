@@ -15,17 +15,26 @@ decisions and hands them to the same rewrite, reconstruction and verification as
 ``state_dict()`` / ``load_state_dict()`` checkpoint the pruning state beside the model and optimizer; groups are
 keyed by their producers' parameter names, so the state survives a DDP ``module.`` prefix and a restart.
 
-A training method is a class registered in fxprune.passes with ``training = True`` (see TrainingMethod).
+A training method is a class registered in fxprune.passes with ``training = True`` (see TrainingMethod). What
+methods use here: ``pruner.group_slots`` / ``tensor`` / ``learning_rate`` (parameters and optimizer settings),
+``set_mask`` (removed channels exactly zero at every consumer), ``consumer_inputs`` (where each consumer module
+reads a group), ``output_probe`` (a layer's output through its next BatchNorm, with running statistics, and its
+activation, as taken from the graph) and ``track`` (module hooks that ``remove()`` takes off with the others).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
+from .cmap import op_name
 from .errors import ConfigError
+from .ops import handler
 from .rewrite import Decision
 from .stages import DEFAULT_CALIB_SAMPLES, PruneResult, begin, finish
 from .targets import DEFAULT_ROUND_TO
@@ -123,6 +132,11 @@ class Pruner:
         mom = group.get("momentum", (group.get("betas") or (0.0,))[0]) or 0.0
         return float(group["lr"]), float(mom), float(group.get("weight_decay", 0.0) or 0.0)
 
+    def track(self, handle):
+        """Keep a hook handle a method registered (module hooks): remove() takes it off with the others."""
+        self._handles.append(handle)
+        return handle
+
     def set_mask(self, gid: int, keep_mask: np.ndarray | None):
         """Make the removed channels of a group exactly zero for every consumer (None: unmask). The slim model
         of a selection equals this masked model."""
@@ -177,26 +191,114 @@ class Pruner:
         self.method.load_state_dict(state["state"])
 
 
-def consumer_mask_hooks(pruner: Pruner, gid: int, keep_mask: np.ndarray) -> list:
-    """Forward pre-hooks that zero a group's removed channels in each consumer module's input."""
+@dataclass
+class ConsumerInput:
+    """Where one consumer module reads a group: the module, the channel dim of its input, and the (group,
+    group channel) of every position along that dim (several groups may share one input)."""
+    fqn: str                   # the consumer's weight
+    module: nn.Module
+    dim: int
+    gid: np.ndarray
+    idx: np.ndarray
+
+    def positions(self, gid: int, channels: np.ndarray) -> np.ndarray:
+        """Input positions that carry the given channels (a bool mask over the group) of group ``gid``."""
+        return np.flatnonzero((self.gid == gid) & channels[np.maximum(self.idx, 0)])
+
+
+def consumer_inputs(pruner: Pruner, gid: int) -> list[ConsumerInput]:
+    """The consumer modules of a group whose input (their forward's first argument) carries its channels."""
     an = pruner.analysis
-    handles = []
+    out = []
     for fqn in an.groups[gid].consumers:
         s = an.slots.get((fqn, 1))
         if s is None:
             continue
         g, idx = an.positions(s)
-        pos = np.flatnonzero((g == gid) & ~keep_mask[np.maximum(idx, 0)])
-        if not len(pos):
+        if not (g == gid).any():
             continue
         module = pruner.model.get_submodule(fqn.rpartition(".")[0])
-        dim = -1 if isinstance(module, nn.Linear) else 1
+        out.append(ConsumerInput(fqn, module, -1 if isinstance(module, nn.Linear) else 1, g, idx))
+    return out
+
+
+def consumer_mask_hooks(pruner: Pruner, gid: int, keep_mask: np.ndarray) -> list:
+    """Forward pre-hooks that zero a group's removed channels in each consumer module's input."""
+    handles = []
+    for c in consumer_inputs(pruner, gid):
+        pos = c.positions(gid, ~keep_mask)
+        if not len(pos):
+            continue
         index = torch.as_tensor(pos)
 
-        def hook(mod, args, index=index, dim=dim):
+        def hook(mod, args, index=index, dim=c.dim):
             return (args[0].index_fill(dim, index.to(args[0].device), 0.0), *args[1:])
-        handles.append(module.register_forward_pre_hook(hook))
+        handles.append(c.module.register_forward_pre_hook(hook))
     return handles
+
+
+# aten BatchNorm overloads: the argument index of eps, and whether the result is a tuple (read through getitem 0)
+_BN_EPS = {"aten.batch_norm": (7, False), "aten.native_batch_norm": (7, True),
+           "aten._native_batch_norm_legit_no_training": (6, True)}
+
+
+@dataclass
+class OutputProbe:
+    """A layer's output as the next layer sees it: through the BatchNorm that directly follows (running
+    statistics, as in eval mode; nothing is updated) and the element-wise activation after that, when the graph
+    has them. ``bn`` holds the live tensors' names (weight, bias, running_mean, running_var; None where absent)."""
+    pruner: Pruner
+    bn: dict | None = None
+    eps: float = 1e-5
+    act: object = None         # the activation's graph node (its target and constant arguments are applied)
+
+    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+        y = y.detach()
+        if self.bn is not None:
+            t = {k: None if f is None else self.pruner.tensor(f) for k, f in self.bn.items()}
+            y = F.batch_norm(y, t["running_mean"], t["running_var"], t["weight"], t["bias"], training=False,
+                             eps=self.eps)
+        else:
+            y = y.clone()      # an in-place activation must not write into the model's own output
+        if self.act is not None:
+            y = self.act.target(y, *self.act.args[1:], **self.act.kwargs)
+        return y
+
+
+def output_probe(pruner: Pruner, fqn: str, dim: int) -> OutputProbe:
+    """The probe after the op that reads weight ``fqn`` along ``dim`` (1: a consumer's input, 0: a producer's
+    rows). Only an op used once per forward, followed by a BatchNorm and an activation that nothing else reads,
+    gets them; otherwise the probe is the identity (the output itself)."""
+    an = pruner.analysis
+    users = an.slot_users.get((fqn, dim), [])
+    probe = OutputProbe(pruner)
+    if len(users) != 1:
+        return probe
+    node = users[0]
+    nxt = _only_user(node)
+    spec = _BN_EPS.get(op_name(nxt.target)) if nxt is not None and nxt.op == "call_function" else None
+    if spec is not None and nxt.args[0] is node:
+        eps_at, is_tuple = spec
+        names = ("weight", "bias", "running_mean", "running_var")
+        probe.bn = {k: an.param_fqn(a) if isinstance(a, torch.fx.Node) else None
+                    for k, a in zip(names, nxt.args[1:5])}
+        if probe.bn["running_mean"] is None or probe.bn["running_var"] is None:
+            return OutputProbe(pruner)  # no running statistics to normalize with
+        probe.eps = float(nxt.args[eps_at]) if len(nxt.args) > eps_at else 1e-5
+        node = _only_user(nxt) if is_tuple else nxt
+        if node is None or (is_tuple and not (op_name(node.target) == "_operator.getitem" and node.args[1] == 0)):
+            return probe
+        nxt = _only_user(node)
+    if nxt is not None and nxt.op == "call_function" and handler(nxt.target).family == "elementwise" \
+            and nxt.args and nxt.args[0] is node \
+            and not any(isinstance(a, torch.fx.Node) for a in (*nxt.args[1:], *nxt.kwargs.values())):
+        probe.act = nxt
+    return probe
+
+
+def _only_user(node):
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

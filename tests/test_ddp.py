@@ -1,5 +1,6 @@
 """Under torchrun (2 processes, gloo, CPU) both ranks build the same slim model, equal to one process with the
-same global batch: C-SGD in a DistributedDataParallel loop, ID with each rank holding half the calibration data.
+same global batch: C-SGD, AOFP and Auto-Balanced in a DistributedDataParallel loop, ID with each rank holding half
+the calibration data.
 The worker is tests/ddp_worker.py."""
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ def runs(tmp_path_factory):
     return load("rank0-of-1.pt"), load("rank0-of-2.pt"), load("rank1-of-2.pt")
 
 
-@pytest.mark.parametrize("method", ["csgd", "id"])
+@pytest.mark.parametrize("method", ["csgd", "aofp", "abfp", "id"])
 def test_ranks_agree_with_each_other_and_with_one_process(runs, method):
     single, r0, r1 = (r[method] for r in runs)
     assert r0["keep"] == r1["keep"] == single["keep"]
     assert r0["keep"], "nothing was pruned"
+    assert r0.get("status") == r1.get("status")  # the same masks / clusters on both ranks
     for name, t in r0["state"].items():
         assert torch.equal(t, r1["state"][name]), f"{method}: ranks differ in {name}"
         torch.testing.assert_close(t, single["state"][name], rtol=1e-4, atol=1e-5, msg=f"{method}: {name}")
