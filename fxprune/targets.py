@@ -57,6 +57,8 @@ class CostModel:
                 continue
             src, out = an.cmap(an.data_input(node)), an.cmap(node)
             fin = self._fraction(src) if src is not None and (out is None or src.ids is not out.ids) else None
+            if src is not None and src.heads and out is not None:
+                fin = None  # per head (q @ k^T, attention): linear in the heads kept, which the output carries
             self.flop_terms.append((float(f), fin, self._fraction(out) if out is not None else None))
         self.param_terms = []  # (numel, [fraction vectors of its channel dims])
         slots_by_fqn: dict[str, list] = {}
@@ -101,8 +103,9 @@ DEFAULT_ROUND_TO = 16
 
 
 def unit(group, round_to: int | None) -> int:
-    """Widths move in multiples of this: round_to, and the group's block count (grouped conv, chunk)."""
-    return math.lcm(max(1, round_to or 1), group.blocks)
+    """Widths move in multiples of this: round_to, the group's block count (grouped conv, chunk) times the size
+    of its whole units (attention heads: every block keeps whole heads)."""
+    return math.lcm(max(1, round_to or 1), group.blocks * group.unit_size)
 
 
 def round_width(k: int, group, round_to: int | None) -> int:
