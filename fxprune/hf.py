@@ -47,6 +47,29 @@ def fix_attention(plan, node, module: nn.Module):
     groups = getattr(module, "num_key_value_groups", None)
     if isinstance(groups, int) and groups > 0:
         _set_if(module, "num_key_value_heads", old // groups, new // groups)
+        _record_layer(module, cm.unit, num_attention_heads=new, num_key_value_heads=new // groups)
+    else:
+        _record_layer(module, cm.unit, num_attention_heads=new)
+
+
+def _record_layer(module: nn.Module, head_dim: int, **widths):
+    """Per-layer widths in the model's config, where transformers can record them (``config.per_layer_config``,
+    transformers >= 5.x): ``generate`` with a static cache sizes each layer's kv cache from it. The module's own
+    layer index (``layer_idx``) says which layer; global config fields keep the unpruned widths, and reading them
+    stays allowed (``allow_global_per_layer_attribute_access``) because the built modules no longer read them."""
+    cfg, layer = getattr(module, "config", None), getattr(module, "layer_idx", None)
+    if cfg is None or not isinstance(layer, int) or not hasattr(type(cfg), "per_layer_config"):
+        return
+    spec = cfg.__dict__.get("_heterogeneity_spec")
+    layers = {i: dict(o) for i, o in spec.per_layer_overrides.items()} if spec is not None else {}
+    layers[layer] = {**layers.get(layer, {}), **widths}
+    try:
+        cfg.allow_global_per_layer_attribute_access = True
+        if getattr(cfg, "head_dim", None) is None:  # else hidden_size // num_attention_heads would be read
+            cfg.head_dim = head_dim
+        cfg.per_layer_config = layers
+    except Exception:  # noqa: BLE001 - a config that refuses per-layer values keeps its global ones
+        pass
 
 
 def update_module(mod: nn.Module):
@@ -57,4 +80,4 @@ def update_module(mod: nn.Module):
     for attr, reader in INTERMEDIATE:
         lin = getattr(mod, reader, None)
         if isinstance(getattr(mod, attr, None), int) and isinstance(lin, nn.Linear):
-            setattr(mod, attr, lin.in_features)
+            setattr(mod, attr, lin.weight.shape[1])  # its tensor: the parent is updated before the child
