@@ -114,6 +114,7 @@ class _UnionFind:
     def __init__(self):
         self.parent: list[int] = []
         self.reason: dict[int, str] = {}
+        self.mixing: dict[int, str] = {}  # the first channel-mixing reason (a normalization), when there is one
 
     def fresh(self, n: int, frozen: str | None = None) -> np.ndarray:
         start = len(self.parent)
@@ -139,10 +140,16 @@ class _UnionFind:
                 self.parent[ry] = rx
                 if ry in self.reason and rx not in self.reason:
                     self.reason[rx] = self.reason[ry]
+                if ry in self.mixing and rx not in self.mixing:
+                    self.mixing[rx] = self.mixing[ry]
 
     def freeze(self, ids: np.ndarray, why: str):
+        mixing = "normaliz" in why or "mixes channels" in why
         for i in ids.tolist():
-            self.reason.setdefault(self.find(i), why)
+            r = self.find(i)
+            self.reason.setdefault(r, why)
+            if mixing:
+                self.mixing.setdefault(r, why)
 
     def roots(self, ids: np.ndarray) -> np.ndarray:
         return np.fromiter((self.find(i) for i in ids.tolist()), dtype=np.int64, count=len(ids))
@@ -258,6 +265,21 @@ class Analysis:
         self.barrier_nodes.append(node)
         self.barriers.append(Barrier(node.name, node_module_path(node), why))
         return None
+
+    def barrier_before(self, node: Node, depth: int = 8) -> str:
+        """', which comes from <the nearest barrier upstream>' (a residual stream added to a LayerNorm's output
+        is frozen because of the LayerNorm), or '' when none is near."""
+        names = {b.node: b for b in self.barriers}
+        seen, frontier = set(), [node]
+        for _ in range(depth):
+            nxt = []
+            for n in frontier:
+                if n.name in names:
+                    return f", which comes from a barrier: {names[n.name].reason}"
+                seen.add(n)
+                nxt += [a for a in n.all_input_nodes if a not in seen]
+            frontier = nxt
+        return ""
 
     def param_fqn(self, arg) -> str | None:
         """The canonical name of a parameter/buffer node (tied weights: the first name it has)."""
@@ -436,7 +458,10 @@ class Analysis:
             for i, r in enumerate(classes):
                 self.class_index[r] = (g.gid, i)
             reasons = [uf.reason[r] for r in classes if r in uf.reason]
-            g.frozen = reasons[0] if reasons else None
+            # a channel-mixing normalization says best why a stream is frozen (a transformer's residual stream:
+            # LayerNorm / RMSNorm), ahead of an untracked input it is also added to (an embedding lookup)
+            mixing = [uf.mixing[r] for r in classes if r in uf.mixing]
+            g.frozen = (mixing or reasons or [None])[0]
             self.groups.append(g)
         for s in self.slots.values():
             for gid in sorted({self.class_index[r][0] for r in uf.roots(s.ids).tolist() if r in self.class_index}):

@@ -93,7 +93,8 @@ def _untracked_operands(an, node, inputs, d, out, first: CMap, per_head: bool):
             an.slot(node, a, di, "member", CMap(0, first.reps(), np.zeros(first.size, np.int64)) if per_head
                     else first)
         else:
-            an.uf.freeze(first.ids, f"combined element-wise with untracked tensor '{a.name}' at node '{node.name}'")
+            an.uf.freeze(first.ids, f"combined element-wise with untracked tensor '{a.name}' at node '{node.name}'"
+                         + an.barrier_before(a))
 
 
 def _join_heads(an, node, inputs, tracked, d, out):
