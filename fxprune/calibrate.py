@@ -87,8 +87,9 @@ def stream(an, calib, nodes, decisions=None, example: tuple = (), max_samples: i
     total = math.ceil(min(max_samples, len(calib)) / BATCH) if isinstance(calib, torch.Tensor) else None
     bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="batch")
     try:
+        interp = HookedInterpreter(an.gm, plan, capture=set(nodes))
         for xs in batches(calib, example, max_samples):
-            interp = HookedInterpreter(an.gm, plan, capture=set(nodes))
+            interp.captured = {}
             interp.run(*xs)
             bar.update(1)
             yield interp.captured
@@ -112,8 +113,11 @@ def group_columns(an, node_name: str, gid: int) -> tuple[int, np.ndarray] | None
 
 
 def as_rows(act: torch.Tensor, dim: int, P: np.ndarray) -> torch.Tensor:
-    """The group's columns of an activation as a (rows, width) matrix; spatial tags become extra rows."""
+    """The group's columns of an activation, channels last: (..., width). A view when the group is exactly the
+    channel dim (the common case); otherwise a (rows, width) copy where spatial tags become extra rows."""
     a = act.movedim(dim, -1)
+    if P.shape[0] == 1 and P.shape[1] == a.shape[-1] and (np.diff(P[0]) == 1).all() and P[0, 0] == 0:
+        return a
     a = a.reshape(-1, a.shape[-1])[:, torch.as_tensor(P.reshape(-1), device=a.device)]
     return a.reshape(-1, P.shape[1])
 
@@ -132,7 +136,7 @@ def source_grams(ctx, groups, decisions=None, samples: int = DEFAULT_SAMPLES, de
     nodes = sorted({src for _, src in where})
     for acts in stream(an, ctx.calib, nodes, decisions, ctx.example_inputs, samples, ctx.progress, desc):
         for (g, src), (dim, P) in where.items():
-            accs[(g, src)].update(as_rows(acts[src], dim, P))
+            accs[(g, src)].update(as_rows(acts[src], dim, P), channel_dim=-1)
     out: dict[int, dict[str, np.ndarray]] = {}
     for (g, src), acc in accs.items():
         out.setdefault(g, {})[src] = acc.allreduce().G

@@ -132,8 +132,8 @@ def _fit(plan: Plan, g: int, src: str, pruned: list, orig: list, ridge: float) -
     B = torch.zeros(k, n, dtype=torch.float64)
     energy = torch.zeros(1, dtype=torch.float64)
     for zp, zo in zip(pruned, orig):
-        X = as_rows(zp, dim, P)[:, keep].double()
-        Y = as_rows(zo, dim, P).double()
+        X = as_rows(zp, dim, P)[..., keep].reshape(-1, k).double()
+        Y = as_rows(zo, dim, P).reshape(-1, n).double()
         A += X.T @ X
         B += X.T @ Y
         energy += Y.square().sum()
@@ -149,9 +149,9 @@ def _bn_stats(chunks: list) -> tuple[torch.Tensor, torch.Tensor]:
     c = chunks[0].shape[1]
     acc = torch.zeros(3, c, dtype=torch.float64)
     for x in chunks:
-        xd = x.detach().double().movedim(1, 0).reshape(c, -1)
-        acc[0] += xd.sum(1)
-        acc[1] += xd.square().sum(1)
+        xd = x.detach().transpose(0, 1).reshape(c, -1)
+        acc[0] += xd.sum(1, dtype=torch.float64)
+        acc[1] += xd.square().sum(1, dtype=torch.float64)
         acc[2] += xd.shape[1]
     acc = distributed.allreduce_sum(acc)
     mean = acc[0] / acc[2]

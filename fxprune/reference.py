@@ -20,10 +20,29 @@ from .ops import handler
 from .rewrite import Plan, segments
 
 
+class _Segment:
+    """One run of a group's channels in a consumer's input, with its index tensors built once."""
+
+    def __init__(self, plan: Plan, s, g: int, P: np.ndarray, idx: np.ndarray):
+        d = plan.decisions[g]
+        self.g, self.src = g, plan.an.slot_source.get((s.fqn, s.dim, g))
+        self.pos = torch.as_tensor(P)
+        self.keep = self.pos[torch.as_tensor(d.keep)] if len(P) == len(plan.keep_mask[g]) else None
+        self.dropped = self.pos[torch.as_tensor(~plan.keep_mask[g][idx[P]])]
+
+
+class _Hook:
+    """How one consumer slot's input is rebuilt: its segments and the channel dim of the node's input."""
+
+    def __init__(self, plan: Plan, s, gid: np.ndarray, idx: np.ndarray, dim: int):
+        self.s, self.dim = s, dim
+        self.segments = [_Segment(plan, s, g, P, idx) for (g, _, _), P in segments(gid, idx, s.tags).items()
+                         if g in plan.decisions]
+
+
 def consumer_hooks(plan: Plan) -> dict[str, list]:
-    """node name -> [(slot, group per position, index per position, channel dim of the node's input)] for every
-    consumer node that reads a decided group. The input is the node's data argument (``data_arg``: its first,
-    addmm's second); ``hooked_args`` replaces it."""
+    """node name -> [_Hook] for every consumer node that reads a decided group. The input is the node's data
+    argument (``data_arg``: its first, addmm's second); ``hooked_args`` replaces it."""
     an = plan.an
     hooks: dict[str, list] = {}
     for s in an.slots.values():
@@ -34,27 +53,32 @@ def consumer_hooks(plan: Plan) -> dict[str, list]:
             continue
         for user in an.slot_users[(s.fqn, s.dim)]:
             dim = an.cmap(an.data_input(user)).dim  # where the consumer's input carries the channels
-            hooks.setdefault(user.name, []).append((s, gid, idx, dim))
+            hooks.setdefault(user.name, []).append(_Hook(plan, s, gid, idx, dim))
     return hooks
 
 
-def reconstruct(plan: Plan, x: torch.Tensor, s, gid: np.ndarray, idx: np.ndarray, dim: int) -> torch.Tensor:
+def reconstruct(plan: Plan, x: torch.Tensor, hook: _Hook) -> torch.Tensor:
     """A consumer's input with each decided group's channels replaced by Z_j[:, keep] @ T_j (or zeroed)."""
-    out = x.clone()
-    for (g, _, _), P in segments(gid, idx, s.tags).items():
-        d = plan.decisions.get(g)
-        if d is None:
-            continue
-        pos = torch.as_tensor(P, device=x.device)
-        T = plan.T_at(s, g)
-        if T is None:
-            dropped = pos[torch.as_tensor(~plan.keep_mask[g][idx[P]], device=x.device)]
-            out.index_fill_(dim, dropped, 0.0)
+    dim, out = hook.dim, None
+    for seg in hook.segments:
+        T = plan.decisions[seg.g].T
+        T = (T.get(seg.src) if isinstance(T, dict) else T) if seg.keep is not None else None
+        if T is None:  # plan decisions are normalized: no selection matrix is stored as a T
+            if len(seg.dropped):
+                out = (x if out is None else out).index_fill(dim, seg.dropped.to(x.device), 0.0)
         else:
-            zk = x.index_select(dim, pos[torch.as_tensor(d.keep, device=x.device)]).movedim(dim, -1)
-            rebuilt = (zk @ torch.as_tensor(T, dtype=x.dtype, device=x.device)).movedim(-1, dim)
-            out.index_copy_(dim, pos, rebuilt)
-    return out
+            zk = x.index_select(dim, seg.keep.to(x.device)).movedim(dim, -1)
+            rebuilt = (zk @ _as_tensor(plan, T, x)).movedim(-1, dim)
+            out = (x.clone() if out is None else out).index_copy_(dim, seg.pos.to(x.device), rebuilt)
+    return x if out is None else out
+
+
+def _as_tensor(plan: Plan, T: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    cache = plan.__dict__.setdefault("_torch_T", {})
+    key = (id(T), like.dtype, like.device)
+    if key not in cache:
+        cache[key] = (T, torch.as_tensor(T, dtype=like.dtype, device=like.device))  # T kept alive: id stays valid
+    return cache[key][1]
 
 
 def hooked_args(plan: Plan, node, entries: list, args: tuple) -> tuple:
@@ -62,8 +86,8 @@ def hooked_args(plan: Plan, node, entries: list, args: tuple) -> tuple:
     node's list from consumer_hooks)."""
     i = handler(node.target).data_arg
     x = args[i]
-    for s, gid, idx, dim in entries:
-        x = reconstruct(plan, x, s, gid, idx, dim)
+    for hook in entries:
+        x = reconstruct(plan, x, hook)
     return (*args[:i], x, *args[i + 1:])
 
 
