@@ -33,10 +33,11 @@ def unit_order(G: np.ndarray, unit_of: np.ndarray, n_units: int | None = None) -
 
 
 def unit_pivots(G: np.ndarray, unit_of: np.ndarray, k: int, block_of: np.ndarray | None = None) -> np.ndarray:
-    """Sorted column indices of the k columns kept: whole units, k / unit size of them (per block, with blocks)."""
+    """Sorted column indices of the k columns kept: whole units, k / unit size of them rounded up (a k chosen by
+    an error tolerance keeps the unit it reaches into), per block with blocks."""
     size = len(unit_of) // len(np.unique(unit_of))
     if block_of is None:
-        return np.sort(np.flatnonzero(np.isin(unit_of, unit_order(G, unit_of, k // size))))
+        return np.sort(np.flatnonzero(np.isin(unit_of, unit_order(G, unit_of, max(1, -(-k // size))))))
     blocks = np.unique(block_of)
     picks = []
     for b in blocks.tolist():

@@ -307,3 +307,30 @@ def test_id_keeps_whole_heads_and_drops_a_duplicate_head():
     assert len(kept_heads) == 2 and kept_heads != [0, 2]
     with torch.no_grad():  # the duplicate head is rebuilt exactly by T folded into o
         assert rel_err(res.model(calib[:8]), model(calib[:8])) < 1e-4
+
+
+def test_unit_pivots_with_single_channel_units_are_the_column_pivots():
+    """With one channel per unit the block-pivoted Cholesky is the ordinary one: the same pivots as ID's own."""
+    from passes._id_math import id_from_gram
+    from passes._id_units import unit_order, unit_pivots
+    rng = np.random.default_rng(0)
+    Z = rng.standard_normal((200, 12)) @ rng.standard_normal((12, 12))
+    G = Z.T @ Z
+    assert unit_order(G, np.arange(12)).tolist() == id_from_gram(G, k=12).pivots.tolist()
+    # two-channel units: each pick leaves the least residual energy among the units left (checked by brute force)
+    unit_of = np.repeat(np.arange(6), 2)
+    keep = unit_pivots(G, unit_of, 4)
+    first = unit_order(G, unit_of, 1)[0]
+    energy = [np.trace(G[np.ix_(unit_of == u, unit_of == u)]) for u in range(6)]
+    assert first == int(np.argmax(energy)) and len(keep) == 4 and first in set(unit_of[keep].tolist())
+
+
+def test_id_with_an_error_tolerance_keeps_whole_heads():
+    model = Attn()
+    calib = torch.randn(32, T, D)
+    res = fxprune.prune(model.eval(), X, "id", tol=0.3, calib=calib, round_to=None, progress=False)
+    g = heads_group(res.analysis)
+    if g.gid in res.decisions:
+        counts = np.bincount(g.unit_of[res.decisions[g.gid].keep], minlength=4)
+        assert set(counts.tolist()) <= {0, HD}
+    check_against_reference(model, res)
