@@ -70,6 +70,12 @@ class Group:
     frozen: str | None = None
     sources: dict[str, Source] = field(default_factory=dict)  # node name of Z_j -> its consumers
     block_of: np.ndarray | None = None  # channel -> block; every block keeps the same count (grouped conv, chunk)
+    unit_of: np.ndarray | None = None   # channel -> unit; a unit (an attention head) is kept or removed whole
+
+    @property
+    def unit_size(self) -> int:
+        """Channels per unit (head_dim for attention heads; 1 when channels move one by one)."""
+        return 1 if self.unit_of is None else self.width // (int(self.unit_of.max()) + 1)
 
     @property
     def blocks(self) -> int:
@@ -90,6 +96,9 @@ class Group:
             lines.append(f"  follow:    {', '.join(self.members)}")
         if self.blocks > 1:
             lines.append(f"  blocks:    {self.blocks} (each keeps the same number of channels)")
+        if self.unit_of is not None:
+            lines.append(f"  heads:     {self.width // self.unit_size} of {self.unit_size} channels "
+                         "(kept or removed whole)")
         if not self.frozen:
             for src in self.sources.values():
                 how = "T folded" if src.foldable else f"selection only ({src.why})"
@@ -105,6 +114,7 @@ class _UnionFind:
     def __init__(self):
         self.parent: list[int] = []
         self.reason: dict[int, str] = {}
+        self.mixing: dict[int, str] = {}  # the first channel-mixing reason (a normalization), when there is one
 
     def fresh(self, n: int, frozen: str | None = None) -> np.ndarray:
         start = len(self.parent)
@@ -130,10 +140,16 @@ class _UnionFind:
                 self.parent[ry] = rx
                 if ry in self.reason and rx not in self.reason:
                     self.reason[rx] = self.reason[ry]
+                if ry in self.mixing and rx not in self.mixing:
+                    self.mixing[rx] = self.mixing[ry]
 
     def freeze(self, ids: np.ndarray, why: str):
+        mixing = "normaliz" in why or "mixes channels" in why
         for i in ids.tolist():
-            self.reason.setdefault(self.find(i), why)
+            r = self.find(i)
+            self.reason.setdefault(r, why)
+            if mixing:
+                self.mixing.setdefault(r, why)
 
     def roots(self, ids: np.ndarray) -> np.ndarray:
         return np.fromiter((self.find(i) for i in ids.tolist()), dtype=np.int64, count=len(ids))
@@ -170,6 +186,7 @@ class Analysis:
         self.barriers: list[Barrier] = []
         self.param_users: dict[str, list[Node]] = {}
         self.block_constraints: list[tuple[np.ndarray, int, str]] = []  # (ids in order, blocks, where)
+        self.unit_constraints: list[tuple[np.ndarray, str]] = []  # (ids as (units, unit size), where)
         self.slot_source: dict[tuple[str, int, int], str] = {}  # (consumer fqn, dim, group) -> source node
         self.aliases = _aliases(gm)  # canonical name -> every name of the same tensor (tied weights)
         self._canonical = {name: canon for canon, names in self.aliases.items() for name in names}
@@ -193,6 +210,10 @@ class Analysis:
             h = ops.handler(node.target)
             if h.rule is None:
                 self._set(node, self.barrier(node, ops.barrier_reason(node.target)))
+            elif not h.heads and any(cm.heads for a in _flat_nodes(node.args) + _flat_nodes(node.kwargs)
+                                     for cm in _flat_cmaps(self.channel_map(a))):
+                self._set(node, self.barrier(node, f"{op_name(node.target)} on a tensor split into attention "
+                                                   "heads is not supported"))
             else:
                 self._set(node, h.rule(self, node))
         else:  # call_module (guards) / call_method: nothing tracked flows through
@@ -245,6 +266,21 @@ class Analysis:
         self.barriers.append(Barrier(node.name, node_module_path(node), why))
         return None
 
+    def barrier_before(self, node: Node, depth: int = 8) -> str:
+        """', which comes from <the nearest barrier upstream>' (a residual stream added to a LayerNorm's output
+        is frozen because of the LayerNorm), or '' when none is near."""
+        names = {b.node: b for b in self.barriers}
+        seen, frontier = set(), [node]
+        for _ in range(depth):
+            nxt = []
+            for n in frontier:
+                if n.name in names:
+                    return f", which comes from a barrier: {names[n.name].reason}"
+                seen.add(n)
+                nxt += [a for a in n.all_input_nodes if a not in seen]
+            frontier = nxt
+        return ""
+
     def param_fqn(self, arg) -> str | None:
         """The canonical name of a parameter/buffer node (tied weights: the first name it has)."""
         if isinstance(arg, Node) and arg.op == "get_attr":
@@ -267,7 +303,10 @@ class Analysis:
         if arg.op == "get_attr":
             shape = shape_of(arg)
             return (self.param_fqn(arg), list(range(len(shape)))) if shape is not None else None
-        if arg.op != "call_function" or ops.handler(arg.target).family not in ("identity", "cast", "permute"):
+        family = ops.handler(arg.target).family if arg.op == "call_function" else None
+        if family not in ("identity", "cast", "permute", "expand"):
+            return None
+        if family == "expand" and len(shape_of(arg)) != len(shape_of(arg.args[0])):
             return None
         inner = self.param_view(arg.args[0])
         if inner is None:
@@ -419,7 +458,10 @@ class Analysis:
             for i, r in enumerate(classes):
                 self.class_index[r] = (g.gid, i)
             reasons = [uf.reason[r] for r in classes if r in uf.reason]
-            g.frozen = reasons[0] if reasons else None
+            # a channel-mixing normalization says best why a stream is frozen (a transformer's residual stream:
+            # LayerNorm / RMSNorm), ahead of an untracked input it is also added to (an embedding lookup)
+            mixing = [uf.mixing[r] for r in classes if r in uf.mixing]
+            g.frozen = (mixing or reasons or [None])[0]
             self.groups.append(g)
         for s in self.slots.values():
             for gid in sorted({self.class_index[r][0] for r in uf.roots(s.ids).tolist() if r in self.class_index}):
@@ -436,6 +478,7 @@ class Analysis:
             self._whole_sources(g, nodes)
         for ids, blocks, where in self.block_constraints:
             self._apply_blocks(ids, blocks, where)
+        self._apply_units()
 
     def positions(self, slot_or_cmap) -> tuple[np.ndarray, np.ndarray]:
         """(group id, index in group) per position; group id -1 where a position is in no group."""
@@ -468,6 +511,43 @@ class Analysis:
             why = f"{where} needs blocks that disagree with another grouped op on the same channels"
         for gg in tracked:
             self.groups[gg].frozen = self.groups[gg].frozen or why
+
+    def _apply_units(self):
+        """Heads split off a channel dim are kept or removed whole: the channels of one head (and of every head
+        united with it: q, k, v, a grouped-query kv head and its query heads) form one unit of the group."""
+        rows: dict[int, list[np.ndarray]] = {}
+        for ids, where in self.unit_constraints:
+            gid, idx = self.positions(CMap(0, ids.ravel(), ids.ravel()))
+            tracked = sorted(set(gid.tolist()) - {-1})
+            if not tracked:
+                continue
+            if len(tracked) > 1 or (gid < 0).any():
+                for gg in tracked:
+                    self.groups[gg].frozen = self.groups[gg].frozen or \
+                        f"the heads of {where} hold channels of several groups (or fixed ones); not supported"
+                continue
+            rows.setdefault(tracked[0], []).append(idx.reshape(ids.shape))
+        for gid, blocks in rows.items():
+            g = self.groups[gid]
+            uf = _UnionFind()
+            uf.fresh(g.width)
+            covered = np.zeros(g.width, dtype=bool)
+            for r in blocks:
+                for row in r:
+                    uf.union(np.repeat(row[:1], len(row) - 1), row[1:])
+                    covered[row] = True
+            _, unit_of = np.unique(uf.roots(np.arange(g.width)), return_inverse=True)
+            sizes = set(np.bincount(unit_of).tolist())
+            why = None
+            if not covered.all() or len(sizes) > 1:
+                why = "its attention heads have different sizes (or some channels are in no head); not supported"
+            elif g.block_of is not None and any(len(set(g.block_of[unit_of == u].tolist())) > 1
+                                                for u in range(int(unit_of.max()) + 1)):
+                why = "an attention head spans several blocks of a grouped op; not supported"
+            if why:
+                g.frozen = g.frozen or why
+            else:
+                g.unit_of = unit_of.astype(np.int64)
 
     def _find_sources(self, g: Group):
         """Which tensors the group's consumers read, and where a reconstruction T can be folded: at a source
@@ -528,7 +608,7 @@ class Analysis:
         if h.family in ("getitem", "split", "slice"):
             return node.args[0] if isinstance(node.args[0], Node) else None
         nxt = h.through(self, node, gid)
-        return nxt if isinstance(nxt, Node) else None
+        return nxt if isinstance(nxt, Node) and not _is_heads(self.cmap(nxt)) else None
 
     def carries_whole(self, node: Node, gid: int) -> bool:
         """Whether a node's tensor holds every channel of group ``gid`` (a method can measure the group there)."""
@@ -543,8 +623,8 @@ class Analysis:
         channel-linear map (averages, reshapes, zero pads, a cat where one input carries the group)."""
         while node.op == "call_function":
             nxt = ops.handler(node.target).through(self, node, gid)
-            if not isinstance(nxt, Node):
-                break
+            if not isinstance(nxt, Node) or _is_heads(self.cmap(nxt)):
+                break  # Z is read where its channels are one dim (attention output merged back, not its heads)
             node = nxt
         return node.name
 
@@ -552,6 +632,10 @@ class Analysis:
         """Whether a node's tensor holds channels of group ``gid``."""
         cm = self.cmap(node)
         return cm is not None and bool((self.positions(cm)[0] == gid).any())
+
+
+def _is_heads(cm) -> bool:
+    return isinstance(cm, CMap) and cm.heads
 
 
 def _finer(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:

@@ -99,14 +99,16 @@ def stream(an, calib, nodes, decisions=None, example: tuple = (), max_samples: i
 
 def group_columns(an, node_name: str, gid: int) -> tuple[int, np.ndarray] | None:
     """(channel dim, positions tags x width) of a group's channels in a node's output, or None when the node
-    does not carry the whole group. A flattened map has one row of positions per spatial tag."""
+    does not carry the whole group. A flattened map has one row of positions per spatial tag; a channel that
+    appears several times (a grouped-query kv head read by each of its query heads) one row per copy, so its
+    copies become extra rows of Z: the one T folded into every copy fits them all."""
     node = next(n for n in an.gm.graph.nodes if n.name == node_name)
     cm = an.cmap(node)
     if cm is None:
         return None
     gids, idx = an.positions(cm)
     width = an.groups[gid].width
-    segs = [P for (g, _, c), P in segments(gids, idx, cm.tags).items() if g == gid and c == 0 and len(P) == width]
+    segs = [P for (g, _, _), P in segments(gids, idx, cm.tags).items() if g == gid and len(P) == width]
     return (cm.dim, np.stack(segs)) if segs else None
 
 

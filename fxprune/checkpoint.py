@@ -39,10 +39,12 @@ from .fileio import atomic_write
 
 FORMAT = "fxprune-slim"
 VERSION = 2
-# Size attributes that follow the tensors when channels, features or (depthwise) groups are removed. Add a name
-# here when the rewrite learns to change another one (e.g. attention heads).
+# Size attributes that follow the tensors when channels, features, (depthwise) groups or attention heads are
+# removed (the Hugging Face ones: fxprune/hf.py). Add a name here when the rewrite learns to change another one.
 WIDTH_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
-               "num_channels", "num_groups", "embedding_dim", "normalized_shape", "nf", "nx")
+               "num_channels", "num_groups", "embedding_dim", "normalized_shape", "nf", "nx",
+               "num_attention_heads", "num_heads", "n_head", "n_heads", "all_head_size", "split_size",
+               "num_key_value_heads", "intermediate_size")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,11 @@
 
 A channel map (``CMap``) describes one tensor: the dim that carries channels and, per position along it, an
 element id (union-find over ids gives the coupled channels) and a tag (the spatial sub-position once C*H*W
-features are flattened). Shapes come from the fake tensors torch.export records (``node.meta["val"]``); a
+features are flattened). A *head map* describes a tensor whose channel dim was split into (heads, head_dim) by a
+view: ``dim`` is then the heads dim and each position along it is a whole head of ``unit`` channels
+(``ids[h * unit:(h + 1) * unit]``); ``sub`` is the dim that holds the positions within a head (None once it was
+contracted away, as in attention scores). Positions within a head are not tracked one by one: heads are kept or
+removed whole (a unit constraint), so ops that act inside a head (RoPE's slices, q.k^T over head_dim) are safe. Shapes come from the fake tensors torch.export records (``node.meta["val"]``); a
 symbolic size (the batch) becomes a ``SymSize``: a large odd int that never equals a channel width, printed as
 ``B`` so messages never show the stand-in number.
 
@@ -31,9 +35,30 @@ class CMap:
     dim: int
     ids: np.ndarray
     tags: np.ndarray
+    unit: int = 1            # channels per position along dim: > 1 for a head map (head_dim)
+    sub: int | None = None   # head maps: the dim holding the positions within a head, when there is one
 
-    def with_dim(self, dim: int) -> "CMap":
-        return CMap(dim, self.ids, self.tags)
+    @property
+    def heads(self) -> bool:
+        """Whether this is a head map (positions along ``dim`` are heads of ``unit`` channels)."""
+        return self.unit > 1 or self.sub is not None
+
+    @property
+    def size(self) -> int:
+        """The number of positions along ``dim`` (heads for a head map)."""
+        return len(self.ids) // self.unit
+
+    def per_head(self) -> np.ndarray:
+        """The ids as (positions along dim, unit)."""
+        return self.ids.reshape(self.size, self.unit)
+
+    def reps(self) -> np.ndarray:
+        """One id per position: each head's first channel (what a per-head scalar couples to)."""
+        return self.per_head()[:, 0]
+
+    def with_dim(self, dim: int, sub: int | None = None) -> "CMap":
+        """The same channels with the channel (heads) dim moved to ``dim`` (and a head map's sub dim to ``sub``)."""
+        return CMap(dim, self.ids, self.tags, self.unit, sub)
 
 
 class SymSize(int):

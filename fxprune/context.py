@@ -88,27 +88,40 @@ class PruneContext:
             k = widths[g]
             if k >= len(s):
                 continue
-            keep = self._every_producer_kept(g, top_k(np.asarray(s, dtype=np.float64), k, self.groups[g].block_of),
-                                             np.asarray(s, dtype=np.float64))
+            grp = self.groups[g]
+            keep = self._every_producer_kept(g, top_k(np.asarray(s, dtype=np.float64), k, grp.block_of,
+                                                      grp.unit_of), np.asarray(s, dtype=np.float64))
             out[g] = Decision(keep=keep, info={"score_kept": float(np.sum(np.asarray(s)[keep]))})
         return out
 
 
     def _every_producer_kept(self, gid: int, keep: np.ndarray, scores: np.ndarray) -> np.ndarray:
         """A producer that mints only part of a group (a cat joined to a residual) keeps its best channel."""
-        if self.groups[gid].block_of is not None:
+        grp = self.groups[gid]
+        if grp.block_of is not None:
             return keep
         for s in self.analysis.slots.values():
             if s.role == "out":
                 g, idx = self.analysis.positions(s)
                 mine = idx[g == gid]
                 if len(mine) and not np.isin(mine, keep).any():
-                    keep = np.union1d(keep, [mine[np.argmax(scores[mine])]])
+                    best = mine[np.argmax(scores[mine])]
+                    keep = np.union1d(keep, [best] if grp.unit_of is None
+                                      else np.flatnonzero(grp.unit_of == grp.unit_of[best]))
         return keep
 
 
-def top_k(scores: np.ndarray, k: int, block_of: np.ndarray | None = None) -> np.ndarray:
-    """Sorted indices of the k best scores (ties: lower index); with blocks, the k/blocks best of each block."""
+def top_k(scores: np.ndarray, k: int, block_of: np.ndarray | None = None,
+          unit_of: np.ndarray | None = None) -> np.ndarray:
+    """Sorted indices of the k best scores (ties: lower index); with blocks, the k/blocks best of each block; with
+    units (attention heads), the k/unit size best whole units by their summed score."""
+    if unit_of is not None:
+        units = int(unit_of.max()) + 1
+        size = len(scores) // units
+        first = np.array([np.flatnonzero(unit_of == u)[0] for u in range(units)])
+        picked = top_k(np.bincount(unit_of, weights=scores, minlength=units), k // size,
+                       None if block_of is None else block_of[first])
+        return np.flatnonzero(np.isin(unit_of, picked))
     if block_of is None:
         return np.sort(np.lexsort((np.arange(len(scores)), -scores))[:k])
     blocks = int(block_of.max()) + 1

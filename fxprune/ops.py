@@ -20,6 +20,8 @@ An ``OpHandler`` says, for the ops it is registered under in ``HANDLERS``:
                     fraction of its input and output channels
     bn_stat_args    (running_mean, running_var) argument positions of a BatchNorm whose statistics can be
                     re-estimated after pruning
+    heads           its rule understands head maps (a channel dim split into (heads, head_dim), cmap.py); any
+                    other op that a head map reaches is a barrier
 
 Any op without a handler is a barrier: the channels that reach it are frozen and the report names the op, the
 node and the module — never guessed.
@@ -43,7 +45,7 @@ import functools
 from dataclasses import dataclass
 from typing import Callable
 
-from . import rules, shapes
+from . import hf, rules, shapes
 from .cmap import op_name
 
 
@@ -60,6 +62,7 @@ class OpHandler:
     fix_module: Callable | None = None
     has_flops: bool = False
     bn_stat_args: tuple[int, int] | None = None
+    heads: bool = False
 
     def through(self, an, node, gid: int):
         """The input node a consumer's reconstruction may be taken at instead of this node's output (T commutes
@@ -89,12 +92,12 @@ def _single_carrier(an, node, gid):
 
 
 # ---- the families ---------------------------------------------------------------------------------------------
-ELEMENTWISE = OpHandler("elementwise", rules.passthrough)                  # nonlinear per element: Z after it
-IDENTITY = OpHandler("identity", rules.passthrough, commutes=True)          # copies, dropout at eval
-CAST = OpHandler("cast", rules.passthrough, dtype_only_args=(1,))          # .to(other) / type_as(other)
+ELEMENTWISE = OpHandler("elementwise", rules.passthrough, heads=True)      # nonlinear per element: Z after it
+IDENTITY = OpHandler("identity", rules.passthrough, commutes=True, heads=True)  # copies, dropout at eval
+CAST = OpHandler("cast", rules.passthrough, dtype_only_args=(1,), heads=True)  # .to(other) / type_as(other)
 MAX_POOL = OpHandler("pool", rules.pool)
 LINEAR_POOL = OpHandler("pool", rules.pool, commutes=True)                 # averages, upsampling: linear
-JOIN = OpHandler("join", rules.join)
+JOIN = OpHandler("join", rules.join, heads=True)
 CONV = OpHandler("conv", functools.partial(rules.conv, transposed=False), fix_shape=shapes.fix_conv_groups,
                  has_flops=True)
 CONV_TRANSPOSE = OpHandler("conv", functools.partial(rules.conv, transposed=True),
@@ -102,22 +105,30 @@ CONV_TRANSPOSE = OpHandler("conv", functools.partial(rules.conv, transposed=True
 CONVOLUTION = OpHandler("conv", functools.partial(rules.conv, transposed=None), fix_shape=shapes.fix_conv_groups,
                         has_flops=True)                                     # aten.convolution: flags in its args
 LINEAR = OpHandler("linear", rules.linear, has_flops=True)
-MATMUL = OpHandler("matmul", functools.partial(rules.matmul, data=0, weight=1), has_flops=True)
+# x @ W with a parameter W; or a product of two head maps (attention's q @ k^T and probs @ v)
+MATMUL = OpHandler("matmul", functools.partial(rules.matmul, data=0, weight=1), has_flops=True, heads=True,
+                   fix_module=hf.fix_attention)
 ADDMM = OpHandler("matmul", functools.partial(rules.matmul, data=1, weight=2, bias=0), data_arg=1,
                   has_flops=True)
+ATTENTION = OpHandler("attention", rules.attention, has_flops=True, heads=True, fix_module=hf.fix_attention)
+SOFTMAX = OpHandler("softmax", rules.softmax, heads=True)
 BATCH_NORM = OpHandler("batch_norm", rules.batch_norm, fix_module=shapes.fix_norm_module, bn_stat_args=(3, 4))
 INSTANCE_NORM = OpHandler("batch_norm", rules.batch_norm, fix_module=shapes.fix_norm_module)  # statistics per sample
-LINEAR_REDUCE = OpHandler("reduce", rules.reduce, commutes=True)
-REDUCE = OpHandler("reduce", rules.reduce)
-VIEW = OpHandler("reshape", rules.reshape, commutes=True, fix_shape=shapes.fix_view)
-RESHAPE = OpHandler("reshape", rules.reshape, commutes=True)               # flatten/squeeze: no sizes to fix
-PERMUTE = OpHandler("permute", rules.permute, commutes=True)
-CAT = OpHandler("cat", rules.cat, commutes=_single_carrier)
-SPLIT = OpHandler("split", rules.split, fix_shape=shapes.fix_split)
-SLICE = OpHandler("slice", rules.slice_, fix_shape=shapes.fix_slice)
+LINEAR_REDUCE = OpHandler("reduce", rules.reduce, commutes=True, heads=True)
+REDUCE = OpHandler("reduce", rules.reduce, heads=True)
+VIEW = OpHandler("reshape", rules.reshape, commutes=True, fix_shape=shapes.fix_view, heads=True)
+RESHAPE = OpHandler("reshape", rules.reshape, commutes=True, heads=True)   # flatten/squeeze: no sizes to fix
+EXPAND = OpHandler("expand", rules.expand, commutes=True, fix_shape=shapes.fix_view, heads=True)
+PERMUTE = OpHandler("permute", rules.permute, commutes=True, heads=True)
+SELECT = OpHandler("select", rules.select, commutes=True, heads=True)
+ROLL = OpHandler("roll", rules.roll, commutes=True, heads=True)
+INDEX = OpHandler("index", rules.index, heads=True)
+CAT = OpHandler("cat", rules.cat, commutes=_single_carrier, heads=True)
+SPLIT = OpHandler("split", rules.split, fix_shape=shapes.fix_split, heads=True)
+SLICE = OpHandler("slice", rules.slice_, fix_shape=shapes.fix_slice, heads=True)
 PAD = OpHandler("pad", rules.pad, commutes=_zero_pad_input)
-GETITEM = OpHandler("getitem", rules.getitem)
-IGNORE = OpHandler("ignore", rules.nothing)                                 # no tensor flows (asserts, sizes)
+GETITEM = OpHandler("getitem", rules.getitem, heads=True)
+IGNORE = OpHandler("ignore", rules.nothing, heads=True)                     # no tensor flows (asserts, sizes)
 
 
 def _barrier(why: str, has_flops: bool = False) -> OpHandler:
@@ -154,7 +165,13 @@ HANDLERS: dict[str, OpHandler] = {
     **dict.fromkeys(("aten.conv_transpose1d", "aten.conv_transpose2d", "aten.conv_transpose3d"), CONV_TRANSPOSE),
     "aten.convolution": CONVOLUTION,
     "aten.linear": LINEAR,
-    **dict.fromkeys(("aten.mm", "aten.matmul"), MATMUL),
+    **dict.fromkeys(("aten.mm", "aten.matmul", "aten.bmm"), MATMUL),
+    "aten.scaled_dot_product_attention": ATTENTION,
+    **dict.fromkeys(("aten.softmax", "aten._softmax"), SOFTMAX),
+    "aten.expand": EXPAND,
+    "aten.select": SELECT,
+    "aten.roll": ROLL,
+    "aten.index": INDEX,
     "aten.addmm": ADDMM,
     **dict.fromkeys(("aten.batch_norm", "aten._native_batch_norm_legit_no_training", "aten.native_batch_norm"),
                     BATCH_NORM),
@@ -178,13 +195,10 @@ HANDLERS: dict[str, OpHandler] = {
     **dict.fromkeys(("aten.layer_norm", "aten.native_layer_norm"),
                     _barrier("normalizes across channels (LayerNorm statistics mix them)")),
     "aten.group_norm": _barrier("normalizes across channels within groups"),
-    **dict.fromkeys(("aten.softmax", "aten._softmax"), _barrier("mixes the entries of the dim it normalizes")),
-    **dict.fromkeys(("aten.bmm", "aten.baddbmm"), _barrier("is a batched matrix product", has_flops=True)),
+    "aten.baddbmm": _barrier("is a batched matrix product plus a tensor", has_flops=True),
     "aten.einsum": _barrier("is an einsum (a product over named dims)", has_flops=True),
-    "aten.scaled_dot_product_attention": _barrier("is attention (heads couple channels)", has_flops=True),
     "aten.embedding": _barrier("looks up rows of its weight by index"),
     "aten.index_select": _barrier("reorders channels by data"),
-    "aten.select": _barrier("removes a dim by picking one index"),
     "aten.sort": _barrier("reorders by value"),
 }
 

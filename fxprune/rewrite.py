@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import hf
 from .analysis import Analysis, Slot
 from .capture import node_module_path
 from .errors import RewriteError
@@ -92,6 +93,13 @@ class Plan:
         if g.block_of is not None and len(set(np.bincount(g.block_of[keep], minlength=g.blocks).tolist())) != 1:
             raise RewriteError(f"group {gid}: its {g.blocks} blocks (a grouped conv or chunk) must each keep the "
                                "same number of channels")
+        if g.unit_of is not None:
+            counts = np.bincount(g.unit_of[keep], minlength=g.width // g.unit_size)
+            cut = np.flatnonzero((counts != 0) & (counts != g.unit_size))
+            if len(cut):
+                raise RewriteError(f"group {gid} ({', '.join(g.modules)}): its attention heads ({g.unit_size} channels "
+                                   f"each) are kept or removed whole, but keep cuts head(s) "
+                                   f"{', '.join(map(str, cut[:8].tolist()))} inside")
         return Decision(keep, self._check_T(gid, keep, d.T), d.info)
 
     def _check_T(self, gid: int, keep: np.ndarray, T) -> dict[str, np.ndarray] | None:
@@ -299,9 +307,9 @@ def update_attributes(mod: nn.Module):
             mod.in_channels = w.shape[0] if transposed else w.shape[1] * mod.groups
     elif isinstance(mod, nn.Linear) and w is not None:
         mod.out_features, mod.in_features = w.shape
-    elif type(mod).__name__ == "Conv1D" and hasattr(mod, "nf") and w is not None and w.dim() == 2:
-        mod.nx, mod.nf = w.shape  # Hugging Face's Conv1D (GPT-2): y = x @ W + b with W (in, out)
     elif isinstance(mod, nn.modules.batchnorm._NormBase):
         ref = w if w is not None else mod.running_mean
         if ref is not None:
             mod.num_features = ref.shape[0]
+    else:
+        hf.update_module(mod)  # Hugging Face's Conv1D, MLP widths

@@ -68,11 +68,20 @@ def join(an, node, inputs=None):
     if len(aligned) != 1:
         return an.barrier(node, "inputs carry channels in different dims")
     d = aligned.pop()
+    if any(cm.heads for _, cm in tracked):
+        return _join_heads(an, node, inputs, tracked, d, out)
     first = tracked[0][1]
     for a, cm in tracked[1:]:
         if len(cm.ids) != len(first.ids) or not np.array_equal(cm.tags, first.tags):
             return an.barrier(node, "inputs carry channels of different layouts")
         an.uf.union(first.ids, cm.ids)
+    _untracked_operands(an, node, inputs, d, out, first, per_head=False)
+    return CMap(d, first.ids, first.tags)
+
+
+def _untracked_operands(an, node, inputs, d, out, first: CMap, per_head: bool):
+    """Untracked inputs of an element-wise op: broadcast along the channel (heads) dim they couple nothing; a
+    parameter that spans it becomes a per-channel (per-head) member; anything else freezes the channels."""
     for a in inputs:
         if an.cmap(a) is not None:
             continue
@@ -80,11 +89,33 @@ def join(an, node, inputs=None):
         di = d - (len(out) - len(shape)) if shape is not None else -1
         if shape is None or di < 0 or shape[di] == 1:
             continue  # broadcast along the channel dim: no coupling
-        if an.param_fqn(a) is not None and np.all(first.tags == 0):
-            an.slot(node, a, di, "member", first)
+        if an.is_weight(a) and np.all(first.tags == 0):
+            an.slot(node, a, di, "member", CMap(0, first.reps(), np.zeros(first.size, np.int64)) if per_head
+                    else first)
         else:
-            an.uf.freeze(first.ids, f"combined element-wise with untracked tensor '{a.name}' at node '{node.name}'")
-    return CMap(d, first.ids, first.tags)
+            an.uf.freeze(first.ids, f"combined element-wise with untracked tensor '{a.name}' at node '{node.name}'"
+                         + an.barrier_before(a))
+
+
+def _join_heads(an, node, inputs, tracked, d, out):
+    """Element-wise over head maps: heads h of every input are one head. Maps with as many channels per head are
+    united channel by channel; a per-head value (a bias with one entry per head, Swin's relative position bias)
+    couples to its head's first channel, which the head's unit constraint keeps together with the rest."""
+    first = max((cm for _, cm in tracked), key=lambda cm: cm.unit)
+    subs = {cm.sub + len(out) - len(shape_of(a)) for a, cm in tracked if cm.sub is not None}
+    if len(subs) > 1:
+        return an.barrier(node, "inputs split attention heads in different dims")
+    for _, cm in tracked:
+        if cm is first:
+            continue
+        if cm.size != first.size:
+            return an.barrier(node, "inputs carry different numbers of attention heads")
+        if cm.unit == first.unit:
+            an.uf.union(first.ids, cm.ids)
+        else:
+            an.uf.union(first.reps(), cm.reps())
+    _untracked_operands(an, node, inputs, d, out, first, per_head=True)
+    return CMap(d, first.ids, first.tags, first.unit, subs.pop() if subs else None)
 
 
 def computed_weight(an, node, w, out_size: int, out_dim: int) -> CMap:
@@ -171,6 +202,9 @@ def matmul(an, node, data: int, weight: int, bias: int | None = None):
     of W's dim 1 and a consumer of x's last dim. A product of two untracked tensors (an adapter's B @ A) carries
     no channels; any other operand is a barrier."""
     x, w = node.args[data], node.args[weight]
+    cx, cw = an.cmap(x), an.cmap(w)
+    if (cx is not None and cx.heads) or (cw is not None and cw.heads):
+        return _head_product(an, node, x, w)
     wshape = shape_of(w)
     if an.is_weight(w) and wshape is not None and len(wshape) == 2 and not an.is_weight(x) \
             and len(shape_of(x) or ()) >= 2:
@@ -201,16 +235,35 @@ def reduce(an, node):
     dims = {_norm(d, rank) for d in ([dims] if isinstance(dims, int) else dims)}
     if cm.dim in dims:
         return an.barrier(node, "reduction over the channel dim mixes channels")
-    keep = _arg(node, 2, "keepdim", False)
-    return cm if keep else cm.with_dim(cm.dim - sum(d < cm.dim for d in dims))
+    if _arg(node, 2, "keepdim", False):
+        return cm
+    shift = lambda d: d - sum(x < d for x in dims)  # noqa: E731 - the dim's index once the reduced dims are gone
+    return cm.with_dim(shift(cm.dim), None if cm.sub is None or cm.sub in dims else shift(cm.sub))
 
 
 def reshape(an, node):
-    """The channel dim may move (around size-1 dims) or merge with the dims right after it (C*H*W)."""
+    """The channel dim may move (around size-1 dims) or merge with the dims right after it (C*H*W); split into
+    (heads, head_dim) it becomes a head map (heads kept or removed whole)."""
     cm = an.cmap(node.args[0])
     if cm is None:
         return None
     ins, outs = shape_of(node.args[0]), shape_of(node)
+    if cm.heads:
+        return _reshape_heads(an, node, cm, ins, outs)
+    out = _reshape_flat(cm, ins, outs)
+    if out is not None:
+        return out
+    d, c = cm.dim, ins[cm.dim]
+    if not np.any(cm.tags):
+        for e in range(len(outs) - 1):  # (.., C, ..) -> (.., heads, head_dim, ..)
+            if prod(outs[:e]) == prod(ins[:d]) and outs[e] > 1 and outs[e + 1] > 1 and outs[e] * outs[e + 1] == c:
+                an.unit_constraints.append((cm.ids.reshape(outs[e], outs[e + 1]), f"view '{node.name}'"))
+                return CMap(e, cm.ids, cm.tags, outs[e + 1], e + 1)
+    return an.barrier(node, f"reshape {ins} -> {outs} splits the channel dim or merges it with the batch")
+
+
+def _reshape_flat(cm: CMap, ins, outs) -> CMap | None:
+    """A flat map through a reshape that moves the channel dim or merges it with the dims after it."""
     d, c = cm.dim, ins[cm.dim]
     pre = prod(ins[:d])
     for e in range(len(outs)):
@@ -225,7 +278,51 @@ def reshape(an, node):
                 return CMap(e, ids, tags) if r > 1 else CMap(e, cm.ids, cm.tags)
             if merged > r:
                 break
-    return an.barrier(node, f"reshape {ins} -> {outs} splits the channel dim or merges it with the batch")
+    return None
+
+
+def _same_dim(ins, outs, d) -> int | None:
+    """The output dim that is input dim ``d`` unchanged (the same size, the same number of elements before it)."""
+    pre = prod(ins[:d])
+    return next((e for e in range(len(outs)) if outs[e] == ins[d] and prod(outs[:e]) == pre), None)
+
+
+def _reshape_heads(an, node, cm: CMap, ins, outs):
+    """A reshape of a head map: the heads dim moves (a no-op view, unsqueeze, Swin's window batch split); heads and
+    head_dim merge back into channels, head-major; or the heads dim merges with the broadcast dims after it
+    (grouped-query attention's repeat_kv: expand(B, kv, n_rep, T, hd) -> (B, kv * n_rep, T, hd) makes position h
+    head h // n_rep)."""
+    d, s = cm.dim, cm.sub
+    zeros = np.zeros(len(cm.ids), np.int64)
+    e = _same_dim(ins, outs, d)
+    if e is not None:
+        if s is None:
+            return cm.with_dim(e)
+        e2 = _same_dim(ins, outs, s)
+        if e2 is not None:
+            return cm.with_dim(e, e2)
+    pre = prod(ins[:d])
+    if s == d + 1 and ins[s] == cm.unit:  # heads and head_dim merge back, head-major (and maybe with more dims)
+        flat = _reshape_flat(CMap(d, cm.ids, zeros), ins[:d] + [ins[d] * ins[s]] + ins[s + 1:], outs)
+        if flat is not None:
+            return flat
+    for e in range(len(outs)):
+        if prod(outs[:e]) != pre or outs[e] % ins[d] or outs[e] == ins[d]:
+            continue
+        r, merged = outs[e] // ins[d], 1
+        for j in range(d + 1, len(ins)):
+            if j == s:
+                break
+            merged *= ins[j]
+            if merged == r:
+                e2 = None if s is None else _same_dim(ins, outs, s)
+                if s is not None and e2 is None:
+                    break
+                ids = np.repeat(cm.per_head(), r, axis=0).ravel()
+                return CMap(e, ids, np.zeros(len(ids), np.int64), cm.unit, e2)
+            if merged > r:
+                break
+    return an.barrier(node, f"reshape {ins} -> {outs} splits or regroups attention heads")
 
 
 def permute(an, node):
@@ -235,31 +332,39 @@ def permute(an, node):
     rank = len(shape_of(node))
     if node.target is torch.ops.aten.permute.default:
         perm = [_norm(p, rank) for p in node.args[1]]
-        return cm.with_dim(perm.index(cm.dim))
-    d0, d1 = (0, 1) if len(node.args) < 3 else (_norm(node.args[1], rank), _norm(node.args[2], rank))
-    return cm.with_dim({d0: d1, d1: d0}.get(cm.dim, cm.dim))
+        move = perm.index
+    else:
+        d0, d1 = (0, 1) if len(node.args) < 3 else (_norm(node.args[1], rank), _norm(node.args[2], rank))
+        move = lambda d: {d0: d1, d1: d0}.get(d, d)  # noqa: E731
+    return cm.with_dim(move(cm.dim), None if cm.sub is None else move(cm.sub))
 
 
 def cat(an, node):
     tensors = list(node.args[0])
     rank = len(shape_of(node))
     d = _norm(_arg(node, 1, "dim", 0), rank)
-    dims = {an.cmap(t).dim for t in tensors if an.cmap(t) is not None}
+    maps = [an.cmap(t) for t in tensors if an.cmap(t) is not None]
+    dims = {cm.dim for cm in maps}
     if not dims:
         return None
     if len(dims) > 1:
         return an.barrier(node, "concatenated tensors carry channels in different dims")
     if dims.pop() != d:
-        return join(an, node, tensors)
+        return join(an, node, tensors)  # RoPE's cat over head_dim too: a head map is opaque inside a head
+    units = {cm.unit for cm in maps}
+    subs = {cm.sub for cm in maps}
+    if len(units) > 1 or len(subs) > 1:
+        return an.barrier(node, "concatenated heads of different layouts")
+    u = units.pop()
     ids, tags = [], []
     for t in tensors:
         cm = an.cmap(t)
         if cm is None:  # positions from an untracked tensor stay as they are
-            n = shape_of(t)[d]
+            n = shape_of(t)[d] * u
             cm = CMap(d, an.uf.fresh(n, frozen=f"comes from untracked tensor '{t.name}'"), np.zeros(n, np.int64))
         ids.append(cm.ids)
         tags.append(cm.tags)
-    return CMap(d, np.concatenate(ids), np.concatenate(tags))
+    return CMap(d, np.concatenate(ids), np.concatenate(tags), u, subs.pop())
 
 
 def split_dim(node) -> int:
@@ -275,6 +380,9 @@ def split(an, node):
     d = split_dim(node)
     if d != cm.dim:
         return [cm] * len(pieces)
+    if cm.heads:
+        an.barrier(node, "split of the attention heads dim")
+        return [None] * len(pieces)
     if node.target is torch.ops.aten.chunk.default and len(cm.ids) % len(pieces) == 0:
         # equal chunks stay equal only if every chunk keeps the same count (the eager code re-chunks)
         an.block_constraints.append((cm.ids, len(pieces), f"chunk '{node.name}'"))
@@ -293,7 +401,9 @@ def slice_(an, node):
     rank = len(shape_of(node.args[0]))
     d = _norm(_arg(node, 1, "dim", 0), rank)
     if d != cm.dim:
-        return cm
+        return cm  # a head map is opaque inside a head: RoPE's slices of head_dim pass
+    if cm.heads:
+        return an.barrier(node, "slice of the attention heads dim")
     if node.target is torch.ops.aten.narrow.default:
         start = node.args[2]
         sl = slice(start, start + node.args[3])
@@ -314,3 +424,147 @@ def pad(an, node):
 def getitem(an, node):
     src = an.channel_map(node.args[0])
     return src[node.args[1]] if isinstance(src, list) else None
+
+
+# ---- attention ------------------------------------------------------------------------------------------------
+def _repeat_heads(cm: CMap, n: int) -> CMap:
+    """Head h of the result is head h // n of ``cm`` (grouped-query attention: kv head j serves n query heads)."""
+    ids = np.repeat(cm.per_head(), n, axis=0).ravel()
+    return CMap(cm.dim, ids, np.zeros(len(ids), np.int64), cm.unit, cm.sub)
+
+
+def _unite_heads(an, a: CMap, b: CMap):
+    """Head h of ``a`` and head h of ``b`` are one head: channel by channel when they have as many channels,
+    else through each head's first channel (the unit constraint keeps the rest with it)."""
+    if a.unit == b.unit:
+        an.uf.union(a.ids, b.ids)
+    else:
+        an.uf.union(a.reps(), b.reps())
+
+
+def _head_product(an, node, a, b):
+    """a @ b over head maps, the heads dim a batch dim of both: q @ k^T contracts head_dim within each head (the q
+    and k heads are one), probs @ v carries v's heads. The result is a head map of the operand whose head_dim
+    survives (None when it was contracted: attention scores)."""
+    ca, cb = an.cmap(a), an.cmap(b)
+    sa, sb, so = shape_of(a), shape_of(b), shape_of(node)
+    r = len(so)
+    if ca is None or cb is None or len(sa) < 3 or len(sb) < 3:
+        return an.barrier(node, "matrix product of attention heads with an untracked operand")
+    da, db = ca.dim + r - len(sa), cb.dim + r - len(sb)
+    if da != db or ca.dim >= len(sa) - 2 or cb.dim >= len(sb) - 2 or ca.size != cb.size:
+        return an.barrier(node, "matrix product whose operands carry attention heads in different dims")
+    _unite_heads(an, ca, cb)
+    keep_a, keep_b = ca.sub == len(sa) - 2, cb.sub == len(sb) - 1  # head_dim in a's rows / b's columns
+    if keep_a and keep_b:
+        return an.barrier(node, "matrix product of head_dim by head_dim (an outer product within heads)")
+    if keep_b:
+        return CMap(db, cb.ids, cb.tags, cb.unit, r - 1)
+    return CMap(da, ca.ids, ca.tags, ca.unit, r - 2 if keep_a else None)
+
+
+def attention(an, node):
+    """scaled_dot_product_attention(q, k, v, mask): q, k, v split into heads (B, heads, T, head_dim). q and k
+    heads are one (q . k^T contracts head_dim within a head); the output carries v's heads, which are the same
+    heads; a mask with a heads dim follows them. Grouped-query attention (enable_gqa, fewer k/v heads): query
+    head h reads kv head h // (heads / kv heads)."""
+    q, k, v = node.args[:3]
+    mask = _arg(node, 3, "attn_mask")
+    gqa = _arg(node, 7, "enable_gqa", False)
+    maps = [an.cmap(t) for t in (q, k, v)]
+    cmask = an.cmap(mask) if isinstance(mask, Node) else None
+    if all(m is None for m in maps) and cmask is None:
+        return None
+    r = len(shape_of(node))
+    if any(m is None or not m.heads or m.dim != r - 3 or m.sub != r - 1 or len(shape_of(t)) != r
+           for m, t in zip(maps, (q, k, v))):
+        return an.barrier(node, "attention whose q, k and v are not all split into heads (B, heads, T, head_dim)")
+    cq, ck, cv = maps
+    if ck.size != cq.size or cv.size != cq.size:
+        if not gqa or cq.size % ck.size or ck.size != cv.size:
+            return an.barrier(node, "attention with different numbers of q and k/v heads")
+        ck, cv = _repeat_heads(ck, cq.size // ck.size), _repeat_heads(cv, cq.size // ck.size)
+    if ck.unit != cq.unit:
+        return an.barrier(node, "attention whose q and k heads have different sizes")
+    an.uf.union(cq.ids, ck.ids)
+    _unite_heads(an, cq, cv)
+    if isinstance(mask, Node):
+        mshape = shape_of(mask)
+        dm = r - 3 - (r - len(mshape))
+        if cmask is not None:
+            if cmask.dim != dm or cmask.size != cq.size:
+                return an.barrier(node, "attention mask whose heads are not in the heads dim")
+            _unite_heads(an, cq, cmask)
+        elif dm >= 0 and mshape[dm] != 1:
+            an.uf.freeze(cq.ids, f"the attention mask '{mask.name}' differs per head and is computed from no "
+                                 f"parameter fxprune can slice (node '{node.name}')")
+    return CMap(r - 3, cv.ids, cv.tags, cv.unit, r - 1)
+
+
+def softmax(an, node):
+    """Normalizes along one dim: channels in another dim pass (each channel normalized on its own)."""
+    cm = an.cmap(node.args[0])
+    if cm is None:
+        return None
+    if _norm(node.args[1], len(shape_of(node))) == cm.dim:
+        return an.barrier(node, "softmax over the channel dim mixes channels")
+    return cm
+
+
+def expand(an, node):
+    """Broadcast along size-1 dims (a class token over the batch, repeat_kv's copies of each kv head)."""
+    cm = an.cmap(node.args[0])
+    if cm is None:
+        return None
+    ins, outs = shape_of(node.args[0]), shape_of(node)
+    k = len(outs) - len(ins)
+    if outs[cm.dim + k] != ins[cm.dim]:
+        return an.barrier(node, "expand of the channel dim")
+    return cm.with_dim(cm.dim + k, None if cm.sub is None else cm.sub + k)
+
+
+def select(an, node):
+    """x.select(dim, i) (CLS-token pooling): picks one index of a non-channel dim."""
+    cm = an.cmap(node.args[0])
+    if cm is None:
+        return None
+    d = _norm(node.args[1], len(shape_of(node.args[0])))
+    if d == cm.dim:
+        return an.barrier(node, "select picks one channel")
+    shift = lambda x: x - (x > d)  # noqa: E731
+    return cm.with_dim(shift(cm.dim), None if cm.sub is None or cm.sub == d else shift(cm.sub))
+
+
+def roll(an, node):
+    """A cyclic shift of non-channel dims (Swin's shifted windows) moves positions, not channels."""
+    cm = an.cmap(node.args[0])
+    if cm is None:
+        return None
+    dims = _arg(node, 2, "dims", [])
+    rank = len(shape_of(node))
+    dims = {_norm(d, rank) for d in ([dims] if isinstance(dims, int) else dims)}
+    if not dims or cm.dim in dims:
+        return an.barrier(node, "roll of the channel dim (or of the flattened tensor)")
+    return cm
+
+
+def index(an, node):
+    """x[i0, i1, ...] with index tensors on leading dims: the dims after them pass. A parameter gathered this way
+    (Swin's relative position bias table, (positions, heads)) gets a per-channel slot on its last dim, so its
+    columns follow whatever channels (heads) it is later combined with."""
+    x, indices = node.args[0], list(node.args[1])
+    xs, outs = shape_of(x), shape_of(node)
+    cm = an.cmap(x)
+    n = len(indices)
+    if xs is None or outs is None or any(t is None for t in indices) or len(xs) <= n:
+        return None if cm is None else an.barrier(node, "indexing of the channel dim")
+    offset = len(outs) - len(xs)  # the indexed leading dims became the index tensors' broadcast shape
+    if cm is not None:
+        if cm.dim < n:
+            return an.barrier(node, "indexing of the channel dim")
+        return cm.with_dim(cm.dim + offset, None if cm.sub is None else cm.sub + offset)
+    if an.is_weight(x) and an.param_view(x)[1] == list(range(len(xs))):
+        size = xs[-1]
+        cm = an.slot(node, x, len(xs) - 1, "member", CMap(0, an.uf.fresh(size), np.zeros(size, np.int64)))
+        return CMap(len(outs) - 1, cm.ids, cm.tags)
+    return None

@@ -22,13 +22,14 @@ def _input(plan, node):
 
 
 def fix_view(plan, node):
-    """view/reshape sizes: the entry of the channel dim becomes the slim width (-1 and symbolic sizes stay)."""
+    """view/reshape/expand sizes: the entry of the channel dim becomes the slim width, of a heads dim the number
+    of heads kept (-1 and symbolic sizes stay; head_dim stays: heads are removed whole)."""
     cm = plan.an.cmap(node)
     if cm is None:
         return
     sizes = list(node.args[1])
     if isinstance(sizes[cm.dim], int) and sizes[cm.dim] != -1:
-        sizes[cm.dim] = plan.new_size(cm)
+        sizes[cm.dim] = plan.new_size(cm) // cm.unit
         node.args = (node.args[0], sizes, *node.args[2:])
 
 

@@ -57,6 +57,8 @@ class CostModel:
                 continue
             src, out = an.cmap(an.data_input(node)), an.cmap(node)
             fin = self._fraction(src) if src is not None and (out is None or src.ids is not out.ids) else None
+            if src is not None and src.heads and out is not None:
+                fin = None  # per head (q @ k^T, attention): linear in the heads kept, which the output carries
             self.flop_terms.append((float(f), fin, self._fraction(out) if out is not None else None))
         self.param_terms = []  # (numel, [fraction vectors of its channel dims])
         slots_by_fqn: dict[str, list] = {}
@@ -112,13 +114,14 @@ def alignments(round_to: int | None):
 
 def unit(group, round_to: int | None) -> int:
     """Widths move in multiples of this: the coarsest of round_to, round_to / 2, ... 1 at which the group can
-    shrink at all (a 16-wide group under round_to=16 moves in 8s), and of the group's block count (grouped conv,
-    chunk)."""
+    shrink at all (a 16-wide group under round_to=16 moves in 8s), times the group's block count (grouped conv,
+    chunk) and the size of its whole units (attention heads: every block keeps whole heads)."""
+    whole = group.blocks * group.unit_size
     for a in alignments(round_to):
-        u = math.lcm(a, group.blocks)
+        u = math.lcm(a, whole)
         if u < group.width:
             return u
-    return math.lcm(1, group.blocks)
+    return whole
 
 
 def round_width(k: int, group, round_to: int | None) -> int:
@@ -132,7 +135,7 @@ def aligned_width(k: int, group, round_to: int | None) -> int:
     an amount asks for is never silently dropped because of rounding."""
     n = group.width
     for a in alignments(round_to):
-        u = math.lcm(a, group.blocks)
+        u = math.lcm(a, group.blocks * group.unit_size)
         w = min(n, max(u, int(math.ceil(max(1, int(k)) / u)) * u))
         if w < n:
             return w

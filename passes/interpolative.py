@@ -33,6 +33,7 @@ from fxprune.targets import check_reachable, unit
 from . import register
 from ._id_allocate import PROBES, OutputProbe, allocate, calibrated_curve
 from ._id_math import id_from_gram
+from ._id_units import channel_order, unit_pivots
 
 
 @register("id")
@@ -57,7 +58,7 @@ def decide(ctx, tol: float | None = None, rounds: int = 3, probe_samples: int = 
         elif stage is None:
             new_k = ctx.widths()
         else:
-            curves = {g: _error_curve(sub[g], id_from_gram(G, k=len(G)).pivots) for g, G in pooled.items()}
+            curves = {g: _error_curve(sub[g], _order(ctx, g, kept[g], G)) for g, G in pooled.items()}
             if probe is not None:
                 curves = probe.calibrate(curves, kept, trans, sub, pooled, f"ID probes {i + 1}/{len(stages)}")
             widths = np.array([len(kept[g]) if g in kept else ctx.groups[g].width for g in range(len(ctx.groups))])
@@ -74,9 +75,11 @@ decide.needs_calib = True
 
 def _shrink(ctx, g: int, kept: np.ndarray, trans: dict, sub: dict, pooled: np.ndarray, k: int):
     """Group g cut from its current kept channels to k: (kept, T per source, info)."""
-    block_of = ctx.groups[g].block_of
+    block_of, unit_of = ctx.groups[g].block_of, ctx.groups[g].unit_of
     res, info = None, {}
-    if block_of is None:
+    if unit_of is not None:  # attention heads: whole heads are the pivots; T by least squares below
+        local = unit_pivots(pooled, unit_of[kept], k, None if block_of is None else block_of[kept])
+    elif block_of is None:
         res = id_from_gram(pooled, k=k)
         local = res.keep
         info = {"id_error": float(res.rel_error)}
@@ -142,6 +145,12 @@ def _error_curve(by_src: dict[str, np.ndarray], order: np.ndarray) -> np.ndarray
         captured = np.cumsum(np.square(L).sum(0))
         curves.append(np.clip(1.0 - captured / total, 0.0, 1.0))
     return np.mean(curves, axis=0)
+
+
+def _order(ctx, g: int, kept: np.ndarray, G: np.ndarray) -> np.ndarray:
+    """The greedy pivot order of a group's kept channels (whole heads together for attention heads)."""
+    unit_of = ctx.groups[g].unit_of
+    return id_from_gram(G, k=len(G)).pivots if unit_of is None else channel_order(G, unit_of[kept])
 
 
 def _blocked_pivots(G: np.ndarray, block_of: np.ndarray, k: int) -> np.ndarray:

@@ -73,7 +73,10 @@ def test_one_handler_holds_what_fxprune_knows_about_an_op():
     assert ops.handler(torch.ops.aten.view.default).fix_shape is not None
     assert ops.handler(torch.ops.aten.flatten.using_ints).fix_shape is None  # flatten has no sizes to fix
     assert "LayerNorm" in ops.handler(torch.ops.aten.layer_norm.default).barrier
-    assert ops.handler(torch.ops.aten.bmm.default).has_flops and ops.handler(torch.ops.aten.bmm.default).rule is None
+    assert ops.handler(torch.ops.aten.baddbmm.default).has_flops and ops.handler(torch.ops.aten.baddbmm.default).rule is None
+    attention = ops.handler(torch.ops.aten.scaled_dot_product_attention.default)
+    assert attention.heads and attention.has_flops and attention.fix_module is not None  # head counts of HF modules
+    assert ops.handler(torch.ops.aten.bmm.default).heads and not ops.handler(torch.ops.aten.conv2d.default).heads
 
 
 class ConvBN(nn.Module):
@@ -452,14 +455,14 @@ class SplitChannels(nn.Module):
         self.a, self.b, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 2)
 
     def forward(self, x):
-        y = self.a(x).view(x.shape[0], 2, 4, 8, 8).sum(1)  # splits the channel dim: a barrier
+        y = self.a(x).view(x.shape[0] * 2, 4, 8, 8).view(x.shape[0], 2, 4, 8, 8).sum(1)  # channels into the batch
         return self.fc((y + self.b(x)).mean((2, 3)))
 
 
 def test_messages_print_the_batch_as_B_not_the_stand_in_number():
     an = run(SplitChannels())
     g = group_with(an, "a.weight")
-    assert g.frozen and "reshape [B, 8, 8, 8] -> [B, 2, 4, 8, 8]" in g.frozen
+    assert g.frozen and "reshape [B, 8, 8, 8] -> [2*B, 4, 8, 8]" in g.frozen
     assert "1000003" not in an.describe()
 
 

@@ -493,10 +493,14 @@ def test_reshape_forms_keep_the_group(kind):
     assert idx.tolist() == np.repeat(np.arange(4), 36).tolist()
 
 
-def test_reshape_that_splits_the_channel_dim_is_a_barrier():
+def test_reshape_that_splits_the_channel_dim_makes_whole_units():
+    # (B, 4, 6, 6) -> (B, 2, 2, 6, 6) -> flatten: the split makes 2 "heads" of 2 channels, merged back head-major,
+    # so the channels stay one group, read by fc in channel-major blocks, and move two at a time
     an = run(Reshapes("split"))
     g = group_with(an, "c.weight")
-    assert g.frozen and "splits the channel dim" in g.frozen
+    assert g.prunable and g.consumers == ["fc.weight"] and g.unit_of.tolist() == [0, 0, 1, 1]
+    gid, idx = an.positions(an.slots[("fc.weight", 1)])
+    assert idx.tolist() == np.repeat(np.arange(4), 36).tolist()
 
 
 # ---------------------------------------------------------------------------------------------------- permute
