@@ -35,6 +35,13 @@ def format_report(res) -> str:
         if any(m.rsplit(".", 1)[0] in bn for m in g.members):
             extra += "  (BN re-estimated)"
         lines.append(f"  {gid:>5}  {g.width:>4} -> {len(d.keep):<4}  {_recon(g, d):<28}  {', '.join(g.modules)}{extra}")
+    by_reason: dict[str, list] = {}
+    for g in frozen:
+        by_reason.setdefault(g.frozen, []).append(g)
+    for why, gs in by_reason.items():  # one line per reason: why the channels the user may expect cut were kept
+        mods = [m for g in gs for m in g.modules[:1]]
+        named = ", ".join(mods[:3]) + (f", +{len(mods) - 3}" if len(mods) > 3 else "")
+        lines.append(f"  frozen: {len(gs)} group{'s' if len(gs) > 1 else ''} ({named}): {why}")
     for note in res.notes:
         lines.append(f"  note: {note}")
     return "\n".join(lines)

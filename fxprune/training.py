@@ -45,6 +45,9 @@ class TrainingMethod:
     They read and transform gradients, keep their own state, and return decisions; they never slice a tensor."""
 
     training = True
+    # Whether the method can keep or remove whole attention heads (Group.unit_of). Methods that merge or mask
+    # single channels leave head groups at full width; the core freezes them with that reason before they start.
+    whole_units = False
 
     def __init__(self, pruner: "Pruner"):
         self.pruner = pruner
@@ -81,9 +84,19 @@ class Pruner:
         self._handles: list = []
         self._masks: dict[int, np.ndarray] = {}
         self._mask_handles: dict[int, list] = {}
+        if not method_cls.whole_units:
+            self._freeze_heads(method_cls)
         self.method = method_cls(self, **method_options)
         self._handles.append(optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.method.before_step()))
         self._handles.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step()))
+
+    def _freeze_heads(self, method_cls):
+        name = getattr(method_cls, "name", method_cls.__name__.lower())
+        for gid in self.ctx.prunable:
+            g = self.ctx.groups[gid]
+            if g.unit_of is not None:
+                g.frozen = (f"{name} decides channel by channel, but this group's attention heads are kept or removed "
+                            "whole; use a one-shot method (id, l1) for heads")
 
     # ---- what methods use -------------------------------------------------------------------------------------
     @property

@@ -76,10 +76,7 @@ class CSGD(TrainingMethod):
         for gid in list(ctx.prunable):
             g = ctx.groups[gid]
             bad = [s for s in g.sources.values() if not s.foldable]
-            if g.unit_of is not None:  # twins are single channels; a head is kept or removed whole
-                g.frozen = "csgd merges single channels, but this group's attention heads are pruned whole"
-                self.notes.append(f"group {gid} ({', '.join(g.modules)}) stays at full width: {g.frozen}")
-            elif bad:  # the merge needs every consumer to sum its input weights over a cluster
+            if bad:  # the merge needs every consumer to sum its input weights over a cluster
                 g.frozen = f"csgd cannot merge here: consumers of {bad[0].node} cannot absorb T ({bad[0].why})"
                 self.notes.append(f"group {gid} ({', '.join(g.modules)}) stays at full width: {g.frozen}")
         widths = ctx.widths()

@@ -334,3 +334,36 @@ def test_id_with_an_error_tolerance_keeps_whole_heads():
         counts = np.bincount(g.unit_of[res.decisions[g.gid].keep], minlength=4)
         assert set(counts.tolist()) <= {0, HD}
     check_against_reference(model, res)
+
+
+class AttnMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn, self.up, self.down = Attn(), nn.Linear(D, 32), nn.Linear(32, D)
+
+    def forward(self, x):
+        x = x + self.attn(x)
+        return x + self.down(F.relu(self.up(x)))
+
+
+@pytest.mark.parametrize("method", ["csgd", "aofp", "abfp"])
+def test_training_methods_leave_heads_whole_and_say_why(method):
+    """Training-time methods decide channel by channel: the core freezes head groups for them, with the reason,
+    and still prunes the MLP; the slim model keeps every head and is verified."""
+    model = AttnMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    pruner = fxprune.prepare(model, X, method, amounts={"up": 0.5, "attn.v": 0.5}, optimizer=opt, steps=8,
+                             round_to=None, progress=False)
+    heads = [g for g in pruner.analysis.groups if g.unit_of is not None]
+    assert heads and all("attention heads are kept or removed whole" in g.frozen and method in g.frozen
+                         for g in heads)
+    for _ in range(8):
+        loss = model(torch.randn(8, T, D)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    res = pruner.finalize()
+    assert res.model.attn.v.out_features == model.attn.v.out_features == 4 * HD
+    assert res.model.up.out_features < 32
+    assert res.verified is not None and res.verified < 1e-5
+    assert "attention heads are kept or removed whole" in res.report
