@@ -206,7 +206,7 @@ def run_model(name, args, splits, options_here, out_dir, res):
                 v["prune_s"] = time.perf_counter() - t0
                 v["flops_kept"] = count_flops(slim, x1) / base_flops
                 v["acc"] = 100 * evaluate(slim, test)
-                if row in FINETUNED and not args.no_finetune:
+                if row in args.ft_rows and not args.no_finetune:
                     ft = copy.deepcopy(slim)
                     t1 = time.perf_counter()
                     finetune(ft, splits["ft"], epochs=1, lr=0.01, progress=not args.no_progress, seed=0,
@@ -398,6 +398,8 @@ def main(argv=None):
     ap.add_argument("--rows", nargs="+", default=TABLE1 + TABLE2, choices=TABLE1 + TABLE2)
     ap.add_argument("--tp-global", action="store_true", help="Torch-Pruning with global_pruning=True")
     ap.add_argument("--no-finetune", action="store_true")
+    ap.add_argument("--ft-rows", nargs="+", default=list(FINETUNED), choices=list(FINETUNED),
+                    help="rows fine-tuned for one epoch (default: all of %(default)s)")
     ap.add_argument("--ft-samples", type=int, default=0, help="fine-tune on a fixed random subset (0: all 59000)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: 2 if load < 2, else 1)")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
@@ -443,7 +445,7 @@ def main(argv=None):
            "tp_method": f"MagnitudePruner(GroupMagnitudeImportance(p=2), global_pruning={args.tp_global}, "
                         "ignored_layers=[final Linear]), pruning_ratio bisected to the FLOPs target (tol 0.01)",
            "ft_note": "skipped" if args.no_finetune else
-           f"one epoch on {len(ft[0])} training images, SGD lr 0.01 cosine, rows {', '.join(FINETUNED)}",
+           f"one epoch on {len(ft[0])} training images, SGD lr 0.01 cosine, rows {', '.join(args.ft_rows)}",
            "models": {}}
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.append:

@@ -25,7 +25,7 @@ from fxprune.ops import op_name
 from fxprune.rewrite import Decision, Plan
 
 SIDE = 8
-KINDS = ["conv", "conv_bn", "gconv", "dw", "res", "cat", "cat_twice", "split", "se", "maxpool", "avgpool"]
+KINDS = ["conv", "conv_bn", "gconv", "dw", "res", "cat", "cat_twice", "split", "se", "maxpool", "avgpool", "attn"]
 
 
 # ------------------------------------------------------------------------------------------------ blocks
@@ -91,6 +91,24 @@ class SE(nn.Module):
     def forward(self, x):
         s = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3))))))
         return x * s.view(s.size(0), -1, 1, 1)
+
+
+class Attn(nn.Module):
+    """Self-attention over the pixels as tokens, written the Hugging Face way (view(B, T, -1, head_dim)), added
+    back to the feature map: q/k/v/o are one group of whole heads, the stream is coupled through the add."""
+
+    def __init__(self, c, heads, hd):
+        super().__init__()
+        self.hd = hd
+        self.q, self.k, self.v = (nn.Linear(c, heads * hd) for _ in range(3))
+        self.o = nn.Linear(heads * hd, c)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)
+        q, k, v = (m(t).view(b, h * w, -1, self.hd).transpose(1, 2) for m in (self.q, self.k, self.v))
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, h * w, -1)
+        return x + self.o(a).transpose(1, 2).reshape(b, c, h, w)
 
 
 class Pool(nn.Module):
@@ -160,6 +178,10 @@ def architectures(draw):
             c, multi = (w1, False) if add else (w1 + w2, True)
         elif kind == "se":
             blocks.append(SE(c))
+        elif kind == "attn":
+            if multi:  # the stream is several groups (a cat): heads would span them, which the analysis freezes
+                continue
+            blocks.append(Attn(c, draw(st.integers(1, 4)), draw(st.integers(1, 4))))
         elif kind in ("maxpool", "avgpool"):
             if side < 2:
                 continue
@@ -188,7 +210,14 @@ def random_decisions(an, rng, allow_T):
         if not g.prunable or rng.random() < 0.15:
             continue
         n = g.width
-        if g.block_of is not None and g.blocks > 1:
+        if g.unit_of is not None:  # attention heads: keep a random nonempty proper subset of whole heads
+            units = int(g.unit_of.max()) + 1
+            if units < 2:
+                continue
+            kept = rng.choice(units, size=int(rng.integers(1, units)), replace=False)
+            keep = set(np.flatnonzero(np.isin(g.unit_of, kept)).tolist())
+            event("heads")
+        elif g.block_of is not None and g.blocks > 1:
             # a grouped conv / chunk: every block keeps the same number of channels
             size = n // g.blocks
             m = int(rng.integers(1, size + 1))
