@@ -1,7 +1,7 @@
 """Hugging Face transformers: the module attributes that hold attention widths, in one place.
 
 A slim model must run its own eager forward, ``generate()`` and ONNX export, so every width its code reads must
-follow the tensors (measured on transformers 5.24, /work/notes/hf_attention.md):
+follow the tensors (measured on transformers 5.24):
 
     read by forward     GPT2Attention.split_size (q/k/v split of the fused c_attn), Conv1D.nf (its output width),
                         MobileViTSelfAttention.all_head_size (its merge view), num_key_value_groups (repeat_kv;

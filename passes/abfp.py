@@ -1,7 +1,7 @@
 """Auto-Balanced Filter Pruning (Ding et al., AAAI 2018), method "abfp": an L2 term that is positive on the channels
 to be removed and negative on the ones to keep, balanced to zero per group, moves a layer's capacity into the
 channels that stay; pruning advances in stages over all groups at once ("abreast"). No code of the authors exists;
-what follows is our reading of the paper's abstract and reviews (see /work/notes: the factor formula and the
+what follows is our reading of the paper's abstract and reviews (the factor formula and the
 ranking are unverified), with the BatchNorm correction explained below.
 
 Magnitude. A channel's magnitude m_j is the L1 norm of its BatchNorm-FUSED filter, summed over the group's

@@ -181,13 +181,17 @@ def test_alignment_falls_back_step_by_step():
     from fxprune.targets import aligned_width, unit
 
     class G:  # a group as the width rules see it
-        def __init__(self, width, blocks=1):
-            self.width, self.blocks = width, blocks
+        def __init__(self, width, blocks=1, unit_size=1):
+            self.width, self.blocks, self.unit_size = width, blocks, unit_size
     assert [aligned_width(k, G(16), 16) for k in (8, 12, 14, 15)] == [8, 12, 14, 15]
     assert [aligned_width(k, G(64), 16) for k in (32, 40, 56, 60, 63)] == [32, 48, 56, 60, 63]
     assert aligned_width(4, G(6), 16) == 4 and aligned_width(3, G(6), 16) == 4
     assert [unit(G(w), 16) for w in (6, 8, 12, 16, 24, 64)] == [4, 4, 8, 8, 16, 16]
     assert unit(G(16, blocks=4), 16) == 8 and unit(G(8, blocks=4), 16) == 4 and unit(G(4, blocks=4), 16) == 4
+    # attention heads: whole heads at every alignment (heads of 4 at 16: 8 = two heads; heads of 24: 48, or 24 where 48 leaves no cut)
+    assert unit(G(16, unit_size=4), 16) == 8 and unit(G(16, unit_size=4), None) == 4
+    assert unit(G(96, unit_size=24), 16) == 48 and unit(G(48, unit_size=24), 16) == 24
+    assert aligned_width(5, G(16, unit_size=4), 16) == 8 and aligned_width(5, G(16, unit_size=4), None) == 8
 
 
 def test_round_to_granularity_exception_cattwice():

@@ -99,12 +99,24 @@ def build(name, seed=0):
     return Logits(reinit(hf, seed).eval(), kw).eval(), inputs()
 
 
+_PRUNED: dict = {}
+
+
+def pruned(name):
+    if name not in _PRUNED:
+        model, x = build(name)
+        _PRUNED[name] = name, model, x, fxprune.prune(model, x, "l1", amount=0.5, round_to=None, progress=False)
+    return _PRUNED[name]
+
+
 @pytest.fixture(scope="module", params=list(SPECS))
 def case(request):
-    name = request.param
-    model, x = build(name)
-    res = fxprune.prune(model, x, "l1", amount=0.5, round_to=None, progress=False)
-    return name, model, x, res
+    return pruned(request.param)
+
+
+@pytest.fixture(scope="module", params=list(CAUSAL))
+def causal_case(request):
+    return pruned(request.param)
 
 
 def head_groups(res):
@@ -185,10 +197,8 @@ def test_onnx_export_matches_onnxruntime(case, tmp_path):
 @pytest.mark.parametrize("kw", [{"use_cache": False}, {"use_cache": True},
                                 {"use_cache": True, "cache_implementation": "static", "prefill_chunk_size": 4}],
                          ids=["no-cache", "cache", "static-chunked"])
-def test_generate_matches_the_masked_reference(case, kw):
-    name, model, x, res = case
-    if name not in CAUSAL:
-        pytest.skip("not a causal LM")
+def test_generate_matches_the_masked_reference(causal_case, kw):
+    name, model, x, res = causal_case
     ref = consumer_reference(model, res.analysis, res.decisions).m
     slim = res.model.m
     for m in (ref, slim):
