@@ -91,10 +91,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--examples", type=int, default=2000, help="random graphs per route")
     ap.add_argument("--routes", default="selection,reconstruction,prune")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results", help="folder of fuzz.json / fuzz.md")
     args = ap.parse_args()
     torch.set_num_threads(1)
     routes = args.routes.split(",")
-    bar = tqdm(total=args.examples * len(routes), desc="fuzz", unit="graph")
+    bar = tqdm(total=args.examples * len(routes), desc="fuzz", unit="graph", mininterval=10)
     results = [run(r, args.examples, bar) for r in routes]
     bar.close()
     commit, cmd = git_commit(), f"python benchmarks/fuzz.py --examples {args.examples} --routes {args.routes}"
@@ -109,8 +110,9 @@ def main():
             lines.append(f"- {r['route']}: {' > '.join(m['arch'])} (seed {m['seed']}): {m['error']}")
     md = "\n".join(lines) + "\n"
     print(md)
-    write_json_atomic(ROOT / "benchmarks/results/fuzz.json", {"command": cmd, "commit": commit, "results": results})
-    write_text_atomic(ROOT / "benchmarks/results/fuzz.md", md)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.out / "fuzz.json", {"command": cmd, "commit": commit, "results": results})
+    write_text_atomic(args.out / "fuzz.md", md)
 
 
 if __name__ == "__main__":
