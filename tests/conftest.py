@@ -72,6 +72,27 @@ def assert_unchanged(model: nn.Module, snap: dict):
     assert now["attrs"] == snap["attrs"]
 
 
+def check_resume(run, fresh, train, steps: int):
+    """``run`` = (model, optimizer, pruner) part-way through training: checkpoint all three, train on for ``steps``
+    steps, and train a ``fresh()`` trio that loads the checkpoint on the same batches. Weights, status and the
+    final decisions must be identical (bit for bit): a resumed run is the uninterrupted one."""
+    import copy
+    m1, o1, p1 = run
+    saved = copy.deepcopy({"model": m1.state_dict(), "opt": o1.state_dict(), "pruner": p1.state_dict()})
+    train(m1, o1, steps, seed=1)
+    m2, o2, p2 = fresh()
+    m2.load_state_dict(saved["model"])
+    o2.load_state_dict(saved["opt"])
+    p2.load_state_dict(saved["pruner"])
+    assert p2.step == p1.step - steps
+    train(m2, o2, steps, seed=1)
+    for (n, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert p1.status() == p2.status()
+    d1, d2 = p1.finalize().decisions, p2.finalize().decisions
+    assert d1.keys() == d2.keys() and all(np.array_equal(d1[g].keep, d2[g].keep) for g in d1)
+
+
 def group_with(an_or_groups, fqn: str):
     """The group whose producers (or, failing that, members) include the parameter ``fqn``."""
     groups = getattr(an_or_groups, "groups", an_or_groups)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxprune
-from conftest import assert_unchanged, group_with, randomize_bn, rel_err, snapshot
+from conftest import assert_unchanged, check_resume, group_with, randomize_bn, rel_err, snapshot
 from fxprune import zoo
 from fxprune.errors import ConfigError, TargetError
 
@@ -182,17 +182,7 @@ def test_state_dict_round_trip_mid_training_gives_the_same_model():
     m1, o1, p1 = fresh()
     _train(m1, o1, 20)
     assert p1.method.stage == 1  # one stage done: masks exist
-    saved = copy.deepcopy({"model": m1.state_dict(), "opt": o1.state_dict(), "pruner": p1.state_dict()})
-    _train(m1, o1, 20, seed=1)
-    m2, o2, p2 = fresh()
-    m2.load_state_dict(saved["model"])
-    o2.load_state_dict(saved["opt"])
-    p2.load_state_dict(saved["pruner"])
-    _train(m2, o2, 20, seed=1)
-    for (n, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
-        assert torch.equal(a, b), n
-    d1, d2 = p1.finalize().decisions, p2.finalize().decisions
-    assert d1.keys() == d2.keys() and all(np.array_equal(d1[g].keep, d2[g].keep) for g in d1)
+    check_resume((m1, o1, p1), fresh, _train, 20)
 
 
 def test_remove_leaves_no_hook_and_the_optimizer_plain_again():

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxprune
-from conftest import assert_unchanged, group_with, rel_err, snapshot
+from conftest import assert_unchanged, check_resume, group_with, rel_err, snapshot
 from fxprune import zoo
 from fxprune.errors import ConfigError, TargetError
 
@@ -155,18 +155,7 @@ def test_state_dict_round_trip_mid_training_gives_the_same_model():
 
     m1, o1, p1 = fresh()
     _train(m1, o1, 20)
-    saved = copy.deepcopy({"model": m1.state_dict(), "opt": o1.state_dict(), "pruner": p1.state_dict()})
-    _train(m1, o1, 20, seed=1)
-    m2, o2, p2 = fresh()
-    m2.load_state_dict(saved["model"])
-    o2.load_state_dict(saved["opt"])
-    p2.load_state_dict(saved["pruner"])
-    assert p2.step == 20
-    _train(m2, o2, 20, seed=1)
-    for (n, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
-        assert torch.equal(a, b), n
-    d1, d2 = p1.finalize().decisions, p2.finalize().decisions
-    assert d1.keys() == d2.keys() and all(np.array_equal(d1[g].keep, d2[g].keep) for g in d1)
+    check_resume((m1, o1, p1), fresh, _train, 20)
 
 
 def test_remove_leaves_no_hook_and_the_model_as_it_was():
