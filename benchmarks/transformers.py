@@ -376,6 +376,10 @@ def _coverage_line(r) -> str:
             f"runs {_yes(r.get('tp_runs'))} ONNX {_yes(r.get('tp_onnx'))} {r.get('tp_error', '')}")
 
 
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
 def coverage_table(res: dict) -> str:
     lines = ["| model | captured | groups: prunable / all (head groups) | frozen: why | pruned + verified (rel. diff) "
              "| FLOPs kept | heads kept | output runs | ONNX ok | TP: params kept | TP: FLOPs kept | TP: runs "
@@ -391,7 +395,7 @@ def coverage_table(res: dict) -> str:
             f"({r.get('head_groups', '-')}) | {why} | {ver} | "
             f"{r['flops_kept']:.3f} | {r.get('heads', '-')} | "
             f"{_yes(r.get('runs'))}{' + generate' if r.get('generate') else ''} | {_yes(r.get('onnx'))} | "
-            f"{r['tp_params_kept']:.3f} | " if r.get("pruned") else f"| {r['model']} | ... |")
+            f"{_num(r.get('tp_params_kept'))} | " if r.get("pruned") else f"| {r['model']} | ... |")
         if r.get("pruned"):
             lines[-1] += (f"{r.get('tp_flops_kept', float('nan')):.3f} | {_yes(r.get('tp_runs'))} "
                           f"{tp_fail[:90]} | {_yes(r.get('tp_onnx'))} | {r.get('tp_output_change', float('nan')):.3f} |"
@@ -595,6 +599,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         if part == "coverage":
             res = run_coverage(args.models or list(coverage_specs()))
+            write_json_atomic(RESULTS / "transformers_coverage.json", {**res, **stamp})  # before the table can fail
             print(coverage_table(res))
         elif part == "quality":
             res = run_quality(args.targets, args.methods, args.quick)
