@@ -37,6 +37,7 @@ from . import distributed
 from .calibrate import as_rows, batches, group_columns
 from .ops import bn_stat_args
 from .reference import consumer_hooks, hooked_args
+from .errors import RewriteError
 from .rewrite import Decision, Plan
 
 RIDGE = 1e-8
@@ -69,10 +70,12 @@ class Calibration:
 @torch.no_grad()
 def calibrate(plan: Plan, calib, example: tuple, *, reconstruct: bool = True, recalibrate_bn: bool = True,
               samples: int = 1000, ridge: float = RIDGE, progress: bool = True,
-              notes: list | None = None) -> Calibration:
+              notes: list | None = None, zeroed: dict[int, np.ndarray] | None = None) -> Calibration:
     """Fit T_j for every foldable source of every decided group (``reconstruct``) and re-estimate the BatchNorms
     downstream of a change (``recalibrate_bn``), in one layer-major pass over the calibration data. The fitted T_j
-    replace the method's own T (or selection) in ``plan.decisions``, with their errors in each Decision's info."""
+    replace the method's own T (or selection) in ``plan.decisions``, with their errors in each Decision's info.
+    ``zeroed`` (group -> boolean per channel): channels the model reads as zero (a training-time method's masks);
+    their columns of the original Z_j are zero in the fit, so T reproduces the masked model."""
     an = plan.an
     gm = an.gm
     fit = _fit_targets(plan) if reconstruct else {}
@@ -84,9 +87,14 @@ def calibrate(plan: Plan, calib, example: tuple, *, reconstruct: bool = True, re
     cal = Calibration(samples=sum(c[0].shape[0] for c in chunks))
     last_fit = max((i for i, n in enumerate(gm.graph.nodes) if n.name in fit), default=-1)
     pruned, orig = _Env(gm, chunks), _Env(gm, chunks) if fit else None
+    masked = _mask_plan(an, zeroed, notes) if fit and zeroed else None
+    mask_hooks = consumer_hooks(masked) if masked is not None else {}
     for i, node in enumerate(tqdm(list(gm.graph.nodes), desc="reconstructing", disable=not progress, leave=False)):
         if orig is not None and i <= last_fit:
-            orig.run(node)
+            if node.name in mask_hooks:  # the original as it was trained: masked channels read as zero
+                orig.run(node, hook=lambda args: hooked_args(masked, node, mask_hooks[node.name], args))
+            else:
+                orig.run(node)
         if node.name in bns:
             (i, j), stats = bns[node.name], _bn_stats(pruned.args(node)[0])
             cal.bn[node.args[i].target], cal.bn[node.args[j].target] = stats
@@ -96,7 +104,7 @@ def calibrate(plan: Plan, calib, example: tuple, *, reconstruct: bool = True, re
         else:
             pruned.run(node)
         for g, src in fit.get(node.name, []):
-            T, err = _fit(plan, g, src, pruned.value(node), orig.value(node), ridge)
+            T, err = _fit(plan, g, src, pruned.value(node), orig.value(node), ridge, (zeroed or {}).get(g))
             cal.T.setdefault(g, {})[src] = T
             cal.errors.setdefault(g, {})[src] = err
             _set_T(plan, g, src, T, err)  # later consumers of this source read the reconstruction
@@ -104,6 +112,20 @@ def calibrate(plan: Plan, calib, example: tuple, *, reconstruct: bool = True, re
         if orig is not None:
             orig.free_after(node)
     return cal
+
+
+def _mask_plan(an, zeroed: dict[int, np.ndarray], notes: list | None) -> Plan | None:
+    """The masks as a plan of selections, for the reference hooks (None if there are none, or they break a
+    group's constraints: then the unmasked model is the reference, and the report says so)."""
+    decisions = {g: Decision(np.flatnonzero(~np.asarray(z, dtype=bool))) for g, z in zeroed.items() if np.any(z)}
+    if not decisions:
+        return None
+    try:
+        return Plan(an, decisions)
+    except RewriteError as e:
+        if notes is not None:
+            notes.append(f"reconstruction fitted the unmasked model: the training masks are not a valid plan ({e})")
+        return None
 
 
 def _fit_targets(plan: Plan) -> dict[str, list[tuple[int, str]]]:
@@ -124,8 +146,10 @@ def _set_T(plan: Plan, g: int, src: str, T: np.ndarray, err: float):
     plan.decisions[g] = Decision(d.keep, Ts, info)
 
 
-def _fit(plan: Plan, g: int, src: str, pruned: list, orig: list, ridge: float) -> tuple[np.ndarray, float]:
+def _fit(plan: Plan, g: int, src: str, pruned: list, orig: list, ridge: float,
+         zeroed: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     dim, P = group_columns(plan.an, src, g)
+    live = None if zeroed is None else torch.as_tensor(~np.asarray(zeroed, dtype=bool), dtype=torch.float64)
     keep = torch.as_tensor(plan.decisions[g].keep)
     k, n = len(keep), P.shape[1]
     A = torch.zeros(k, k, dtype=torch.float64)
@@ -134,6 +158,8 @@ def _fit(plan: Plan, g: int, src: str, pruned: list, orig: list, ridge: float) -
     for zp, zo in zip(pruned, orig):
         X = as_rows(zp, dim, P)[..., keep].reshape(-1, k).double()
         Y = as_rows(zo, dim, P).reshape(-1, n).double()
+        if live is not None:
+            Y = Y * live
         A += X.T @ X
         B += X.T @ Y
         energy += Y.square().sum()

@@ -142,9 +142,10 @@ def begin(model: nn.Module, example_inputs, method: str, *, amount=None, target_
     return Job(model, example, method, decide, method_options, gm, ctx, opts)
 
 
-def finish(job: Job, decisions: dict[int, Decision]) -> PruneResult:
+def finish(job: Job, decisions: dict[int, Decision], zeroed: dict[int, np.ndarray] | None = None) -> PruneResult:
     """Apply a method's decisions: reconstruct, rewrite, verify, re-estimate BatchNorms, count. The user's model
-    is untouched unless inplace=True, and then only after everything passed."""
+    is untouched unless inplace=True, and then only after everything passed. ``zeroed``: per group, the channels
+    the model already reads as zero (masked while training); reconstruction fits the model as it ran that way."""
     ctx, opts = job.ctx, job.opts
     _note_rounding(ctx, decisions)
     plan = Plan(ctx.analysis, decisions)
@@ -154,7 +155,7 @@ def finish(job: Job, decisions: dict[int, Decision]) -> PruneResult:
         from .reconstruct import calibrate
         cal = calibrate(plan, opts.calib, job.example, reconstruct=opts.reconstruct,
                         recalibrate_bn=opts.recalibrate_bn, samples=opts.calib_samples, progress=opts.progress,
-                        notes=ctx.notes)
+                        notes=ctx.notes, zeroed=zeroed)
         plan = Plan(ctx.analysis, plan.decisions)
     slim_gm, work = plan.slim(job.gm, job.model)
     diff = None

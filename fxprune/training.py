@@ -173,8 +173,11 @@ class Pruner:
         decisions = self.method.decisions()
         if distributed.active():  # every rank must build the same slim model
             decisions = distributed.broadcast_object(decisions)
+        # the model was trained with these channels reading as zero: that masked model is what reconstruction
+        # must reproduce, not the unmasked one whose consumers' stale weights for them were never trained
+        zeroed = {g: ~m for g, m in self._masks.items()}
         self.remove()
-        return finish(self.job, decisions)
+        return finish(self.job, decisions, zeroed=zeroed)
 
     def remove(self):
         """Take every hook off; the model keeps its current weights."""

@@ -125,8 +125,8 @@ def test_weak_channels_fade_strong_ones_stay_bounded_and_the_sides_balance():
     assert m.stage == 1 and not m.live[gid][weak].any()
 
 
-@pytest.mark.parametrize("name", ["lenet5", "resnet20"])
-def test_stages_meet_the_target_and_the_slim_model_equals_the_masked_one(name):
+@pytest.mark.parametrize("name,calib", [("lenet5", False), ("resnet20", False), ("resnet20", True)])
+def test_stages_meet_the_target_and_the_slim_model_equals_the_masked_one(name, calib):
     torch.manual_seed(0)
     if name == "lenet5":
         model, shape, target = zoo.LeNet5(in_channels=1, image_size=28), (1, 28, 28), 0.1
@@ -134,8 +134,9 @@ def test_stages_meet_the_target_and_the_slim_model_equals_the_masked_one(name):
         model, shape, target = randomize_bn(zoo.build("resnet20")), (3, 16, 16), 0.5
     opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
     steps = 24
+    extra = {"calib": torch.randn(64, *shape), "recalibrate_bn": False} if calib else {}
     pruner = fxprune.prepare(model, torch.randn(2, *shape), "abfp", optimizer=opt, steps=steps,
-                             target_flops=target, round_to=None, progress=False, stages=3, prune_by=0.75)
+                             target_flops=target, round_to=None, progress=False, stages=3, prune_by=0.75, **extra)
     g = torch.Generator().manual_seed(0)
     fractions = []
     model.train()

@@ -151,8 +151,10 @@ def _zero_consumer_columns(model, pruner):
     return ref
 
 
-@pytest.mark.parametrize("name", ["net", "resnet20"])
-def test_masked_model_equals_the_slim_model_and_meets_the_target(name):
+@pytest.mark.parametrize("name,calib", [("net", False), ("net", True), ("resnet20", False)])
+def test_masked_model_equals_the_slim_model_and_meets_the_target(name, calib):
+    """The slim model is the masked model the user trained; with calibration data too (least-squares T refit
+    against the MASKED model: the consumers' weights for masked channels were never trained on them)."""
     torch.manual_seed(0)
     if name == "net":
         model, x, shape = randomize_bn(Net(16)), torch.randn(2, 3, 8, 8), (3, 8, 8)
@@ -160,7 +162,8 @@ def test_masked_model_equals_the_slim_model_and_meets_the_target(name):
         model, x, shape = randomize_bn(zoo.build("resnet20")), torch.randn(2, 3, 16, 16), (3, 16, 16)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     steps = 30
-    pruner = _prepare(model, opt, steps, x=x, target_flops=0.6, threshold=0.05, search_until=0.5)
+    extra = {"calib": torch.randn(64, *shape), "recalibrate_bn": False} if calib else {}
+    pruner = _prepare(model, opt, steps, x=x, target_flops=0.6, threshold=0.05, search_until=0.5, **extra)
     _train(model, opt, steps, shape=shape, batch=8)
     st = pruner.status()
     assert not st["searching"] and st["flops_live"] <= 0.6
@@ -173,6 +176,8 @@ def test_masked_model_equals_the_slim_model_and_meets_the_target(name):
     res = pruner.finalize()
     with torch.no_grad():
         assert rel_err(res.model.eval()(xs), masked) < 1e-5
+    if calib:
+        assert any(isinstance(d.T, dict) and d.T for d in res.decisions.values())  # a T was fitted and folded
     assert res.flops[1] / res.flops[0] <= 0.6 + 1e-6
     if name == "resnet20":  # the residual streams were searched as groups too
         stream = max(res.analysis.groups, key=lambda g: len(g.producers))
