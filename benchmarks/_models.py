@@ -78,7 +78,7 @@ RECIPES: dict[str, Recipe] = {
     "vgg-small": Recipe(lambda: zoo.VGG(cfg="vgg-small", in_channels=1, image_size=28),
                         "zoo.VGG(vgg-small, 1, 28)", epochs=12, lr=0.05),
     "resnet20": Recipe(lambda: zoo.resnet20(in_channels=1), "zoo.resnet20(in_channels=1)", epochs=10, lr=0.1),
-    "resnet56": Recipe(lambda: zoo.resnet56(in_channels=1), "zoo.resnet56(in_channels=1)", epochs=7, lr=0.1),
+    "resnet56": Recipe(lambda: zoo.resnet56(in_channels=1), "zoo.resnet56(in_channels=1)", epochs=3, lr=0.1),
 }
 # --quick runs of the benchmarks: the same architectures, one epoch on 5000 images (cached under their own key)
 QUICK = {"epochs": 1, "train_samples": 5000}
