@@ -89,14 +89,15 @@ class PruneContext:
             if k >= len(s):
                 continue
             grp = self.groups[g]
-            keep = self._every_producer_kept(g, top_k(np.asarray(s, dtype=np.float64), k, grp.block_of,
+            keep = self.every_producer_kept(g, top_k(np.asarray(s, dtype=np.float64), k, grp.block_of,
                                                       grp.unit_of), np.asarray(s, dtype=np.float64))
             out[g] = Decision(keep=keep, info={"score_kept": float(np.sum(np.asarray(s)[keep]))})
         return out
 
 
-    def _every_producer_kept(self, gid: int, keep: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        """A producer that mints only part of a group (a cat joined to a residual) keeps its best channel."""
+    def every_producer_kept(self, gid: int, keep: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """A producer that mints only part of a group (a cat joined to a residual) keeps its best channel (torch has
+        no 0-channel conv): ``keep`` plus, for each producer left with nothing, its highest-scoring channel."""
         grp = self.groups[gid]
         if grp.block_of is not None:
             return keep

@@ -25,6 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fxprune.calibrate import batches, source_grams
+from fxprune.context import top_k
 from fxprune.errors import ConfigError
 from fxprune.reconstruct import least_squares
 from fxprune.rewrite import Decision
@@ -34,6 +35,7 @@ from . import register
 from ._id_allocate import PROBES, OutputProbe, allocate, calibrated_curve
 from ._id_math import id_from_gram
 from ._id_units import channel_order, unit_pivots
+from .magnitude import scores as magnitude_scores
 
 
 @register("id")
@@ -79,12 +81,22 @@ def _shrink(ctx, g: int, kept: np.ndarray, trans: dict, sub: dict, pooled: np.nd
     res, info = None, {}
     if unit_of is not None:  # attention heads: whole heads are the pivots; T by least squares below
         local = unit_pivots(pooled, unit_of[kept], k, None if block_of is None else block_of[kept])
+    elif block_of is None and not np.trace(pooled) > 0:  # every channel is zero on the calibration data
+        local = np.sort(top_k(magnitude_scores(ctx)[g][kept], k))
+        info = {"id_error": 0.0}
+        ctx.notes.append(f"group {g} ({', '.join(ctx.groups[g].modules)}): every channel is zero on the calibration "
+                         "data; kept by filter magnitude (L1)")
     elif block_of is None:
         res = id_from_gram(pooled, k=k)
         local = res.keep
         info = {"id_error": float(res.rel_error)}
     else:  # blocks keep equal counts: ID pivots per block, kept as a selection (grouped consumers)
         local = _blocked_pivots(pooled, block_of[kept], k)
+    energy = np.full(ctx.groups[g].width, -np.inf)  # channels cut in earlier rounds cannot come back
+    energy[kept] = np.diag(pooled)
+    whole = ctx.every_producer_kept(g, kept[local], energy)
+    if len(whole) > len(local):  # a producer of part of the group lost every channel: its strongest one stays
+        local, res = np.flatnonzero(np.isin(kept, whole)), None
     new = {}
     for src, Gs in sub.items():
         if res is not None and len(sub) == 1:

@@ -392,3 +392,55 @@ def test_non_finite_activations():
         fxprune.prune(model, torch.randn(2, 16), "id", amount=0.5, calib=torch.randn(32, 16), round_to=None,
                       progress=False)
     assert_unchanged(model, snap)
+
+
+class _CatResidual(nn.Module):
+    """A group minted by two producers: a cat of a (2 channels) and b (5) added to r's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 2, 1), nn.Conv2d(4, 5, 1)
+        self.r, self.fc = nn.Conv2d(7, 7, 3, padding=1), nn.Linear(7, 2)
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        z = torch.cat([self.a(y), self.b(y)], 1)
+        return self.fc(torch.relu(z + self.r(z)).mean((2, 3)))
+
+
+def test_id_never_empties_a_producer_of_part_of_a_group():
+    """a's activations are 1000x smaller than b's, so ID's pivots alone would drop all of a (torch has no
+    0-channel conv): its strongest channel stays and the result verifies."""
+    torch.manual_seed(0)
+    model = _CatResidual().eval()
+    with torch.no_grad():
+        model.a.weight.mul_(1e-3)
+        model.a.bias.zero_()
+    res = fxprune.prune(model, torch.randn(2, 3, 8, 8), "id", amount=0.7, calib=torch.randn(64, 3, 8, 8),
+                        round_to=None, progress=False)
+    assert res.verified < 1e-4
+    assert res.model.a.out_channels == 1 and res.model.a.out_channels + res.model.b.out_channels < 7
+
+
+class _DeadBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1), nn.Linear(4, 2)
+        with torch.no_grad():
+            self.a.bias.fill_(-1e3)  # relu(a(x)) is zero on any reasonable input
+
+    def forward(self, x):
+        return self.fc(self.b(torch.relu(self.a(x))).mean((2, 3)))
+
+
+def test_id_on_a_group_that_is_zero_on_the_calibration_data_keeps_by_magnitude_and_says_so():
+    torch.manual_seed(0)
+    model = _DeadBranch().eval()
+    with torch.no_grad():
+        model.a.weight[:4].mul_(10)  # the four largest filters
+    res = fxprune.prune(model, torch.randn(2, 3, 8, 8), "id", amounts={"a": 0.5}, calib=torch.randn(32, 3, 8, 8),
+                        round_to=None, progress=False)
+    g = next(g for g, d in res.decisions.items() if "a" in res.analysis.groups[g].modules)
+    assert res.decisions[g].keep.tolist() == [0, 1, 2, 3]
+    assert any("zero on the calibration data" in n for n in res.notes)
+    assert res.verified < 1e-4
