@@ -13,6 +13,9 @@ Choosing k:
   - target_flops / target_params: greedy over all groups by reconstruction error added per FLOP (or parameter)
     saved, in ``rounds`` stages (default 3) toward the target; each stage re-measures the activations of the
     partly pruned model (the graph runs with every consumer reading Z_j[:, keep] @ T_j) before it chooses again.
+    Each group's error curve is calibrated at the model output (_id_allocate.py). With coarse widths (round_to
+    > 1) a second complete candidate, ID at the widths of the global magnitude ranking, is measured at the
+    output too, and the result with the smaller output error is kept.
 
 With calibration data the core then refits every T_j against the original model's activations and re-estimates
 BatchNorm statistics (fxprune/reconstruct.py); ``reconstruct=False`` keeps ID's own T_j. Sources whose consumers
