@@ -394,25 +394,12 @@ def test_non_finite_activations():
     assert_unchanged(model, snap)
 
 
-class _CatResidual(nn.Module):
-    """A group minted by two producers: a cat of a (2 channels) and b (5) added to r's output."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem, self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 2, 1), nn.Conv2d(4, 5, 1)
-        self.r, self.fc = nn.Conv2d(7, 7, 3, padding=1), nn.Linear(7, 2)
-
-    def forward(self, x):
-        y = torch.relu(self.stem(x))
-        z = torch.cat([self.a(y), self.b(y)], 1)
-        return self.fc(torch.relu(z + self.r(z)).mean((2, 3)))
-
-
 def test_id_never_empties_a_producer_of_part_of_a_group():
     """a's activations are 1000x smaller than b's, so ID's pivots alone would drop all of a (torch has no
     0-channel conv): its strongest channel stays and the result verifies."""
+    from test_rewrite import CatResidual  # a group of 7 minted by a (2 channels) and b (5), added to r's output
     torch.manual_seed(0)
-    model = _CatResidual().eval()
+    model = CatResidual().eval()
     with torch.no_grad():
         model.a.weight.mul_(1e-3)
         model.a.bias.zero_()
