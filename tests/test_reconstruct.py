@@ -220,3 +220,17 @@ def test_every_zoo_model_verifies_with_reconstruction_and_leaves_the_model_alone
                         recalibrate_bn=False)
     assert res.decisions and all(d.is_selection() for d in res.decisions.values())
     assert_unchanged(model, snap)
+
+
+def test_a_deep_untrained_resnet_with_calibration_is_verified_as_returned():
+    """T_j are fitted with the re-estimated BatchNorm statistics in place; the slim model must be verified with
+    them too. With the old statistics and the new T, a deep untrained ResNet-56 overflows to inf and verification
+    used to give up ("outputs are NaN or inf")."""
+    torch.manual_seed(0)
+    model, x = zoo.build("resnet56").eval(), torch.randn(2, 3, 32, 32)
+    snap = snapshot(model)
+    res = fxprune.prune(model, x, "l1", target_flops=0.5, calib=torch.randn(64, 3, 32, 32), progress=False)
+    assert res.verified is not None and res.verified < 1e-4 and res.recalibrated_bn
+    with torch.no_grad():
+        assert torch.isfinite(res.model(torch.randn(4, 3, 32, 32))).all()
+    assert_unchanged(model, snap)
