@@ -20,6 +20,8 @@ An ``OpHandler`` says, for the ops it is registered under in ``HANDLERS``:
                     fraction of its input and output channels
     bn_stat_args    (running_mean, running_var) argument positions of a BatchNorm whose statistics can be
                     re-estimated after pruning
+    bn_eps_arg      a BatchNorm's eps argument position, and whether it returns a tuple (output first), read by
+    bn_tuple        training methods that apply the layer's normalization themselves (training.output_probe)
     heads           its rule understands head maps (a channel dim split into (heads, head_dim), cmap.py); any
                     other op that a head map reaches is a barrier
 
@@ -42,7 +44,7 @@ consumers, what is frozen and why); tests/test_rewrite.py checks a pruned model 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from . import hf, rules, shapes
@@ -62,6 +64,8 @@ class OpHandler:
     fix_module: Callable | None = None
     has_flops: bool = False
     bn_stat_args: tuple[int, int] | None = None
+    bn_eps_arg: int | None = None
+    bn_tuple: bool = False
     heads: bool = False
 
     def through(self, an, node, gid: int):
@@ -112,7 +116,8 @@ ADDMM = OpHandler("matmul", functools.partial(rules.matmul, data=1, weight=2, bi
                   has_flops=True)
 ATTENTION = OpHandler("attention", rules.attention, has_flops=True, heads=True, fix_module=hf.fix_attention)
 SOFTMAX = OpHandler("softmax", rules.softmax, heads=True)
-BATCH_NORM = OpHandler("batch_norm", rules.batch_norm, fix_module=shapes.fix_norm_module, bn_stat_args=(3, 4))
+BATCH_NORM = OpHandler("batch_norm", rules.batch_norm, fix_module=shapes.fix_norm_module, bn_stat_args=(3, 4),
+                       bn_eps_arg=7)
 INSTANCE_NORM = OpHandler("batch_norm", rules.batch_norm, fix_module=shapes.fix_norm_module)  # statistics per sample
 LINEAR_REDUCE = OpHandler("reduce", rules.reduce, commutes=True, heads=True)
 REDUCE = OpHandler("reduce", rules.reduce, heads=True)
@@ -173,8 +178,9 @@ HANDLERS: dict[str, OpHandler] = {
     "aten.roll": ROLL,
     "aten.index": INDEX,
     "aten.addmm": ADDMM,
-    **dict.fromkeys(("aten.batch_norm", "aten._native_batch_norm_legit_no_training", "aten.native_batch_norm"),
-                    BATCH_NORM),
+    "aten.batch_norm": BATCH_NORM,
+    "aten.native_batch_norm": replace(BATCH_NORM, bn_tuple=True),
+    "aten._native_batch_norm_legit_no_training": replace(BATCH_NORM, bn_eps_arg=6, bn_tuple=True),
     "aten.instance_norm": INSTANCE_NORM,
     **dict.fromkeys(("aten.mean", "aten.sum"), LINEAR_REDUCE),
     **dict.fromkeys(("aten.amax", "aten.amin"), REDUCE),

@@ -164,7 +164,7 @@ def finish(job: Job, decisions: dict[int, Decision], zeroed: dict[int, np.ndarra
         # is, against a reference with the same statistics (old statistics + new T can overflow a deep net).
         plan.replace_tensors(slim_gm, cal.bn)
         plan.replace_tensors(work, cal.bn)
-        reference_gm = _with_tensors(job.gm, cal.bn)
+        reference_gm = _with_tensors(job.gm, ctx.analysis, cal.bn)
         recalibrated = sorted({k.rsplit(".", 1)[0] for k in cal.bn})
     diff = None
     if opts.verify:
@@ -246,17 +246,14 @@ def _check_finite(model: nn.Module):
                               "verify such a model: fix or re-initialize those weights first")
 
 
-def _with_tensors(gm, values: dict[str, torch.Tensor]):
+def _with_tensors(gm, an: Analysis, values: dict[str, torch.Tensor]):
     """A copy of the captured graph with some buffers (full width, keyed by FQN) replaced."""
     import copy
     import warnings
     with warnings.catch_warnings():  # deep-copying an exported module warns about pytree internals
         warnings.simplefilter("ignore")
         out = copy.deepcopy(gm)
-    with torch.no_grad():
-        for fqn, value in values.items():
-            owner, _, name = fqn.rpartition(".")
-            getattr(out.get_submodule(owner) if owner else out, name).copy_(value)
+    Plan(an, {}).replace_tensors(out, values)  # nothing pruned: the values go in at full width
     return out
 
 

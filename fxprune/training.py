@@ -34,7 +34,7 @@ from torch import nn
 from . import distributed
 from .cmap import op_name
 from .errors import ConfigError
-from .ops import handler
+from .ops import handler, node_handler
 from .rewrite import Decision
 from .stages import DEFAULT_CALIB_SAMPLES, PruneResult, begin, finish
 from .targets import DEFAULT_ROUND_TO
@@ -253,11 +253,6 @@ def consumer_mask_hooks(pruner: Pruner, gid: int, keep_mask: np.ndarray) -> list
     return handles
 
 
-# aten BatchNorm overloads: the argument index of eps, and whether the result is a tuple (read through getitem 0)
-_BN_EPS = {"aten.batch_norm": (7, False), "aten.native_batch_norm": (7, True),
-           "aten._native_batch_norm_legit_no_training": (6, True)}
-
-
 @dataclass
 class OutputProbe:
     """A layer's output as the next layer sees it: through the BatchNorm that directly follows (running
@@ -292,9 +287,9 @@ def output_probe(pruner: Pruner, fqn: str, dim: int) -> OutputProbe:
         return probe
     node = users[0]
     nxt = _only_user(node)
-    spec = _BN_EPS.get(op_name(nxt.target)) if nxt is not None and nxt.op == "call_function" else None
-    if spec is not None and nxt.args[0] is node:
-        eps_at, is_tuple = spec
+    bn = node_handler(nxt) if nxt is not None else None
+    if bn is not None and bn.bn_eps_arg is not None and nxt.args[0] is node:
+        eps_at, is_tuple = bn.bn_eps_arg, bn.bn_tuple
         names = ("weight", "bias", "running_mean", "running_var")
         probe.bn = {k: an.param_fqn(a) if isinstance(a, torch.fx.Node) else None
                     for k, a in zip(names, nxt.args[1:5])}

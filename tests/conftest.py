@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -91,6 +92,18 @@ def check_resume(run, fresh, train, steps: int):
     assert p1.status() == p2.status()
     d1, d2 = p1.finalize().decisions, p2.finalize().decisions
     assert d1.keys() == d2.keys() and all(np.array_equal(d1[g].keep, d2[g].keep) for g in d1)
+
+
+def assert_prepare_refuses(model, x, method: str, optimizer, cases, **defaults):
+    """Each (error type, message pattern, options) case makes fxprune.prepare raise that error before it changes
+    the model or leaves a hook on the optimizer."""
+    import fxprune
+    snap = snapshot(model)
+    for err, text, kw in cases:
+        with pytest.raises(err, match=text):
+            fxprune.prepare(model, x, method, optimizer=optimizer, progress=False, **{**defaults, **kw})
+        assert_unchanged(model, snap)
+    assert not optimizer._optimizer_step_pre_hooks
 
 
 def group_with(an_or_groups, fqn: str):
