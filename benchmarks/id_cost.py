@@ -1,6 +1,6 @@
 """Cost of fxprune's ID pass (streamed float64 Gram per group + pivoted Cholesky) against the dense reference
 (materialize the full activation matrix Z of every group over all calibration images, then column-pivoted QR per
-group, LAPACK geqp3 through passes/_id_math.id_dense), on CIFAR-shape VGG-16 and ResNet-56.
+group, LAPACK geqp3 through fxprune/passes/_id_math.id_dense), on CIFAR-shape VGG-16 and ResNet-56.
 
 Setup (identical for both routes): the zoo model (seed 0, random weights, BatchNorm statistics warmed on random
 batches), 1000 random N(0, 1) calibration images 3x32x32, ID at amount=0.5 (one round: amount mode measures the
@@ -24,7 +24,7 @@ not see torch's allocations. The parent also records getrusage(RUSAGE_CHILDREN).
 Same channels: for every pruned group, fxprune's kept set vs the dense QR's kept set.
 
 A third child runs the fxprune route under cProfile; the top functions (by own time, and by cumulative time
-inside fxprune/ and passes/) go to the results.
+inside fxprune/ and fxprune/passes/) go to the results.
 
 Threads: one intra-op torch thread by default (--threads), as in benchmarks/compile_speed.py: the machine has
 2 cores shared with other jobs. LAPACK/BLAS threads are left at their defaults, the same for both routes.
@@ -240,7 +240,7 @@ def profile_summary(prof, top=25) -> dict:
     rows = []
     for (fn, line, name), (cc, nc, tt, ct, _) in st.stats.items():
         rows.append({"func": f"{_short(fn)}:{line}({name})", "calls": nc, "tottime": tt, "cumtime": ct,
-                     "ours": ("/fxprune/" in fn or "/passes/" in fn)})
+                     "ours": ("/fxprune/" in fn)})
     total = max(r["cumtime"] for r in rows)
     by_tot = sorted(rows, key=lambda r: -r["tottime"])[:top]
     by_cum_ours = sorted([r for r in rows if r["ours"]], key=lambda r: -r["cumtime"])[:top]

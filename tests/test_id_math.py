@@ -1,4 +1,4 @@
-"""Tests of the ID-pruning kernel (passes/_id_math.py) against independent references: the dense column-pivoted
+"""Tests of the ID-pruning kernel (fxprune/passes/_id_math.py) against independent references: the dense column-pivoted
 QR of the full Z (LAPACK geqp3), scipy.linalg.interpolative, SVD-based spectral norms and exact constructions."""
 
 import itertools

@@ -1,4 +1,4 @@
-"""The ID pruning pass (passes/interpolative.py, method "id") end to end through fxprune.prune.
+"""The ID pruning pass (fxprune/passes/interpolative.py, method "id") end to end through fxprune.prune.
 
 Independent references: the original model itself (k = n and exact-rank cases), the dense column-pivoted QR of the
 full activation matrix Z captured with ordinary forward hooks on the eager model (not through fxprune's graph

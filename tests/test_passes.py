@@ -1,4 +1,4 @@
-"""The method registry: every module in passes/ is a method module, and one that fails to import is a loud error
+"""The method registry: every module in fxprune/passes/ is a method module, and one that fails to import is a loud error
 naming it, never a method that silently disappears from fxprune.passes.names()."""
 
 import sys

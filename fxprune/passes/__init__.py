@@ -43,7 +43,7 @@ def _load_all():
             from fxprune.errors import FxPruneError
             raise FxPruneError(f"method module {__name__}.{mod} failed to import ({type(exc).__name__}: "
                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); its methods "
-                              "cannot be registered: fix or remove passes/" + mod + ".py") from exc
+                              "cannot be registered: fix or remove fxprune/passes/" + mod + ".py") from exc
 
 
 def get(name: str):
