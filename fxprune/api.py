@@ -5,8 +5,9 @@ reconstruction and BatchNorm statistics from calibration data -> one rewrite eng
 the graph -> verification against the hooked full-width original and of the eager module against the slim graph
 -> FLOPs/params before and after.
 
-The user's model is never left half-pruned: all work happens on a deep copy; with ``inplace=True`` the verified
-result is transplanted into the user's modules at the very end.
+The user's model is never left half-pruned: the slim model is a copy (each pruned tensor sliced once, shared with the
+slim graph); with ``inplace=True`` no copy is made: the slim graph is verified first, then the user's modules are
+slimmed tensor by tensor.
 
 Example::
 

@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Iterator
 
 import torch
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from .errors import DataError
 import numpy as np
 
+from .capture import dynamic_dims
 from .gram import GramAccumulator
 from .rewrite import Plan, segments
 from .reference import HookedInterpreter
@@ -29,8 +31,12 @@ DEFAULT_SAMPLES = 1000
 BATCH = 25
 
 
-def batches(calib, example: tuple, max_samples: int = DEFAULT_SAMPLES, batch_size: int = BATCH) -> Iterator[tuple]:
-    """Validated input tuples from a tensor, a (tensor, labels) pair, a DataLoader or any iterable of batches."""
+def batches(calib, example: tuple, max_samples: int = DEFAULT_SAMPLES, batch_size: int = BATCH,
+            dynamic: tuple | None = None) -> Iterator[tuple]:
+    """Validated input tuples from a tensor, a (tensor, labels) pair, a DataLoader or any iterable of batches;
+    for a language model also a list of dicts with ``input_ids`` (and ``attention_mask``), one per batch.
+    ``dynamic``: per input, the dims the captured graph keeps symbolic (capture.dynamic_dims), where a batch may
+    differ from the example (a sequence length); every other dim but the batch must match."""
     if calib is None:
         raise DataError("this method needs calibration data: pass calib= (e.g. 1000 held-out training images "
                         "as a tensor, or a DataLoader); on the command line use --calib")
@@ -41,7 +47,7 @@ def batches(calib, example: tuple, max_samples: int = DEFAULT_SAMPLES, batch_siz
     elif isinstance(calib, (tuple, list)) and len(calib) == 2 and isinstance(calib[0], torch.Tensor) \
             and isinstance(calib[1], torch.Tensor) and calib[0].shape[0] == calib[1].shape[0] \
             and calib[0].shape[1:] == example[0].shape[1:]:
-        yield from batches(calib[0], example, max_samples, batch_size)  # (images, labels)
+        yield from batches(calib[0], example, max_samples, batch_size, dynamic)  # (images, labels)
         return
     seen = 0
     try:
@@ -59,8 +65,9 @@ def batches(calib, example: tuple, max_samples: int = DEFAULT_SAMPLES, batch_siz
         except Exception as exc:  # noqa: BLE001 - the user's loader broke; say so, keep the cause
             raise DataError(f"the calibration data loader raised {type(exc).__name__}: {exc}") from exc
         x = batch[0] if isinstance(batch, (tuple, list)) and len(example) == 1 else batch
-        xs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
-        _check(xs, example)
+        xs = _from_mapping(x, len(example)) if isinstance(x, Mapping) else \
+            tuple(x) if isinstance(x, (tuple, list)) else (x,)
+        _check(xs, example, dynamic)
         take = min(xs[0].shape[0], max_samples - seen)
         seen += take
         yield tuple(t[:take].to(e.dtype) for t, e in zip(xs, example))
@@ -68,13 +75,30 @@ def batches(calib, example: tuple, max_samples: int = DEFAULT_SAMPLES, batch_siz
         raise DataError("calibration data is empty: the loader yielded no samples")
 
 
-def _check(xs: tuple, example: tuple):
+LM_KEYS = ("input_ids", "attention_mask")
+
+
+def _from_mapping(batch, n: int) -> tuple:
+    """A tokenizer's batch {input_ids, attention_mask, ...} as the positional inputs of a causal LM, in the order
+    its forward takes them (input_ids, then attention_mask when the example has two inputs)."""
+    missing = [k for k in LM_KEYS[:n] if k not in batch]
+    if n > len(LM_KEYS) or missing:
+        raise DataError(f"a calibration batch given as a dict needs the key(s) {', '.join(LM_KEYS[:n])} for the "
+                        f"model's {n} input(s); got keys {', '.join(map(str, batch)) or 'none'}")
+    return tuple(batch[k] for k in LM_KEYS[:n])
+
+
+def _check(xs: tuple, example: tuple, dynamic: tuple | None = None):
     if len(xs) != len(example) or any(not isinstance(t, torch.Tensor) for t in xs):
         raise DataError(f"calibration batches must be {len(example)} tensor(s) like the example inputs")
-    for t, e in zip(xs, example):
-        if t.shape[1:] != e.shape[1:]:
+    for i, (t, e) in enumerate(zip(xs, example)):
+        free = dynamic[i] if dynamic is not None and i < len(dynamic) else frozenset()
+        if t.dim() != e.dim() or any(a != b for d, (a, b) in enumerate(zip(t.shape, e.shape)) if d and d not in free):
+            fixed = [d for d in range(1, e.dim()) if d not in free]
             raise DataError(f"calibration batch has shape {tuple(t.shape)} but the model's example input has "
-                            f"{tuple(e.shape)}: every dim but the batch must match")
+                            f"{tuple(e.shape)}: dim(s) {', '.join(map(str, fixed))} must match (the captured "
+                            "graph fixes them; only the batch" + (f" and dim(s) {', '.join(map(str, sorted(free - {0})))}"
+                                                                  if free - {0} else "") + " may differ)")
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise DataError("calibration data contains NaN or inf values; clean or drop those samples")
 
@@ -88,7 +112,7 @@ def stream(an, calib, nodes, decisions=None, example: tuple = (), max_samples: i
     bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="batch")
     try:
         interp = HookedInterpreter(an.gm, plan, capture=set(nodes))
-        for xs in batches(calib, example, max_samples):
+        for xs in batches(calib, example, max_samples, dynamic=dynamic_dims(an.gm)):
             interp.captured = {}
             interp.run(*xs)
             bar.update(1)

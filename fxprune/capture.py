@@ -19,16 +19,30 @@ import re
 import torch
 from torch import nn
 
+from . import hf
 from .console import CapturedOutput
 from .cost import as_input_tuple as as_tuple, eval_mode
 from .errors import CaptureError
 
 
-def _batch_dims(args: tuple):
-    # Dim.AUTO lets export keep the batch symbolic where the model allows and specialize it silently where
-    # not, so reshape constants refer to the batch by a sym_size node instead of the example's number.
+def _dynamic_dims(args: tuple):
+    # Dim.AUTO lets export keep a dim symbolic where the model allows and specialize it silently where not. The
+    # batch: so reshape constants refer to it by a sym_size node instead of the example's number. Every dim of an
+    # integer input (token ids, attention masks): so calibration sequences may be longer than the example's.
     auto = torch.export.Dim.AUTO
-    return tuple({0: auto} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
+    return tuple(({d: auto for d in range(a.dim())} if not a.is_floating_point() else {0: auto})
+                 if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
+
+
+def dynamic_dims(gm: torch.fx.GraphModule) -> tuple[frozenset, ...]:
+    """Per input of a captured graph, the dims that stayed symbolic (inputs may differ from the example there)."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            val = node.meta.get("val")
+            shape = getattr(val, "shape", ())
+            out.append(frozenset(d for d, n in enumerate(shape) if not isinstance(n, int)))
+    return tuple(out)
 
 
 def capture(model: nn.Module, example_inputs) -> torch.fx.GraphModule:
@@ -41,11 +55,11 @@ def capture(model: nn.Module, example_inputs) -> torch.fx.GraphModule:
     # a batch of 1 would be specialized (0/1 specialization) and larger calibration batches would then fail
     args = tuple(a.expand(2, *a.shape[1:]).clone() if isinstance(a, torch.Tensor) and a.dim() > 0
                  and a.shape[0] == 1 else a for a in args)
-    with eval_mode(model):
+    with eval_mode(model), hf.cache_off(model):  # export cannot return a key/value cache object
         _check_dtypes(model, args)
         with CapturedOutput():
             try:
-                ep = torch.export.export(model, args, dynamic_shapes=_batch_dims(args))
+                ep = torch.export.export(model, args, dynamic_shapes=_dynamic_dims(args))
             except Exception:  # noqa: BLE001 - a model that cannot keep its batch dynamic: retry statically
                 try:
                     ep = torch.export.export(model, args)

@@ -89,12 +89,17 @@ def concrete(size) -> int:
         return SymSize(BATCH_STANDIN)
 
 
+_SYMBOLS: dict[str, int] = {}  # symbol name -> its index, first seen first: one stand-in per symbol per process
+
+
 @functools.lru_cache(maxsize=1024)
 def _symbolic(expr) -> SymSize:
+    # Each symbol keeps one stand-in everywhere (the batch B and a sequence length S are different numbers), so
+    # [B*S, C] -> [B, S, C] compares equal products, and never equal sizes of different symbols.
     import sympy
-    syms = sorted(expr.free_symbols, key=str)
-    value = int(expr.subs({s: BATCH_STANDIN + 2 * i for i, s in enumerate(syms)}))
-    text = str(expr.subs({s: sympy.Symbol("B" if i == 0 else f"B{i + 1}") for i, s in enumerate(syms)}))
+    index = {s: _SYMBOLS.setdefault(str(s), len(_SYMBOLS)) for s in expr.free_symbols}
+    value = int(expr.subs({s: BATCH_STANDIN + 2 * i for s, i in index.items()}))
+    text = str(expr.subs({s: sympy.Symbol("B" if i == 0 else f"B{i + 1}") for s, i in index.items()}))
     return SymSize(value, text)
 
 

@@ -18,6 +18,8 @@ The handlers of the ops an attention issues (ops.ATTENTION, ops.MATMUL on heads)
 
 from __future__ import annotations
 
+import contextlib
+
 from torch import nn
 
 HEAD_COUNTS = ("num_attention_heads", "num_heads", "n_head", "n_heads")
@@ -81,3 +83,19 @@ def update_module(mod: nn.Module):
         lin = getattr(mod, reader, None)
         if isinstance(getattr(mod, attr, None), int) and isinstance(lin, nn.Linear):
             setattr(mod, attr, lin.weight.shape[1])  # its tensor: the parent is updated before the child
+
+
+@contextlib.contextmanager
+def cache_off(model: nn.Module):
+    """A causal LM's key/value cache switched off (``config.use_cache = False`` on every config the model holds)
+    for the block, then restored, also when the block raises: torch.export cannot return a cache object, and the
+    user's model must come back as it was."""
+    configs = {id(c): c for m in model.modules() if getattr(c := getattr(m, "config", None), "use_cache", None)
+               is True}
+    for c in configs.values():
+        c.use_cache = False
+    try:
+        yield
+    finally:
+        for c in configs.values():
+            c.use_cache = True

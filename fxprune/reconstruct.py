@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .calibrate import as_rows, batches, group_columns
+from .capture import dynamic_dims
 from .ops import bn_stat_args
 from .reference import consumer_hooks, hooked_args
 from .errors import RewriteError
@@ -83,7 +84,7 @@ def calibrate(plan: Plan, calib, example: tuple, *, reconstruct: bool = True, re
     changed = _downstream(gm, set(hooks)) if recalibrate_bn else set()
     bns = {n.name: bn_stat_args(n) for n in gm.graph.nodes if n.name in changed and bn_stat_args(n) is not None}
     samples = _fit_memory(gm, samples, copies=2 if fit else 1, notes=notes)
-    chunks = [xs for xs in batches(calib, example, samples, CHUNK)]
+    chunks = [xs for xs in batches(calib, example, samples, CHUNK, dynamic_dims(gm))]
     cal = Calibration(samples=sum(c[0].shape[0] for c in chunks))
     last_fit = max((i for i, n in enumerate(gm.graph.nodes) if n.name in fit), default=-1)
     pruned, orig = _Env(gm, chunks), _Env(gm, chunks) if fit else None

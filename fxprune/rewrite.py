@@ -170,24 +170,47 @@ class Plan:
         src = self.an.slot_source.get((s.fqn, s.dim, gid))
         return None if d is None or src is None else d.T_for(src)
 
-    def apply_params(self, module: nn.Module):
-        """Replace every touched parameter/buffer of ``module`` (found by FQN) by its slim version."""
-        by_fqn: dict[str, list[Slot]] = {}
-        for s in self.an.slots.values():
-            by_fqn.setdefault(s.fqn, []).append(s)
-        touched = {g for g in self.decisions}
-        for fqn, slots in by_fqn.items():
-            if not any(self._touches(s, touched) for s in slots):
-                continue
-            old = _get(module, fqn)
-            with torch.no_grad():
-                new = old.detach()
-                for s in slots:
-                    new = self.new_tensor(s, new)
-            if isinstance(old, nn.Parameter):
-                new = nn.Parameter(new.clone(), requires_grad=old.requires_grad)
-            else:
-                new = new.clone()
+    @property
+    def slots_by_fqn(self) -> dict[str, list[Slot]]:
+        if "_by_fqn" not in self.__dict__:
+            by_fqn: dict[str, list[Slot]] = {}
+            for s in self.an.slots.values():
+                by_fqn.setdefault(s.fqn, []).append(s)
+            self._by_fqn = by_fqn
+        return self._by_fqn
+
+    def touched(self) -> list[str]:
+        """Canonical names of the tensors the decisions change (each slimmed once, shared by its tied names)."""
+        if "_touched" not in self.__dict__:
+            decided = list(self.decisions)
+            self._touched = [fqn for fqn, slots in self.slots_by_fqn.items()
+                             if any(bool(np.isin(self.an.positions(s)[0], decided).any()) for s in slots)]
+        return self._touched
+
+    def slim_tensor(self, fqn: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The slim version of a full-width tensor known by ``fqn`` (a new tensor; ``tensor`` itself when the
+        decisions do not touch it)."""
+        new = tensor.detach()
+        with torch.no_grad():
+            for s in self.slots_by_fqn.get(self.an.canonical(fqn), []):
+                new = self.new_tensor(s, new)
+        return new
+
+    def slim_values(self, source: nn.Module) -> dict[str, torch.Tensor]:
+        """{canonical name: slim tensor} for every touched tensor, each built exactly once from ``source`` (a
+        full-width module: the user's model or the captured graph). Parameters stay parameters."""
+        out = {}
+        for fqn in self.touched():
+            old = _get(source, fqn)
+            new = self.slim_tensor(fqn, old)  # a new tensor: every touched name has a slot that slices it
+            out[fqn] = nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
+        return out
+
+    def apply_params(self, module: nn.Module, values: dict[str, torch.Tensor] | None = None):
+        """Replace every touched parameter/buffer of ``module`` (found by FQN) by its slim version (``values``:
+        the ones slim_values built, shared; else built from ``module`` itself), then fix width attributes."""
+        values = self.slim_values(module) if values is None else values
+        for fqn, new in values.items():
             for name in self.an.aliases.get(fqn, [fqn]):  # tied weights stay one tensor
                 _put(module, name, new)
         for mod in module.modules():
@@ -197,30 +220,46 @@ class Plan:
     def replace_tensors(self, module: nn.Module, values: dict[str, torch.Tensor]):
         """Copy full-width values (e.g. re-estimated BatchNorm statistics, keyed by FQN) into a slimmed module,
         sliced the way the rewrite sliced each tensor."""
-        by_fqn: dict[str, list[Slot]] = {}
-        for s in self.an.slots.values():
-            by_fqn.setdefault(s.fqn, []).append(s)
         for fqn, value in values.items():
-            new = value.detach()
-            for s in by_fqn.get(self.an.canonical(fqn), []):
-                new = self.new_tensor(s, new)
+            new = self.slim_tensor(fqn, value)
             with torch.no_grad():
                 _get(module, fqn).copy_(new)
 
-    def _touches(self, s: Slot, touched: set) -> bool:
-        gid, _ = self.an.positions(s)
-        return bool(np.isin(gid, list(touched)).any())
-
     def slim(self, gm: torch.fx.GraphModule, model: nn.Module) -> tuple[torch.fx.GraphModule, nn.Module]:
-        """Slimmed copies of the analysed graph and of the eager model; neither input is changed."""
-        with warnings.catch_warnings():  # deep-copying an exported module warns about pytree internals
-            warnings.simplefilter("ignore")
-            slim_gm = copy.deepcopy(gm)
-        self.apply_params(slim_gm)
-        self.fix_graph(slim_gm)
-        eager = _deepcopy(model)
-        self.apply_params(eager)
+        """Slimmed copies of the analysed graph and of the eager model; neither input is changed (see build)."""
+        slim_gm, eager, _ = self.build(gm, model)
         return slim_gm, eager
+
+    def build(self, gm: torch.fx.GraphModule, model: nn.Module
+              ) -> tuple[torch.fx.GraphModule, nn.Module, dict[str, torch.Tensor]]:
+        """The slim graph and a slim copy of the eager model; neither input is changed.
+
+        Each touched tensor is sliced/folded exactly once (slim_values, from ``model``) into a new tensor that the
+        slim model and the slim graph share; every untouched tensor is copied once (the slim model must not alias
+        the user's) and shared the same way. So the extra memory is the slim model's own size, nothing twice.
+        Returns (slim graph, slim model, the slim values)."""
+        values = self.slim_values(model)
+        memo = {}
+        for fqn, new in values.items():
+            for name in self.an.aliases.get(fqn, [fqn]):
+                memo[id(_get(model, name))] = new
+        eager = _deepcopy(model, memo)  # untouched tensors: one copy each (deepcopy keeps ties)
+        self.apply_params(eager, values)
+        # the graph holds the same tensor objects as the model (torch.export unlifts them): map each to the slim
+        # model's tensor of the same name
+        slim_gm = copy_structure(gm, lambda name, t: values[self.an.canonical(name)]
+                                 if self.an.canonical(name) in values else _find(eager, name))
+        self.apply_params(slim_gm, values)
+        self.fix_graph(slim_gm)
+        return slim_gm, eager, values
+
+    def graph_only(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        """The slim graph's structure (shape constants rewritten) holding the ORIGINAL tensors, none copied: for
+        inplace=True, verified with each touched tensor slimmed as it is read (verify(..., lazy=True)), then
+        given the slim tensors one by one (transplant.slim_in_place)."""
+        slim_gm = copy_structure(gm, lambda name, t: t)
+        self.fix_graph(slim_gm)
+        return slim_gm
 
     # ---- graph constants ----------------------------------------------------------------------------------
     def fix_graph(self, gm: torch.fx.GraphModule):
@@ -241,11 +280,12 @@ class Plan:
                 h.fix_module(self, node, mods[node_module_path(node)])
 
 
-def _deepcopy(model: nn.Module) -> nn.Module:
-    """A deep copy of the user's model (fxprune never edits the original); an attribute that cannot be copied is
-    named in the error."""
+def _deepcopy(model: nn.Module, memo: dict | None = None) -> nn.Module:
+    """A deep copy of the user's model (fxprune never edits the original); ``memo`` maps tensors to what the copy
+    holds instead (their slim versions, so the full-width ones are never copied). An attribute that cannot be
+    copied is named in the error."""
     try:
-        return copy.deepcopy(model)
+        return copy.deepcopy(model, memo)
     except Exception as exc:  # noqa: BLE001 - find the culprit for the message
         for name, mod in model.named_modules():
             for attr, value in vars(mod).items():
@@ -261,6 +301,26 @@ def _deepcopy(model: nn.Module) -> nn.Module:
                         "__deepcopy__, or keep it outside the module) and prune again") from None
         raise RewriteError(f"fxprune works on a copy of the model, and copy.deepcopy failed: "
                            f"{type(exc).__name__}: {exc}") from None
+
+
+def copy_structure(gm: torch.fx.GraphModule, tensor_for) -> torch.fx.GraphModule:
+    """A deep copy of a GraphModule whose parameters and buffers are not copied: ``tensor_for(name, tensor)``
+    says what the copy holds (the same tensor, a slim one, ...; None: a copy)."""
+    memo = {}
+    for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        new = tensor_for(name, t)
+        if new is not None:
+            memo[id(t)] = new
+    with warnings.catch_warnings():  # deep-copying an exported module warns about pytree internals
+        warnings.simplefilter("ignore")
+        return copy.deepcopy(gm, memo)
+
+
+def _find(module: nn.Module, name: str):
+    try:
+        return _get(module, name)
+    except AttributeError:  # a tensor the graph holds under a name the module does not have: copied
+        return None
 
 
 def _slice_grouped_inputs(w: torch.Tensor, kept: np.ndarray) -> torch.Tensor:

@@ -4,7 +4,7 @@
     begin:  validate options -> capture -> analyse -> ignore / per-module amounts -> target   (nothing changed yet)
     (a method decides {group: Decision(keep, T)})
     finish: rounding notes -> Plan -> target check -> reconstruction + BatchNorm statistics from calibration data
-            -> one rewrite engine -> verification -> new BatchNorm statistics -> costs -> (transplant into the
+            -> one rewrite engine -> verification -> new BatchNorm statistics -> costs -> (inplace: slim the
             user's own model)
 
 Example::
@@ -25,7 +25,7 @@ from torch import nn
 
 from . import verify as _verify
 from .analysis import Analysis, analyze
-from .capture import as_tuple, capture, eval_mode
+from .capture import as_tuple, capture, dynamic_dims, eval_mode
 from .context import PruneContext, Target
 from .cost import count_flops, count_params
 from .errors import ConfigError, DataError, NothingToPruneError, TargetError
@@ -118,11 +118,12 @@ def begin(model: nn.Module, example_inputs, method: str, *, amount=None, target_
                         "images as a tensor, or a DataLoader); on the command line use --calib")
     _check_finite(model)
     example = as_tuple(example_inputs)
-    opts.calib = calib = _replayable(calib, example, opts.calib_samples)
-    opts.verify_inputs = None if verify_inputs is None else _check_verify_inputs(verify_inputs, example)
     ignored = match_modules(model, _patterns(ignore, "ignore"), "ignore")
     per_module = match_modules(model, list(amounts or {}), "amounts")
     gm = capture(model, example)
+    dynamic = dynamic_dims(gm)  # where calibration / verification inputs may differ from the example
+    opts.calib = calib = _replayable(calib, example, opts.calib_samples, dynamic)
+    opts.verify_inputs = None if verify_inputs is None else _check_verify_inputs(verify_inputs, example, dynamic)
     an = analyze(gm)
     for g in an.groups:
         why = next((w for m in g.modules if (w := under(m, ignored)) is not None), None)
@@ -157,32 +158,39 @@ def finish(job: Job, decisions: dict[int, Decision], zeroed: dict[int, np.ndarra
                         recalibrate_bn=opts.recalibrate_bn, samples=opts.calib_samples, progress=opts.progress,
                         notes=ctx.notes, zeroed=zeroed)
         plan = Plan(ctx.analysis, plan.decisions)
-    slim_gm, work = plan.slim(job.gm, job.model)
-    reference_gm, recalibrated = job.gm, []
-    if cal is not None and cal.bn:
-        # The T_j were fitted with the re-estimated statistics in place, so the model returned is verified as it
-        # is, against a reference with the same statistics (old statistics + new T can overflow a deep net).
-        plan.replace_tensors(slim_gm, cal.bn)
-        plan.replace_tensors(work, cal.bn)
-        reference_gm = _with_tensors(job.gm, ctx.analysis, cal.bn)
-        recalibrated = sorted({k.rsplit(".", 1)[0] for k in cal.bn})
-    diff = None
-    if opts.verify:
-        diff = _verify.verify(plan, reference_gm, slim_gm, work, job.example, opts.verify_inputs, opts.calib,
-                              ctx.notes)
+    bn = cal.bn if cal is not None else {}
+    # The T_j were fitted with the re-estimated statistics in place, so the model returned is verified as it is,
+    # against a reference with the same statistics (old statistics + new T can overflow a deep net).
+    reference_gm = _with_tensors(job.gm, bn) if bn else job.gm
+    recalibrated = sorted({k.rsplit(".", 1)[0] for k in bn})
     one = tuple(a[:1] if isinstance(a, torch.Tensor) and a.dim() > 0 else a for a in job.example)  # per sample
-    result = PruneResult(model=work, graph=slim_gm, analysis=ctx.analysis, decisions=plan.decisions,
-                         flops=(count_flops(job.model, one), count_flops(work, one)),
-                         params=(count_params(job.model), count_params(work)), method=job.method,
-                         notes=ctx.notes, verified=diff, recalibrated_bn=recalibrated,
-                         calib_samples=cal.samples if cal is not None else 0)
+    before = count_flops(job.model, one), count_params(job.model)
+    diff = None
     if opts.inplace:
-        from .transplant import transplant
-        transplant(work, job.model, plan)
+        # No copy of the model: the slim graph is verified with each touched tensor slimmed as it is read, and
+        # only then are the user's tensors replaced, one at a time (peak: the model plus one tensor).
+        slim_gm = plan.graph_only(reference_gm)
+        if opts.verify:
+            diff = _verify.verify(plan, reference_gm, slim_gm, None, job.example, opts.verify_inputs, opts.calib,
+                                  ctx.notes, lazy=True)
+        from .transplant import slim_in_place
+        slim_in_place(plan, job.model, graphs=(slim_gm,), released=(job.gm, reference_gm), values=bn)
+        del reference_gm
+        work = job.model
         if opts.verify:
             with eval_mode(job.model):
                 _verify.check_eager_matches_graph(job.model, slim_gm, _verify.random_like(job.example))
-        result.model = job.model
+    else:
+        slim_gm, work, _ = plan.build(job.gm, job.model)
+        if bn:
+            plan.replace_tensors(work, bn)  # the slim graph shares the slim model's tensors
+        if opts.verify:
+            diff = _verify.verify(plan, reference_gm, slim_gm, work, job.example, opts.verify_inputs, opts.calib,
+                                  ctx.notes)
+    result = PruneResult(model=work, graph=slim_gm, analysis=ctx.analysis, decisions=plan.decisions,
+                         flops=(before[0], count_flops(work, one)), params=(before[1], count_params(work)),
+                         method=job.method, notes=ctx.notes, verified=diff, recalibrated_bn=recalibrated,
+                         calib_samples=cal.samples if cal is not None else 0)
     return result
 
 
@@ -246,24 +254,20 @@ def _check_finite(model: nn.Module):
                               "verify such a model: fix or re-initialize those weights first")
 
 
-def _with_tensors(gm, an: Analysis, values: dict[str, torch.Tensor]):
-    """A copy of the captured graph with some buffers (full width, keyed by FQN) replaced."""
-    import copy
-    import warnings
-    with warnings.catch_warnings():  # deep-copying an exported module warns about pytree internals
-        warnings.simplefilter("ignore")
-        out = copy.deepcopy(gm)
-    Plan(an, {}).replace_tensors(out, values)  # nothing pruned: the values go in at full width
-    return out
+def _with_tensors(gm, values: dict[str, torch.Tensor]):
+    """The captured graph with some buffers (full width, keyed by FQN) replaced; every other tensor is shared,
+    not copied."""
+    from .rewrite import copy_structure
+    return copy_structure(gm, lambda name, t: values[name].detach().clone() if name in values else t)
 
 
-def _replayable(calib, example: tuple, samples: int):
+def _replayable(calib, example: tuple, samples: int, dynamic: tuple):
     """Calibration data is read several times (ID's rounds and probes, reconstruction, verification): a one-shot
     iterator (a generator) is read once here, up to ``samples`` samples, and kept as a list of batches."""
     if calib is None or isinstance(calib, (torch.Tensor, tuple, list)) or iter_is_self(calib) is False:
         return calib
     from .calibrate import batches
-    return list(batches(calib, example, samples))
+    return list(batches(calib, example, samples, dynamic=dynamic))
 
 
 def iter_is_self(obj) -> bool | None:
@@ -289,11 +293,14 @@ def _patterns(value, what: str) -> list:
     return items
 
 
-def _check_verify_inputs(value, example: tuple) -> tuple:
+def _check_verify_inputs(value, example: tuple, dynamic: tuple) -> tuple:
     xs = as_tuple(value)
-    if len(xs) != len(example) or any(not isinstance(t, torch.Tensor) or t.shape[1:] != e.shape[1:]
-                                      for t, e in zip(xs, example)):
-        raise ConfigError("verify_inputs must be tensor(s) shaped like example_inputs (any batch size)")
+    if len(xs) != len(example) or any(not isinstance(t, torch.Tensor) or t.dim() != e.dim()
+                                      or any(a != b for d, (a, b) in enumerate(zip(t.shape, e.shape))
+                                             if d and d not in free)
+                                      for t, e, free in zip(xs, example, dynamic + (frozenset(),) * len(xs))):
+        raise ConfigError("verify_inputs must be tensor(s) shaped like example_inputs (any batch size"
+                          + (", any sequence length" if any(d - {0} for d in dynamic) else "") + ")")
     return xs
 
 

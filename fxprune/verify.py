@@ -11,10 +11,11 @@ through ~60 layers and a folded T stays well below it; a wrong channel gives O(1
 output where the reference is finite is a failure; a reference that is itself not finite cannot verify anything,
 so other inputs are tried (calibration samples) and, failing those, the run stops and says so. Inputs: fresh
 random normal tensors shaped like the examples, plus the first calibration samples when calib= is given, or
-exactly the user's ``verify_inputs``. Half-precision models (float16, bfloat16) are verified in float32: the same
-decisions are applied to a float32 copy of the graph and compared with the float32 reference (a half model's own
-rounding would swamp the 1e-4 check), and the half eager model is compared with the half slim graph at a
-tolerance scaled by the dtype's epsilon.
+exactly the user's ``verify_inputs``. Half-precision models (float16, bfloat16) are verified in float32 without
+a float32 copy of the model: both graphs run node by node with each tensor upcast as it is read, the slim
+graph's touched tensors sliced/folded afresh from the upcast originals (precision.Float32), and must agree to
+1e-4; where a graph cannot run in float32 the comparison runs in the model's dtype at 16 eps. The half eager model
+is compared with the half slim graph at 16 eps.
 
 Example::
 
@@ -23,14 +24,13 @@ Example::
 
 from __future__ import annotations
 
-import copy
-import warnings
-
 import torch
 from torch import nn
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Interpreter
 
 from .errors import VerificationError
+from .capture import dynamic_dims
+from .precision import HALF, Float32, model_dtype
 from .reference import HookedInterpreter
 from .rewrite import Plan
 
@@ -158,17 +158,9 @@ class _ModuleRecorder:
             h.remove()
 
 
-HALF = (torch.float16, torch.bfloat16)
 
 
-def model_dtype(module: nn.Module) -> torch.dtype:
-    for p in list(module.parameters()) + list(module.buffers()):
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
-def candidate_inputs(example: tuple, verify_inputs=None, calib=None) -> list[tuple[str, tuple]]:
+def candidate_inputs(example: tuple, verify_inputs=None, calib=None, dynamic=None) -> list[tuple[str, tuple]]:
     """What to verify on: the user's verify_inputs alone, else random normal inputs and the first calibration
     samples."""
     if verify_inputs is not None:
@@ -177,7 +169,8 @@ def candidate_inputs(example: tuple, verify_inputs=None, calib=None) -> list[tup
     if calib is not None:
         from .calibrate import batches
         try:
-            out.append(("calibration samples", next(iter(batches(calib, example, max_samples=16, batch_size=16)))))
+            out.append(("calibration samples", next(iter(batches(calib, example, max_samples=16, batch_size=16,
+                                                                     dynamic=dynamic)))))
         except Exception:  # noqa: BLE001 - bad calibration data is reported by the stage that reads it
             pass
     return out
@@ -185,34 +178,113 @@ def candidate_inputs(example: tuple, verify_inputs=None, calib=None) -> list[tup
 
 @torch.no_grad()
 def verify(plan: Plan, original_gm: GraphModule, slim_gm: GraphModule, slim_model: nn.Module, example: tuple,
-           verify_inputs=None, calib=None, notes: list | None = None) -> float:
-    """Every check, on every candidate input whose reference output is finite. Returns the worst difference."""
+           verify_inputs=None, calib=None, notes: list | None = None, lazy: bool = False) -> float:
+    """Every check, on every candidate input whose reference output is finite. Returns the worst difference.
+    ``lazy``: the slim graph still holds the original tensors (Plan.graph_only, for inplace=True): each touched
+    one is sliced/folded as it is read and freed after use, and there is no eager model yet (slim_model None)."""
     dtype = model_dtype(original_gm)
-    ref_gm, check_gm, cast = original_gm, slim_gm, (lambda xs: xs)
-    if dtype in HALF:  # verify the decisions in float32: the half model's own rounding would swamp 1e-4
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ref_gm = copy.deepcopy(original_gm).float()
-            check_gm = copy.deepcopy(original_gm).float()
-        plan.apply_params(check_gm)
-        plan.fix_graph(check_gm)
-        cast = lambda xs: tuple(x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x  # noqa: E731
-                                for x in xs)
+    if dtype in HALF:
+        return _verify_half(plan, original_gm, slim_gm, slim_model, example, verify_inputs, calib, notes, dtype,
+                            lazy)
+    run_slim = slim_gm
+    if lazy:
+        touched = set(plan.touched())
+
+        class Lazy(Interpreter):
+            def get_attr(self, target, args, kwargs):
+                t = super().get_attr(target, args, kwargs)
+                return plan.slim_tensor(target, t) if plan.an.canonical(target) in touched else t
+
+        def run_slim(*xs):
+            return Lazy(slim_gm).run(*xs)
+    return _verify_on(plan, original_gm, slim_gm, slim_model, example, verify_inputs, calib, notes,
+                      lambda xs: HookedInterpreter(original_gm, plan).run(*xs), run_slim, RTOL)
+
+
+def _verify_half(plan, original_gm, slim_gm, slim_model, example, verify_inputs, calib, notes, dtype,
+                 lazy: bool = False) -> float:
+    """A half model's own rounding would swamp 1e-4: the decisions are checked in float32, node by node, without
+    a float32 copy of the model (precision.Float32): the reference reads each original tensor upcast; the slim
+    graph reads each untouched tensor upcast and each touched one sliced/folded afresh from the upcast original
+    (Plan.slim_tensor, the rewrite's own arithmetic, in float32), after checking that the slim graph's own half
+    tensor is that recomputation rounded once to the dtype. So they must agree to float32 rounding. The half
+    slim graph itself is then compared with the half eager model at 16 eps of the dtype. A graph that
+    cannot run in float32 is compared in its own dtype at 16 eps."""
+    name = str(dtype).replace("torch.", "")
+    half_tol = half_rtol(dtype)
+    touched = set(plan.touched())
+
+    class Ref(Float32, HookedInterpreter):
+        pass
+
+    class Slim(Float32, Interpreter):
+        def get_attr(self, target, args, kwargs):
+            if plan.an.canonical(target) not in touched:
+                return super().get_attr(target, args, kwargs)
+            fresh = plan.slim_tensor(target, _fetch(original_gm, target).float())
+            if not lazy:  # lazy: the slim graph holds no slim tensor yet
+                _check_rounded(target, _fetch(slim_gm, target), fresh)
+            return fresh
+
+    def ref32(xs):
+        return Ref(original_gm, plan, half=dtype).run(*xs)
+
+    def slim32(*xs):
+        return Slim(slim_gm, half=dtype).run(*xs)
+
+    try:
+        ref32(random_like(example))
+    except Exception as exc:  # noqa: BLE001 - a graph that pins its dtype in an op float32 cannot run
         if notes is not None:
-            notes.append(f"verified in float32 (the model is {str(dtype).replace('torch.', '')}); the "
-                         f"{str(dtype).replace('torch.', '')} eager model was checked against its slim graph "
-                         f"at a tolerance of {_half_rtol(dtype):.0e}")
+            notes.append(f"verified in {name} at a tolerance of {half_tol:.0e} (the graph does not run in "
+                         f"float32: {type(exc).__name__})")
+        if lazy:
+            raise VerificationError(f"cannot verify this {name} model in float32 ({type(exc).__name__}: {exc}) "
+                                    "and inplace=True verifies before any tensor is slimmed: prune a copy "
+                                    "(inplace=False) or pass verify=False") from exc
+        return _verify_on(plan, original_gm, slim_gm, slim_model, example, verify_inputs, calib, notes,
+                          lambda xs: HookedInterpreter(original_gm, plan).run(*xs), slim_gm, half_tol,
+                          eager_rtol=half_tol)
+    if notes is not None:
+        notes.append(f"verified in float32, node by node (the model is {name}); the {name} eager model was "
+                     f"checked against its slim graph at a tolerance of {half_tol:.0e}")
+    return _verify_on(plan, original_gm, slim_gm, slim_model, example, verify_inputs, calib, notes, ref32,
+                      slim32, RTOL, eager_rtol=half_tol)
+
+
+def _check_rounded(name: str, actual: torch.Tensor, fresh: torch.Tensor):
+    """A slim half tensor must be its float32 recomputation rounded once to the half dtype (a slice is exact)."""
+    fi = torch.finfo(actual.dtype)
+    bad = actual.shape != fresh.shape or not bool(
+        ((actual.float() - fresh).abs() <= fi.eps * fresh.abs() + fi.smallest_normal).all())
+    if bad:
+        raise VerificationError(f"the slim tensor '{name}' is not the rewrite of the original one (shape "
+                                f"{tuple(actual.shape)}, expected {tuple(fresh.shape)}, or values beyond the "
+                                f"{str(actual.dtype).replace('torch.', '')} rounding). This is a bug in fxprune's "
+                                "rewrite; please report it. Pass verify=False to get the unverified result anyway.")
+
+
+def _fetch(gm: GraphModule, target: str) -> torch.Tensor:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _verify_on(plan, original_gm, slim_gm, slim_model, example, verify_inputs, calib, notes, run_ref, run_slim,
+               rtol: float, eager_rtol: float = RTOL) -> float:
     worst, tried = 0.0, []
     from .capture import eval_mode
-    for what, inputs in candidate_inputs(example, verify_inputs, calib):
-        ref = HookedInterpreter(ref_gm, plan).run(*cast(inputs))
+    for what, inputs in candidate_inputs(example, verify_inputs, calib, dynamic_dims(original_gm)):
+        ref = run_ref(inputs)
         if not finite(ref):
             tried.append(what)
             continue
-        worst = max(worst, check_against_reference(plan, ref_gm, check_gm, cast(inputs), notes=notes, ref=ref))
-        with eval_mode(slim_model):
-            check_eager_matches_graph(slim_model, slim_gm, inputs,
-                                      rtol=_half_rtol(dtype) if dtype in HALF else RTOL)
+        worst = max(worst, check_against_reference(plan, original_gm, run_slim, inputs, rtol=rtol, notes=notes,
+                                                   ref=ref))
+        if slim_model is not None:
+            with eval_mode(slim_model):
+                check_eager_matches_graph(slim_model, slim_gm, inputs, rtol=eager_rtol)
         if tried and notes is not None:
             notes.append(f"the model's outputs are NaN or inf on {' and '.join(tried)}; verified on {what}")
         return worst
@@ -222,5 +294,5 @@ def verify(plan: Plan, original_gm: GraphModule, slim_gm: GraphModule, slim_mode
         "verify=False to skip verification")
 
 
-def _half_rtol(dtype) -> float:
+def half_rtol(dtype) -> float:
     return max(RTOL, 16 * torch.finfo(dtype).eps)

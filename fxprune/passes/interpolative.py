@@ -28,6 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fxprune.calibrate import batches, source_grams
+from fxprune.capture import dynamic_dims
 from fxprune.context import top_k
 from fxprune.errors import ConfigError
 from fxprune.reconstruct import least_squares
@@ -142,7 +143,8 @@ class _Probe:
 
     def __init__(self, ctx, samples: int):
         self.ctx = ctx
-        self.out = OutputProbe(ctx.analysis, next(iter(batches(ctx.calib, ctx.example_inputs, samples, samples))))
+        self.out = OutputProbe(ctx.analysis, next(iter(batches(ctx.calib, ctx.example_inputs, samples, samples,
+                                                                  dynamic_dims(ctx.analysis.gm)))))
 
     def calibrate(self, curves, kept, trans, sub, pooled, desc):
         ctx = self.ctx

@@ -1,0 +1,63 @@
+"""Half-precision models (bfloat16, float16) run node by node in float32, without a float32 copy of the model.
+
+A half model's own rounding (bf16: 8 bits of mantissa) would swamp verification's float32 tolerance, yet a
+float32 copy of a 7B model does not fit next to it. ``Float32`` is a mixin for a torch.fx Interpreter that
+upcasts each half parameter as its get_attr node runs (the interpreter frees it after its last use, so about one
+layer's tensors are float32 at a time), and rewrites every dtype constant of the graph that names the half dtype
+(``_to_copy(dtype=bfloat16)``, ``full(..., dtype=bfloat16)``) to float32. The graph's own dtype assertions
+(``_assert_tensor_metadata`` on rotary ``inv_freq``) describe the half model and are skipped.
+
+Example::
+
+    class Ref(Float32, HookedInterpreter): ...
+    out = Ref(gm, plan, half=torch.bfloat16).run(*inputs)     # float32 outputs
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx.node import map_aggregate
+
+HALF = (torch.float16, torch.bfloat16)
+_ASSERTS = tuple(op for op in (getattr(torch.ops.aten, "_assert_tensor_metadata", None),) if op is not None)
+
+
+def model_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype of the module's first floating parameter or buffer (float32 when it has none)."""
+    for p in list(module.parameters()) + list(module.buffers()):
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def upcast(xs, half: torch.dtype):
+    """Inputs (any nesting) with every ``half`` tensor in float32."""
+    return map_aggregate(xs, lambda a: a.float() if isinstance(a, torch.Tensor) and a.dtype == half else a)
+
+
+class Float32:
+    """Mixin for torch.fx.Interpreter subclasses: compute a ``half``-dtype graph in float32 (see module doc)."""
+
+    def __init__(self, *args, half: torch.dtype, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.half = half
+
+    def _promote(self, a):
+        if a is self.half:
+            return torch.float32
+        return a.float() if isinstance(a, torch.Tensor) and a.dtype == self.half else a
+
+    def get_attr(self, target, args, kwargs):
+        return self._promote(super().get_attr(target, args, kwargs))
+
+    def placeholder(self, target, args, kwargs):
+        return self._promote(super().placeholder(target, args, kwargs))
+
+    def call_function(self, target, args, kwargs):
+        if any(target is op or getattr(target, "overloadpacket", None) is op for op in _ASSERTS):
+            return None
+        return super().call_function(target, map_aggregate(args, self._promote),
+                                     map_aggregate(kwargs, self._promote))
+
+    def call_method(self, target, args, kwargs):
+        return super().call_method(target, map_aggregate(args, self._promote), map_aggregate(kwargs, self._promote))
