@@ -25,9 +25,9 @@ cannot absorb T (grouped convs, partial reads) take ID's pivots as a plain selec
 from __future__ import annotations
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from fxprune.calibrate import batches, source_grams
+from fxprune.console import progress_bar
 from fxprune.context import top_k
 from fxprune.errors import ConfigError
 from fxprune.reconstruct import least_squares
@@ -148,7 +148,7 @@ class _Probe:
         ctx = self.ctx
         now = self.out.set_current(_decisions(ctx, kept, trans))
         out = {}
-        for g in tqdm(list(curves), desc=desc, disable=not ctx.progress, leave=False):
+        for g in progress_bar(list(curves), desc=desc, disable=not ctx.progress, leave=False):
             w, u = len(kept[g]), unit(ctx.groups[g], ctx.target.round_to)
             probes = {}
             for k in sorted({max(u, int(round(w * f / u)) * u) for f in PROBES}):
