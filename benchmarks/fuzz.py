@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from tqdm.auto import tqdm
 
 from _common import ROOT, git_commit, write_json_atomic, write_text_atomic
 
@@ -35,6 +34,7 @@ import test_property as tp  # noqa: E402
 from conftest import consumer_reference, randomize_bn, rel_err  # noqa: E402
 
 import fxprune  # noqa: E402
+from fxprune.console import progress_bar  # noqa: E402
 
 
 def prune_route(arch, seed):
@@ -95,7 +95,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
     routes = args.routes.split(",")
-    bar = tqdm(total=args.examples * len(routes), desc="fuzz", unit="graph", mininterval=10)
+    bar = progress_bar(total=args.examples * len(routes), desc="fuzz", unit="graph", mininterval=10)
     results = [run(r, args.examples, bar) for r in routes]
     bar.close()
     commit, cmd = git_commit(), f"python benchmarks/fuzz.py --examples {args.examples} --routes {args.routes}"
