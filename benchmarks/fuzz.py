@@ -9,7 +9,8 @@ pre-hooks replacing consumer inputs; written independently of fxprune.verify):
   and BatchNorm re-estimation), the result compared with the reference built from its own decisions (BatchNorm
   re-estimation off there, since the reference keeps the original statistics).
 
-Every mismatch is recorded (not only the first). CI runs 2 x 100 of the first two routes (tests/test_property.py).
+Every mismatch is recorded (not only the first). CI runs 2 x 25 of the first two routes on every change, the
+nightly full run 2 x 200 more (tests/test_property.py).
 
     .venv/bin/python benchmarks/fuzz.py --examples 2000      # per route; writes benchmarks/results/fuzz.{json,md}
 """
