@@ -33,6 +33,8 @@ from .gram import GramAccumulator
 from .reference import consumer_hooks, hooked_args
 from .rewrite import Plan
 
+ROUTE = "auto"   # how group_grams cuts the graph by default: "auto", "one" or "layer" (see plan_segments)
+
 
 def _tensor_bytes(node, batch: int) -> float:
     """Bytes per sample of a node's value (from its captured shape; symbolic sizes count 1)."""
@@ -140,11 +142,12 @@ def fetch_attr(gm, target: str):
 
 @torch.no_grad()
 def group_grams(an, chunks: list[tuple], groups, decisions: dict | None = None, *, progress: bool = False,
-                desc: str = "calibrating", segments: str = "auto") -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+                desc: str = "calibrating", segments: str | None = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """Yield (group, {source node: float64 Gram Z_j^T Z_j}) for every source of the given groups, measured on the
     model as the ``decisions`` prune it (consumers read Z_j[:, keep] @ T_j), each group as soon as its last source
     has run on every chunk (sources in ``Group.sources`` order); summed over processes under torch.distributed.
-    ``segments``: "auto" (plan_segments), "one" (the whole graph at once) or "layer" (the per-layer cut)."""
+    ``segments``: "auto" (plan_segments), "one" (the whole graph at once) or "layer" (the per-layer cut);
+    default ROUTE."""
     gm = an.gm
     nodes = list(gm.graph.nodes)
     index = {n.name: i for i, n in enumerate(nodes)}
@@ -168,15 +171,16 @@ def group_grams(an, chunks: list[tuple], groups, decisions: dict | None = None, 
     spans = {g: (min(index[s] for s in srcs), max(index[s] for s in srcs),
                  8 * an.groups[g].width ** 2 * len(srcs)) for g, srcs in order.items()}
     samples = sum(c[0].shape[0] for c in chunks)
-    seg = plan_segments(gm, stop, samples, spans, batch, segments)
+    seg = plan_segments(gm, stop, samples, spans, batch, segments or ROUTE)
     run = _Run(gm, chunks, Plan(an, decisions or {}))
     accs: dict[tuple[int, str], GramAccumulator] = {}
     grams: dict[int, dict[str, np.ndarray]] = {}
 
     def on_value(node, c, v):
         for g, dim, P in where.get(node.name, ()):
-            acc = accs.setdefault((g, node.name), GramAccumulator(an.groups[g].width))
-            acc.update(as_rows(v, dim, P), channel_dim=-1)
+            if (g, node.name) not in accs:
+                accs[(g, node.name)] = GramAccumulator(an.groups[g].width)
+            accs[(g, node.name)].update(as_rows(v, dim, P), channel_dim=-1)
 
     for a, b in tqdm(seg.spans, desc=desc, disable=not progress, leave=False, unit="block"):
         run.segment(seg, (a, b), on_value)
