@@ -30,13 +30,19 @@ def prune(model: nn.Module, example_inputs, method: str = "l1", *, amount: float
           round_to: int | None = DEFAULT_ROUND_TO, ignore=(), amounts: dict | None = None, calib=None,
           calib_samples: int = DEFAULT_CALIB_SAMPLES, reconstruct: bool | None = None,
           recalibrate_bn: bool | None = None, verify: bool = True, verify_inputs=None, inplace: bool = False,
-          progress: bool = True, **method_options) -> PruneResult:
+          progress: bool = True, target_latency: float | None = None, latency_batch: int = 1,
+          latency_threads: int | None = None, latency_timer=None, latency_cache: str | None = None,
+          **method_options) -> PruneResult:
     """Prune and return the full result (slim model, slim graph, decisions, costs, report). See ``compile``."""
     job = begin(model, example_inputs, method, amount=amount, target_flops=target_flops,
                 target_params=target_params, round_to=round_to, ignore=ignore, amounts=amounts, calib=calib,
                 calib_samples=calib_samples, reconstruct=reconstruct, recalibrate_bn=recalibrate_bn,
                 verify=verify, verify_inputs=verify_inputs, inplace=inplace, progress=progress,
-                method_options=method_options)
+                method_options=method_options, target_latency=target_latency, latency_batch=latency_batch,
+                latency_threads=latency_threads, latency_timer=latency_timer, latency_cache=latency_cache)
+    if target_latency is not None:
+        from .latency_target import prune_to_latency
+        return prune_to_latency(job)
     return finish(job, job.decide(job.ctx, **job.method_options))
 
 
@@ -44,7 +50,10 @@ def compile(model: nn.Module, example_inputs, method: str = "l1", **options) -> 
     """Return a physically smaller copy of ``model`` (the same class, fewer channels), verified.
 
     method: a registered pass ("l1", "l2", "id", ...). One of: amount (fraction of each group's channels
-    removed), target_flops / target_params (fraction kept, reached within 2 points and never exceeded).
+    removed), target_flops / target_params (fraction kept, reached within 2 points and never exceeded),
+    target_latency (fraction of the model's ONNX Runtime latency on this machine, measured at latency_batch
+    (default 1) with latency_threads (default ORT's): the slim model is timed and never above it; see
+    fxprune/latency_target.py; latency_timer= replaces the ORT timer, latency_cache= the table's folder).
     round_to: kept widths rounded up to a multiple (default 16, measured best for ONNX Runtime's CPU kernels;
     None for exact widths). ignore: modules or name patterns whose output channels stay. amounts:
     {pattern: amount} per module (the most specific pattern wins). calib: calibration data; with it, every

@@ -174,6 +174,14 @@ def fit_global(an: Analysis, scores: dict[int, np.ndarray], cost: CostModel, tar
     prunable = list(scores)
     check_reachable(an, cost, prunable, target, metric, round_to)
     norm = {g: np.sort(s / max(float(np.mean(s)), 1e-30))[::-1] for g, s in scores.items()}
+    if metric == "latency":  # measured time is not monotone in width (blocked kernels): no shared threshold
+        removed = {g: np.concatenate([np.cumsum(s[::-1])[::-1][1:], [0.0]]) for g, s in norm.items()}
+        w = fit_greedy(an, cost, removed, target, metric, round_to)
+        if cost.fraction(w, metric) > target:  # the greedy got stuck above target: start from the cheapest
+            w = floor_widths(an, cost, prunable, metric, round_to)
+        gain = lambda g, k: norm[g][k] if g in norm else -np.inf  # noqa: E731
+        w = fill(an, cost, w, gain, target, metric, round_to)
+        return tighten(an, cost, w, prunable, gain, target, metric, round_to, np.array([g.width for g in an.groups]))
     thresholds = np.unique(np.concatenate(list(norm.values()) + [np.array([0.0])]))
 
     def widths_at(t):
@@ -191,6 +199,40 @@ def fit_global(an: Analysis, scores: dict[int, np.ndarray], cost: CostModel, tar
             lo = mid + 1
     w = widths_at(thresholds[lo]) if lo < len(thresholds) else minimum_widths(an, prunable, round_to)
     return fill(an, cost, w, lambda g, k: norm[g][k] if g in norm else -np.inf, target, metric, round_to)
+
+
+LOOKAHEAD = 4  # fit_greedy tries steps of 1..LOOKAHEAD units: a measured time can be flat over one unit
+
+
+def fit_greedy(an, cost, errors: dict[int, np.ndarray], target: float, metric: str, round_to) -> np.ndarray:
+    """From full width, take the step (one to LOOKAHEAD units off one group) that adds the least error per unit
+    of cost saved, until the cost is within target. ``errors[g][k - 1]``: the error of keeping k channels. Steps
+    that save nothing are never taken, so a cost that rises as a width falls (an 8-wide conv slower than a
+    16-wide one) is handled."""
+    widths = np.array([g.width for g in an.groups])
+    frac = cost.fraction(widths, metric)
+    while frac > target:
+        best = None
+        for g, e in errors.items():
+            u = unit(an.groups[g], round_to)
+            w = int(widths[g])
+            for j in range(1, LOOKAHEAD + 1):
+                nxt = (w - 1) // u * u - (j - 1) * u
+                if nxt < u:
+                    break
+                trial = widths.copy()
+                trial[g] = nxt
+                f = cost.fraction(trial, metric)
+                if frac - f <= 0:
+                    continue
+                score = (e[nxt - 1] - e[w - 1]) / (frac - f)
+                if best is None or score < best[0]:
+                    best = (score, g, nxt, f)
+        if best is None:
+            break
+        _, g, nxt, frac = best
+        widths[g] = nxt
+    return widths
 
 
 def fill(an, cost, widths, gain, target, metric, round_to, upper=None) -> np.ndarray:
@@ -218,6 +260,29 @@ def fill(an, cost, widths, gain, target, metric, round_to, upper=None) -> np.nda
         widths[best] = min(int(upper[best]), widths[best] + unit(an.groups[best], round_to))
 
 
+def tighten(an, cost, widths, groups, gain, target, metric, round_to, upper, slack: float = 0.02):
+    """Coarse units (round_to, blocks) can leave a greedy more than ``slack`` below target with no single unit
+    that fits back: trade one unit down on a group for whatever fill can then add, while that gets closer."""
+    frac = cost.fraction(widths, metric)
+    while target - frac > slack:
+        best = None
+        for g in groups:
+            u = unit(an.groups[g], round_to)
+            nxt = (int(widths[g]) - 1) // u * u
+            if nxt < u:
+                continue
+            trial, cap = widths.copy(), upper.copy()
+            trial[g] = cap[g] = nxt  # the unit taken from g must go elsewhere
+            trial = fill(an, cost, trial, gain, target, metric, round_to, cap)
+            f = cost.fraction(trial, metric)
+            if f > frac + 1e-12 and (best is None or f > best[0]):
+                best = (f, trial)
+        if best is None:
+            break
+        frac, widths = best
+    return widths
+
+
 def minimum_widths(an: Analysis, prunable, round_to) -> np.ndarray:
     w = np.array([g.width for g in an.groups])
     for g in prunable:
@@ -225,15 +290,36 @@ def minimum_widths(an: Analysis, prunable, round_to) -> np.ndarray:
     return w
 
 
+def floor_widths(an, cost, prunable, metric, round_to) -> np.ndarray:
+    """The cheapest widths: every group at its smallest for FLOPs/params; for a measured latency (not monotone
+    in width) each group in turn at its cheapest aligned width, two passes from the smallest widths."""
+    w = minimum_widths(an, prunable, round_to)
+    if metric != "latency":
+        return w
+    for _ in range(2):
+        for g in prunable:
+            grp = an.groups[g]
+            u = unit(grp, round_to)
+            cands = sorted(set(range(u, grp.width + 1, u)) | {grp.width})
+            costs = []
+            for k in cands:
+                trial = w.copy()
+                trial[g] = k
+                costs.append(cost.fraction(trial, metric))
+            w[g] = cands[int(np.argmin(costs))]
+    return w
+
+
 def check_reachable(an, cost, prunable, target, metric, round_to):
     if not 0.0 < target <= 1.0:
         raise ConfigError(f"target_{metric} must be in (0, 1] (the fraction of {metric} kept), got {target}")
-    floor = cost.fraction(minimum_widths(an, prunable, round_to), metric)
+    floor = cost.fraction(floor_widths(an, cost, prunable, metric, round_to), metric)
     if floor > target:
         raise TargetError(
-            f"target_{metric}={target:g} is unreachable: pruning every prunable group down to "
-            f"{'one channel' if not round_to else 'its smallest aligned width'} still keeps {floor:.3f} of the "
-            f"{metric}. "
+            f"target_{metric}={target:g} is unreachable: "
+            + ("the fastest measured widths of every prunable group still keep" if metric == "latency" else
+               f"pruning every prunable group down to {'one channel' if not round_to else 'its smallest aligned width'}"
+               " still keeps") + f" {floor:.3f} of the {metric}. "
             "Frozen groups (see fxprune.groups(model, x)) and layers that do not shrink set this floor; "
             f"ask for {metric} >= {math.ceil(floor * 1000) / 1000:g}"
             + (", or round widths more finely (round_to=8, or None for exact widths; they run less efficiently "

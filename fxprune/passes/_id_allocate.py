@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from fxprune.reference import HookedInterpreter
 from fxprune.rewrite import Plan
-from fxprune.targets import fill, unit
+from fxprune.targets import fill, tighten, unit
 from fxprune.verify import _flat
 
 PROBES = (0.75, 0.5, 0.25)
@@ -129,29 +129,4 @@ def allocate(ctx, widths: np.ndarray, curves: dict[int, np.ndarray], target: flo
     # the last steps may overshoot on coarse groups: add back what fits, largest error reduction first
     gain = lambda g, w: curves[g][w - 1] - curves[g][min(w + unit(ctx.groups[g], r), len(curves[g])) - 1] if g in curves else -1.0  # noqa: E731
     widths = fill(ctx.analysis, cost, widths, gain, target, metric, r, upper)
-    return _tighten(ctx, widths, curves, gain, target, metric, upper)
-
-
-def _tighten(ctx, widths, curves, gain, target, metric, upper, slack: float = 0.02):
-    """Coarse units (round_to, blocks) can leave the greedy more than ``slack`` below target with no single unit
-    that fits back: trade one unit down on a group for whatever fill can then add, while that gets closer."""
-    cost, r = ctx.cost, ctx.target.round_to
-    frac = cost.fraction(widths, metric)
-    while target - frac > slack:
-        best = None
-        for g in curves:
-            nxt = _step_down(widths[g], unit(ctx.groups[g], r))
-            if nxt is None:
-                continue
-            trial, cap = widths.copy(), upper.copy()
-            trial[g] = cap[g] = nxt  # the unit taken from g must go elsewhere
-            trial = fill(ctx.analysis, cost, trial, gain, target, metric, r, cap)
-            f = cost.fraction(trial, metric)
-            if f > frac + 1e-12 and (best is None or f > best[0]):
-                best = (f, trial)
-        if best is None:
-            break
-        frac, widths = best
-    return widths
-
-
+    return tighten(ctx.analysis, cost, widths, list(curves), gain, target, metric, r, upper)
