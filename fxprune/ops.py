@@ -238,3 +238,36 @@ def bn_stat_args(node) -> tuple[int, int] | None:
     if any(len(node.args) <= i or getattr(node.args[i], "op", None) != "get_attr" for i in h.bn_stat_args):
         return None
     return h.bn_stat_args
+
+
+# ---- extension --------------------------------------------------------------------------------------------------
+FAMILIES = {"elementwise": ELEMENTWISE, "identity": IDENTITY, "max_pool": MAX_POOL, "linear_pool": LINEAR_POOL,
+            "join": JOIN, "reduce": REDUCE, "linear_reduce": LINEAR_REDUCE, "ignore": IGNORE}
+
+
+def barrier(why: str, has_flops: bool = False) -> OpHandler:
+    """A handler for an op whose channels must stay: ``why`` goes into the report after the op's name."""
+    return _barrier(why, has_flops)
+
+
+def register_op(op, handler) -> OpHandler:
+    """Tell fxprune how channels flow through an op of your own (a torch.library custom op, or an ATen op it
+    does not know yet). ``op``: the op (``torch.ops.mylib.blur``, or one overload of it) or its table name
+    (``"aten.hardshrink"``); ``handler``: an OpHandler, ``barrier("why")``, or a family name: one of FAMILIES
+    ("elementwise": a nonlinear function of each element; "identity": a copy; "linear_pool": linear per channel,
+    keeps the channel dim; ...). Replaces what the table had for that op."""
+    if isinstance(handler, str):
+        if handler not in FAMILIES:
+            raise ValueError(f"unknown op family {handler!r}; one of: {', '.join(FAMILIES)}, or pass an OpHandler")
+        handler = FAMILIES[handler]
+    if not isinstance(handler, OpHandler):
+        raise TypeError(f"handler must be an OpHandler or a family name, got {type(handler).__name__}")
+    if isinstance(op, str):
+        names = [op]
+    elif hasattr(op, "overloads"):  # a packet: every overload of it
+        names = [op_name(getattr(op, o)) for o in op.overloads()]
+    else:
+        names = [op_name(op)]
+    for name in names:
+        HANDLERS[name] = handler
+    return handler

@@ -99,7 +99,7 @@ class CostModel:
 # speedup"): ONNX Runtime's CPU conv kernels pad channels to blocks of 16 on AVX-512 (8 on AVX2), so 16 is the
 # only policy that kept batch-64 latency at about the FLOPs ratio on VGG-16 and ResNet-56; 8 and None (odd
 # widths) were up to 1.6x and 2.6x worse. A group that cannot shrink at 16 (a 16-wide layer) falls back to 8,
-# 4, ... (see unit / aligned_width), so a requested cut is never dropped. round_to=None (or 1): exact widths.
+# 4, ... (see width_step / aligned_width), so a requested cut is never dropped. round_to=None (or 1): exact widths.
 DEFAULT_ROUND_TO = 16
 
 
@@ -112,7 +112,7 @@ def alignments(round_to: int | None):
     yield 1
 
 
-def unit(group, round_to: int | None) -> int:
+def width_step(group, round_to: int | None) -> int:
     """Widths move in multiples of this: the coarsest of round_to, round_to / 2, ... 1 at which the group can
     shrink at all (a 16-wide group under round_to=16 moves in 8s), times the group's block count (grouped conv,
     chunk) and the size of its whole units (attention heads: every block keeps whole heads)."""
@@ -125,8 +125,8 @@ def unit(group, round_to: int | None) -> int:
 
 
 def round_width(k: int, group, round_to: int | None) -> int:
-    """Round a kept count up to a multiple of the group's unit (never above its width, never below one unit)."""
-    n, u = group.width, unit(group, round_to)
+    """Round a kept count up to a multiple of the group's width step (never above its width, never below one step)."""
+    n, u = group.width, width_step(group, round_to)
     return min(n, max(u, int(math.ceil(max(1, int(k)) / u)) * u))
 
 
@@ -207,7 +207,7 @@ def fill(an, cost, widths, gain, target, metric, round_to, upper=None) -> np.nda
             if widths[g] >= n or not an.groups[g].prunable:
                 continue
             trial = widths.copy()
-            trial[g] = min(n, widths[g] + unit(an.groups[g], round_to))
+            trial[g] = min(n, widths[g] + width_step(an.groups[g], round_to))
             if cost.fraction(trial, metric) > target:
                 continue
             key = gain(g, int(widths[g]))
@@ -215,7 +215,7 @@ def fill(an, cost, widths, gain, target, metric, round_to, upper=None) -> np.nda
                 best, best_key = g, key
         if best is None:
             return widths
-        widths[best] = min(int(upper[best]), widths[best] + unit(an.groups[best], round_to))
+        widths[best] = min(int(upper[best]), widths[best] + width_step(an.groups[best], round_to))
 
 
 def minimum_widths(an: Analysis, prunable, round_to) -> np.ndarray:

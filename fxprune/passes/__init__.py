@@ -1,7 +1,7 @@
 """Method passes: each decides, per channel group, which channels stay and how consumers reconstruct the rest.
 
-A one-shot pass is a function ``decide(ctx: fxprune.context.PruneContext, **options) -> {group id: Decision}``
-registered under a name; a training-time method is a fxprune.training.TrainingMethod subclass registered the
+A one-shot pass is a function ``decide(ctx: fxprune.method.PruneContext, **options) -> {group id: Decision}``
+registered under a name; a training-time method is a fxprune.method.TrainingMethod subclass registered the
 same way (``fxprune.prepare`` runs it inside the user's training loop). Passes read the model and calibration data; they never edit a tensor (the core's
 rewrite engine does). Register a new one with::
 
