@@ -21,7 +21,7 @@ from __future__ import annotations
 from . import distributed
 from .calibrate import batches, source_grams
 from .context import PruneContext, Target, top_k
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, FxPruneError
 from .gram import CalibrationDataError, GramAccumulator, rows_of
 from .reconstruct import least_squares
 from .reference import HookedInterpreter
@@ -32,7 +32,7 @@ from .modules import can_measure, consumer_partial_output
 from .verify import flat_tensors
 
 __all__ = [
-    "CalibrationDataError", "ConfigError", "ConsumerInput", "DataError", "Decision", "GramAccumulator",
+    "CalibrationDataError", "ConfigError", "ConsumerInput", "DataError", "Decision", "FxPruneError", "GramAccumulator",
     "HookedInterpreter", "Plan", "PruneContext", "Pruner", "Target", "TrainingMethod", "batches",
     "can_measure", "check_reachable", "consumer_inputs", "consumer_partial_output", "distributed", "fill", "fit_global",
     "flat_tensors", "least_squares", "output_probe", "round_width", "rows_of", "source_grams", "top_k",

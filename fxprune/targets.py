@@ -2,8 +2,9 @@
 
 The cost model takes the FLOPs of every op whose handler says it has them (ops.OpHandler.has_flops) from
 torch.utils.flop_counter.FlopCounterMode (run once per op on meta tensors, batch 1) and scales them by the kept
-fraction of the op's input and output channels; parameters scale the same way along their channel dims. For conv/linear this is exact, so a width vector can be priced without
-building the slim model, and a solver can try thousands of them.
+fraction of the op's input and output channels; parameters scale the same way along their channel dims. For
+conv/linear this is exact, so a width vector can be priced without building the slim model, and a solver can try
+thousands of them.
 
 Example::
 
@@ -56,7 +57,10 @@ class CostModel:
             if not f:
                 continue
             src, out = an.cmap(an.data_input(node)), an.cmap(node)
-            fin = self._fraction(src) if src is not None and (out is None or src.ids is not out.ids) else None
+            # FLOPs scale with the input's kept fraction too, unless the output carries the input's own channels
+            # (depthwise conv: one scaling, not two)
+            same = src is not None and out is not None and np.array_equal(src.ids, out.ids)
+            fin = self._fraction(src) if src is not None and not same else None
             if src is not None and src.heads and out is not None:
                 fin = None  # per head (q @ k^T, attention): linear in the heads kept, which the output carries
             self.flop_terms.append((float(f), fin, self._fraction(out) if out is not None else None))

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed, modules
-from .cmap import op_name
 from .errors import ConfigError
+from . import ops
 from .ops import handler, node_handler
 from .rewrite import Decision
 from .stages import PruneResult, finish
@@ -301,10 +301,10 @@ def output_probe(pruner: Pruner, fqn: str, dim: int) -> OutputProbe:
             return OutputProbe(pruner)  # no running statistics to normalize with
         probe.eps = float(nxt.args[eps_at]) if len(nxt.args) > eps_at else 1e-5
         node = _only_user(nxt) if is_tuple else nxt
-        if node is None or (is_tuple and not (op_name(node.target) == "_operator.getitem" and node.args[1] == 0)):
+        if node is None or (is_tuple and ops.tuple_item(node) != 0):
             return probe
         nxt = _only_user(node)
-    if nxt is not None and nxt.op == "call_function" and handler(nxt.target).family == "elementwise" \
+    if nxt is not None and nxt.op == "call_function" and handler(nxt.target).elementwise \
             and nxt.args and nxt.args[0] is node \
             and not any(isinstance(a, torch.fx.Node) for a in (*nxt.args[1:], *nxt.kwargs.values())):
         probe.act = nxt

@@ -311,8 +311,8 @@ def test_id_keeps_whole_heads_and_drops_a_duplicate_head():
 
 def test_unit_pivots_with_single_channel_units_are_the_column_pivots():
     """With one channel per unit the block-pivoted Cholesky is the ordinary one: the same pivots as ID's own."""
-    from passes._id_math import id_from_gram
-    from passes._id_units import unit_order, unit_pivots
+    from fxprune.passes._id_math import id_from_gram
+    from fxprune.passes._id_units import unit_order, unit_pivots
     rng = np.random.default_rng(0)
     Z = rng.standard_normal((200, 12)) @ rng.standard_normal((12, 12))
     G = Z.T @ Z

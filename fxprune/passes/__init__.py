@@ -40,7 +40,7 @@ def _load_all():
         try:
             importlib.import_module(f"{__name__}.{mod}")
         except Exception as exc:
-            from fxprune.errors import FxPruneError
+            from fxprune.method import FxPruneError
             raise FxPruneError(f"method module {__name__}.{mod} failed to import ({type(exc).__name__}: "
                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); its methods "
                               "cannot be registered: fix or remove fxprune/passes/" + mod + ".py") from exc
@@ -49,7 +49,7 @@ def _load_all():
 def get(name: str):
     _load_all()
     if name not in REGISTRY:
-        from fxprune.errors import ConfigError
+        from fxprune.method import ConfigError
         raise ConfigError(f"unknown method '{name}'; registered methods: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name]
 
