@@ -36,7 +36,7 @@ from . import distributed
 from .errors import ConfigError
 from .fileio import atomic_write_text
 from .ops import node_handler
-from .targets import CostModel, unit
+from .targets import CostModel, width_step
 
 MAX_POINTS = 24  # measured widths per layer dimension; finer grids are subsampled evenly (ends kept)
 
@@ -185,7 +185,7 @@ class LatencyModel:
         const, coef = fr
         if gid is not None:
             g = self.an.groups[gid]
-            u = unit(g, self.round_to)
+            u = width_step(g, self.round_to)
             ks = sorted(set(range(u, g.width + 1, u)) | {g.width})
             vals = [full * (const + coef[gid] * k / g.width) for k in ks]
         else:

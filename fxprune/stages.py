@@ -2,14 +2,15 @@
 ``fxprune.prepare(...).finalize()``:
 
     begin:  validate options -> capture -> analyse -> ignore / per-module amounts -> target   (nothing changed yet)
-    (a method decides {group: Decision(keep, T)})
+    (the method decides {group: Decision(keep, T)})
     finish: rounding notes -> Plan -> target check -> reconstruction + BatchNorm statistics from calibration data
-            -> one rewrite engine -> verification -> new BatchNorm statistics -> costs -> (transplant into the
-            user's own model)
+            -> one rewrite engine -> the new BatchNorm statistics into the slim model and the reference ->
+            verification -> costs -> (transplant into the user's own model)
 
-Example::
+The core never looks a method up by name: the entry points (fxprune.api, the command line, the demo) do, and
+hand the method object to ``begin``. Example::
 
-    job = begin(model, x, "l1", target_flops=0.5)
+    job = begin(model, x, "l1", fxprune.passes.get("l1"), target_flops=0.5)
     result = finish(job, job.decide(job.ctx))
 """
 
@@ -89,20 +90,15 @@ class Job:
         return self.ctx.analysis
 
 
-def begin(model: nn.Module, example_inputs, method: str, *, amount=None, target_flops=None, target_params=None,
-          round_to=DEFAULT_ROUND_TO, ignore=(), amounts=None, calib=None, calib_samples=DEFAULT_CALIB_SAMPLES,
-          reconstruct=None, recalibrate_bn=None, verify=True, verify_inputs=None, inplace=False, progress=True,
-          method_options=None, registry=None, training=False, target_latency=None, latency_batch=1,
+def begin(model: nn.Module, example_inputs, method: str, decide, *, amount=None, target_flops=None,
+          target_params=None, round_to=DEFAULT_ROUND_TO, ignore=(), amounts=None, calib=None,
+          calib_samples=DEFAULT_CALIB_SAMPLES, reconstruct=None, recalibrate_bn=None, verify=True, verify_inputs=None,
+          inplace=False, progress=True, method_options=None, target_latency=None, latency_batch=1,
           latency_threads=None, latency_timer=None, latency_cache=None) -> Job:
-    """Validate every option, capture and analyse the model, and fix the target. Changes nothing."""
-    from fxprune import passes
+    """Validate every option, capture and analyse the model, and fix the target. Changes nothing. ``decide``:
+    the method object (a decide function or a TrainingMethod class) that the entry point looked ``method`` up as."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    decide = (registry or passes.get)(method)
-    if getattr(decide, "training", False) and registry is None and not training:
-        raise ConfigError(f"method '{method}' prunes during training: use pruner = fxprune.prepare(model, x, "
-                          f"'{method}', optimizer=opt, steps=n, ...) in your training loop, then pruner.finalize(); "
-                          f"one-shot methods: {', '.join(passes.oneshot_names())}")
     method_options = dict(method_options or {})
     check_method_options(method, decide, method_options)
     _check_amounts(amount, target_flops, target_params, amounts, method_options, target_latency)
@@ -141,7 +137,7 @@ def begin(model: nn.Module, example_inputs, method: str, *, amount=None, target_
                "layer whose output channels could shrink)")
             + ". See fxprune.describe_groups(model, example_inputs) for every group and why.")
     target = _target(an, prunable, amount, target_flops, target_params, amounts, per_module, opts.round_to)
-    ctx = PruneContext(model=model, analysis=an, target=target, example_inputs=example, calib=calib,
+    ctx = PruneContext(analysis=an, target=target, example_inputs=example, calib=calib,
                        progress=opts.progress, calib_samples=opts.calib_samples)
     if target_latency is not None:
         from .latency_target import latency_cost
@@ -188,7 +184,7 @@ def finish(job: Job, decisions: dict[int, Decision], zeroed: dict[int, np.ndarra
                          calib_samples=cal.samples if cal is not None else 0)
     if opts.inplace:
         from .transplant import transplant
-        transplant(work, job.model, plan)
+        transplant(work, job.model)
         if opts.verify:
             with eval_mode(job.model):
                 _verify.check_eager_matches_graph(job.model, slim_gm, _verify.random_like(job.example))
@@ -346,6 +342,3 @@ def _check_target(ctx: PruneContext, plan: Plan):
         raise TargetError(f"the method kept {got:.4f} of the {t.metric}, above target_{t.metric}={t.value:g}; "
                           "this is a bug in the method pass, please report it")
 
-
-def keep_sorted(keep) -> np.ndarray:
-    return np.sort(np.asarray(keep, dtype=np.int64))

@@ -2,8 +2,9 @@
 
 The cost model takes the FLOPs of every op whose handler says it has them (ops.OpHandler.has_flops) from
 torch.utils.flop_counter.FlopCounterMode (run once per op on meta tensors, batch 1) and scales them by the kept
-fraction of the op's input and output channels; parameters scale the same way along their channel dims. For conv/linear this is exact, so a width vector can be priced without
-building the slim model, and a solver can try thousands of them.
+fraction of the op's input and output channels; parameters scale the same way along their channel dims. For
+conv/linear this is exact, so a width vector can be priced without building the slim model, and a solver can try
+thousands of them.
 
 Example::
 
@@ -56,7 +57,10 @@ class CostModel:
             if not f:
                 continue
             src, out = an.cmap(an.data_input(node)), an.cmap(node)
-            fin = self._fraction(src) if src is not None and (out is None or src.ids is not out.ids) else None
+            # FLOPs scale with the input's kept fraction too, unless the output carries the input's own channels
+            # (depthwise conv: one scaling, not two)
+            same = src is not None and out is not None and np.array_equal(src.ids, out.ids)
+            fin = self._fraction(src) if src is not None and not same else None
             if src is not None and src.heads and out is not None:
                 fin = None  # per head (q @ k^T, attention): linear in the heads kept, which the output carries
             self.flop_terms.append((float(f), fin, self._fraction(out) if out is not None else None))
@@ -99,7 +103,7 @@ class CostModel:
 # speedup"): ONNX Runtime's CPU conv kernels pad channels to blocks of 16 on AVX-512 (8 on AVX2), so 16 is the
 # only policy that kept batch-64 latency at about the FLOPs ratio on VGG-16 and ResNet-56; 8 and None (odd
 # widths) were up to 1.6x and 2.6x worse. A group that cannot shrink at 16 (a 16-wide layer) falls back to 8,
-# 4, ... (see unit / aligned_width), so a requested cut is never dropped. round_to=None (or 1): exact widths.
+# 4, ... (see width_step / aligned_width), so a requested cut is never dropped. round_to=None (or 1): exact widths.
 DEFAULT_ROUND_TO = 16
 
 
@@ -112,7 +116,7 @@ def alignments(round_to: int | None):
     yield 1
 
 
-def unit(group, round_to: int | None) -> int:
+def width_step(group, round_to: int | None) -> int:
     """Widths move in multiples of this: the coarsest of round_to, round_to / 2, ... 1 at which the group can
     shrink at all (a 16-wide group under round_to=16 moves in 8s), times the group's block count (grouped conv,
     chunk) and the size of its whole units (attention heads: every block keeps whole heads)."""
@@ -125,8 +129,8 @@ def unit(group, round_to: int | None) -> int:
 
 
 def round_width(k: int, group, round_to: int | None) -> int:
-    """Round a kept count up to a multiple of the group's unit (never above its width, never below one unit)."""
-    n, u = group.width, unit(group, round_to)
+    """Round a kept count up to a multiple of the group's width step (never above its width, never below one step)."""
+    n, u = group.width, width_step(group, round_to)
     return min(n, max(u, int(math.ceil(max(1, int(k)) / u)) * u))
 
 
@@ -214,7 +218,7 @@ def fit_greedy(an, cost, errors: dict[int, np.ndarray], target: float, metric: s
     while frac > target:
         best = None
         for g, e in errors.items():
-            u = unit(an.groups[g], round_to)
+            u = width_step(an.groups[g], round_to)
             w = int(widths[g])
             for j in range(1, LOOKAHEAD + 1):
                 nxt = (w - 1) // u * u - (j - 1) * u
@@ -249,7 +253,7 @@ def fill(an, cost, widths, gain, target, metric, round_to, upper=None) -> np.nda
             if widths[g] >= n or not an.groups[g].prunable:
                 continue
             trial = widths.copy()
-            trial[g] = min(n, widths[g] + unit(an.groups[g], round_to))
+            trial[g] = min(n, widths[g] + width_step(an.groups[g], round_to))
             if cost.fraction(trial, metric) > target:
                 continue
             key = gain(g, int(widths[g]))
@@ -257,7 +261,7 @@ def fill(an, cost, widths, gain, target, metric, round_to, upper=None) -> np.nda
                 best, best_key = g, key
         if best is None:
             return widths
-        widths[best] = min(int(upper[best]), widths[best] + unit(an.groups[best], round_to))
+        widths[best] = min(int(upper[best]), widths[best] + width_step(an.groups[best], round_to))
 
 
 def tighten(an, cost, widths, groups, gain, target, metric, round_to, upper, slack: float = 0.02):
@@ -267,7 +271,7 @@ def tighten(an, cost, widths, groups, gain, target, metric, round_to, upper, sla
     while target - frac > slack:
         best = None
         for g in groups:
-            u = unit(an.groups[g], round_to)
+            u = width_step(an.groups[g], round_to)
             nxt = (int(widths[g]) - 1) // u * u
             if nxt < u:
                 continue
@@ -299,7 +303,7 @@ def floor_widths(an, cost, prunable, metric, round_to) -> np.ndarray:
     for _ in range(2):
         for g in prunable:
             grp = an.groups[g]
-            u = unit(grp, round_to)
+            u = width_step(grp, round_to)
             cands = sorted(set(range(u, grp.width + 1, u)) | {grp.width})
             costs = []
             for k in cands:
