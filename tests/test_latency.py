@@ -205,3 +205,18 @@ def test_cli_bad_latency_options(capsys, args, needle):
     code = cli.main(["prune", "lenet5", "--method", "l1", *args])
     err = capsys.readouterr().err
     assert code == 2 and needle in err and "Traceback" not in err
+
+
+def test_prepare_allocates_against_the_table(tmp_path):
+    """A training-time method gets its widths from the same measured table (its finalize is not re-timed)."""
+    model, timer = net().train(), FakeTimer()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    pruner = fxprune.prepare(model, X, "csgd", optimizer=opt, steps=3, target_latency=0.5, latency_timer=timer,
+                             latency_cache=str(tmp_path), progress=False)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 3, 16, 16)).square().mean().backward()
+        opt.step()
+    res = pruner.finalize()
+    assert timer.layer_calls > 0
+    assert true_fraction(res, timer) <= 0.5 + 1e-9
