@@ -26,13 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fxprune.blockwise import group_grams
-from fxprune.calibrate import batches
-from fxprune.context import top_k
-from fxprune.errors import ConfigError
-from fxprune.reconstruct import least_squares
-from fxprune.rewrite import Decision
-from fxprune.targets import check_reachable, unit
+from fxprune.method import (ConfigError, Decision, batches, check_reachable, group_grams, least_squares, top_k,
+                            width_step)
 
 from . import register
 from ._id_allocate import PROBES, OutputProbe, allocate, calibrated_curve
@@ -164,7 +159,7 @@ class _Probe:
     def calibrate(self, g, curve, kept, trans, sub, pooled):
         """Group g's error curve calibrated at the model output by cutting it alone to the probe widths."""
         ctx = self.ctx
-        w, u = len(kept[g]), unit(ctx.groups[g], ctx.target.round_to)
+        w, u = len(kept[g]), width_step(ctx.groups[g], ctx.target.round_to)
         probes = {}
         for k in sorted({max(u, int(round(w * f / u)) * u) for f in PROBES}):
             if k >= w:
