@@ -20,7 +20,7 @@ from .rewrite import Decision
 __version__ = "0.1.0"
 
 _LAZY = {"export_onnx": "export", "benchmark": "bench", "finetune": "finetune", "evaluate": "finetune",
-         "load_fashion_mnist": "data", "count_flops": "cost", "count_params": "cost"}
+         "load_fashion_mnist": "data", "count_flops": "cost", "count_params": "cost", "sweep": "sweeps"}
 
 
 def __getattr__(name):

@@ -65,7 +65,7 @@ def prune_to_latency(job):
     floor = lat.fraction(floor_widths(ctx.analysis, ctx.cost, ctx.prunable, "latency", ctx.target.round_to))
     alloc, rounds, best = target, [], None
     for _ in range(MAX_ROUNDS):
-        ctx.notes[:] = notes
+        ctx.notes = list(notes)
         ctx.target = replace(ctx.target, value=alloc)
         try:
             decisions = job.decide(ctx, **job.method_options)
@@ -95,7 +95,7 @@ def prune_to_latency(job):
                           f"measured {', '.join(f'{r.measured:.3f}' for r in rounds)} of the original's latency "
                           "(predicted " + ", ".join(f"{r.predicted:.3f}" for r in rounds) + "); ask for a larger "
                           "target_latency, or time with fixed threads (latency_threads=1) on a quieter machine")
-    r, decisions, ctx.notes[:] = best
+    r, decisions, ctx.notes = best
     ctx.target = replace(ctx.target, value=r.allocated)
     result = finish(job, decisions)
     result.latency = summary(lat, target, rounds, r)
@@ -106,7 +106,8 @@ def prune_to_latency(job):
 
 def summary(lat: LatencyModel, target: float, rounds: list[Round], chosen: Round) -> dict:
     return {"target": target, "batch": lat.batch, "key": lat.table.key, "table": lat.table.path,
-            "measured": chosen.measured, "predicted": chosen.predicted,
+            "measured": chosen.measured, "predicted": chosen.predicted, "slim_ms": chosen.slim_ms,
+            "original_ms": chosen.original_ms,
             "prediction_error": abs(chosen.predicted - chosen.measured) / chosen.measured,
             "rounds": [r.__dict__ for r in rounds]}
 
