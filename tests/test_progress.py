@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import collections
 import io
+import re
+from pathlib import Path
 
 import torch
 
@@ -38,3 +40,13 @@ def test_prune_with_progress_writes_a_few_lines_per_bar(capsys):
     assert any(name.startswith("ID calibration") for name in bars), err  # the bars did report
     assert max(bars.values()) <= 6, bars
     assert len(err.splitlines()) <= 6 * len(bars), err
+
+
+def test_every_bar_is_made_by_the_one_helper():
+    """A tqdm(...) made anywhere else would flood logs again: only fxprune/console.py constructs one."""
+    root = Path(__file__).resolve().parents[1]
+    made = re.compile(r"\btqdm\(")
+    offenders = [f"{p.relative_to(root)}:{i}" for folder in ("fxprune", "benchmarks", "examples")
+                 for p in sorted((root / folder).rglob("*.py")) if p.name != "console.py"
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if made.search(line.split("#")[0])]
+    assert offenders == []
