@@ -30,6 +30,8 @@ except ImportError:  # not installed: import from the source tree
 
 from conftest import assert_unchanged, snapshot, warm_bn
 
+pytestmark = pytest.mark.numerics  # float tolerances: CI reruns this module under AVX2 kernels, one thread
+
 ZOO_E2E = ["mlp", "lenet5", "vgg-small", "resnet20", "mobilenetv2", "densenet"]
 # streaming vs dense on hooked Z: every model whose folded groups' Z sit at a leaf module's output; mobilenetv2
 # is left out for time only (its e2e run stays)
@@ -225,7 +227,6 @@ def _cond(A: np.ndarray) -> float:
 EPS64 = np.finfo(np.float64).eps
 
 
-@pytest.mark.numerics
 @pytest.mark.parametrize("name", ZOO_STREAM)
 def test_streaming_equals_dense_on_model_activations(name):
     """The pass's T against the dense QR of the full Z, with tolerances from the float error of each route.
