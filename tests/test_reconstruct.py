@@ -163,7 +163,7 @@ def test_batchnorm_statistics_are_those_of_the_slim_models_own_inputs(pruned_cnn
     assert "BatchNorm statistics re-estimated in 1 module" in res.report
     # the slim graph got the same statistics as the eager model
     x = torch.randn(4, 1, 28, 28)
-    assert rel_err(res.graph(x), res.model.eval()(x)) < 1e-6
+    assert rel_err(res.graph(x), res.model.eval()(x)) < F32_SMALL  # eager and graph: other float32 kernels
 
 
 def test_batchnorm_reestimation_off_by_the_flag(pruned_cnn):
