@@ -26,7 +26,15 @@ class RewriteError(FxPruneError):
 
 
 class VerificationError(FxPruneError):
-    """The slim model does not agree with its reference; the message names the group or module."""
+    """The slim model does not agree with its reference; the message names the group or module. The fields say
+    where, for code that acts on it (freeze and retry): ``node`` (graph node name of the first tensor where slim
+    and reference part, or of the op that failed), ``module`` (its module path, '' for the root or unknown),
+    ``groups`` (the pruned groups it reads) and ``diff`` (the relative difference); None where not known."""
+
+    def __init__(self, message: str, *, node: str | None = None, module: str | None = None,
+                 groups: tuple[int, ...] = (), diff: float | None = None):
+        super().__init__(message)
+        self.node, self.module, self.groups, self.diff = node, module, tuple(groups), diff
 
 
 class DataError(FxPruneError):

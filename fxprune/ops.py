@@ -24,6 +24,9 @@ An ``OpHandler`` says, for the ops it is registered under in ``HANDLERS``:
     bn_tuple        training methods that apply the layer's normalization themselves (training.output_probe)
     heads           its rule understands head maps (a channel dim split into (heads, head_dim), cmap.py); any
                     other op that a head map reaches is a barrier
+    selects         its result depends on the order of values (top-k, sort, arg-max indices): float rounding can
+                    flip a near-tie, so verification compares the values it selects from and then gives the slim
+                    graph the reference's result (compare.py)
 
 Any op without a handler is a barrier: the channels that reach it are frozen and the report names the op, the
 node and the module — never guessed.
@@ -67,6 +70,7 @@ class OpHandler:
     bn_eps_arg: int | None = None
     bn_tuple: bool = False
     heads: bool = False
+    selects: bool = False
 
     def through(self, an, node, gid: int):
         """The input node a consumer's reconstruction may be taken at instead of this node's output (T commutes
@@ -136,8 +140,8 @@ GETITEM = OpHandler("getitem", rules.getitem, heads=True)
 IGNORE = OpHandler("ignore", rules.nothing, heads=True)                     # no tensor flows (asserts, sizes)
 
 
-def _barrier(why: str, has_flops: bool = False) -> OpHandler:
-    return OpHandler("barrier", barrier=why, has_flops=has_flops)
+def _barrier(why: str, has_flops: bool = False, selects: bool = False) -> OpHandler:
+    return OpHandler("barrier", barrier=why, has_flops=has_flops, selects=selects)
 
 
 HANDLERS: dict[str, OpHandler] = {
@@ -205,7 +209,9 @@ HANDLERS: dict[str, OpHandler] = {
     "aten.einsum": _barrier("is an einsum (a product over named dims)", has_flops=True),
     "aten.embedding": _barrier("looks up rows of its weight by index"),
     "aten.index_select": _barrier("reorders channels by data"),
-    "aten.sort": _barrier("reorders by value"),
+    **dict.fromkeys(("aten.sort", "aten.argsort"), _barrier("reorders by value", selects=True)),
+    **dict.fromkeys(("aten.topk", "aten.kthvalue"), _barrier("selects by value", selects=True)),
+    **dict.fromkeys(("aten.argmax", "aten.argmin"), _barrier("returns indices chosen by value", selects=True)),
 }
 
 UNKNOWN = _barrier("is not in fxprune's op table")

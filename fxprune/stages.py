@@ -46,7 +46,8 @@ class PruneResult:
     params: tuple[int, int]
     method: str
     notes: list[str] = field(default_factory=list)
-    verified: float | None = None     # relative difference to the reference, when verified
+    verified: float | None = None     # the worst relative difference to the reference, when verified
+    verification: list = field(default_factory=list)  # every compared tensor (compare.Check), in graph order
     recalibrated_bn: list[str] = field(default_factory=list)  # BatchNorm modules whose statistics were re-estimated
     calib_samples: int = 0            # samples the reconstruction / BatchNorm pass used (0: none)
 
@@ -166,16 +167,18 @@ def finish(job: Job, decisions: dict[int, Decision], zeroed: dict[int, np.ndarra
         plan.replace_tensors(work, cal.bn)
         reference_gm = _with_tensors(job.gm, ctx.analysis, cal.bn)
         recalibrated = sorted({k.rsplit(".", 1)[0] for k in cal.bn})
-    diff = None
+    checks = []
     if opts.verify:
-        diff = _verify.verify(plan, reference_gm, slim_gm, work, job.example, opts.verify_inputs, opts.calib,
-                              ctx.notes)
+        checks = _verify.verify(plan, reference_gm, slim_gm, work, job.example, opts.verify_inputs, opts.calib,
+                                ctx.notes)
     one = tuple(a[:1] if isinstance(a, torch.Tensor) and a.dim() > 0 else a for a in job.example)  # per sample
     result = PruneResult(model=work, graph=slim_gm, analysis=ctx.analysis, decisions=plan.decisions,
                          flops=(count_flops(job.model, one), count_flops(work, one)),
                          params=(count_params(job.model), count_params(work)), method=job.method,
-                         notes=ctx.notes, verified=diff, recalibrated_bn=recalibrated,
-                         calib_samples=cal.samples if cal is not None else 0)
+                         notes=ctx.notes, recalibrated_bn=recalibrated,
+                         calib_samples=cal.samples if cal is not None else 0,
+                         verified=max((c.certified for c in checks), default=0.0) if opts.verify else None,
+                         verification=checks)
     if opts.inplace:
         from .transplant import transplant
         transplant(work, job.model, plan)
