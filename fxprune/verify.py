@@ -56,7 +56,7 @@ def random_like(example: tuple, seed: int = 0) -> tuple:
 
 def rel_diff(a, b) -> float:
     """max|a - b| / max|b| over all output tensors; inf when shapes differ or a is not finite where b is."""
-    fa, fb = _flat(a), _flat(b)
+    fa, fb = flat_tensors(a), flat_tensors(b)
     if len(fa) != len(fb):
         return float("inf")
     worst = 0.0
@@ -74,18 +74,18 @@ def rel_diff(a, b) -> float:
 
 
 def finite(out) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in _flat(out))
+    return all(bool(torch.isfinite(t).all()) for t in flat_tensors(out))
 
 
-def _flat(out) -> list[torch.Tensor]:
+def flat_tensors(out) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out.detach().double()]
     if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _flat(o)]
+        return [t for o in out for t in flat_tensors(o)]
     if isinstance(out, dict):
-        return [t for k in sorted(out) for t in _flat(out[k])]
+        return [t for k in sorted(out) for t in flat_tensors(out[k])]
     if hasattr(out, "to_tuple"):
-        return _flat(out.to_tuple())
+        return flat_tensors(out.to_tuple())
     return []
 
 
