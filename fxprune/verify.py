@@ -114,7 +114,7 @@ def compare_with_reference(plan: Plan, original_gm: GraphModule, slim_gm: GraphM
         raise VerificationError(
             f"the slim graph fails to run at {where} ({type(exc).__name__}: {_first_line(exc)}). Pruned groups: "
             f"{_groups_text(plan)}. This is a bug in fxprune's analysis or rewrite; please report it.",
-            node=node.name, module=module, groups=tuple(plan.decisions)) from exc
+            node=node.name, module=module, groups=tuple(plan.decisions), cause=exc) from None
 
 
 def raise_if_disagrees(plan: Plan, run: Comparison, rtol: float) -> None:
@@ -176,7 +176,7 @@ def check_eager_matches_graph(slim_model: nn.Module, slim_gm: GraphModule, input
         raise VerificationError(
             f"the slimmed model's forward fails in module '{recorder.current or type(slim_model).__name__}': "
             f"{type(exc).__name__}: {exc}. Its forward probably hard-codes a channel count; compute it from the "
-            "tensor (x.size(1), x.flatten(1)) or exclude that module with ignore=[...].") from exc
+            "tensor (x.size(1), x.flatten(1)) or exclude that module with ignore=[...].", cause=exc) from None
     finally:
         recorder.remove()
     ref = slim_gm(*inputs)
