@@ -11,8 +11,8 @@ See README.md for the pipeline (capture -> analysis -> method -> rewrite -> veri
 from .api import PruneResult, compile, describe_groups, groups, prune  # noqa: A004
 from .training import Pruner, TrainingMethod, prepare
 from .checkpoint import load, save
-from .errors import (CaptureError, CheckpointError, ConfigError, DataError, ExportError, FxPruneError,
-                     NothingToPruneError, RewriteError, TargetError, VerificationError)
+from .errors import (CaptureError, CheckpointError, ConfigError, DataError, DistributedError, ExportError,
+                     FxPruneError, NothingToPruneError, RewriteError, TargetError, VerificationError)
 from .rewrite import Decision
 
 __version__ = "0.1.0"
@@ -31,5 +31,5 @@ def __getattr__(name):
 
 __all__ = ["compile", "prune", "prepare", "Pruner", "TrainingMethod", "groups", "describe_groups", "PruneResult",
            "Decision", "save", "load",
-           "FxPruneError", "CaptureError", "CheckpointError", "ConfigError", "DataError", "ExportError",
+           "FxPruneError", "CaptureError", "CheckpointError", "ConfigError", "DataError", "DistributedError", "ExportError",
            "NothingToPruneError", "RewriteError", "TargetError", "VerificationError", *_LAZY]

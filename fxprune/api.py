@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from . import distributed
 from .analysis import analyze
 from .capture import as_tuple, capture, eval_mode
 from .stages import DEFAULT_CALIB_SAMPLES, PruneResult, begin, finish
@@ -32,11 +33,16 @@ def prune(model: nn.Module, example_inputs, method: str = "l1", *, amount: float
           recalibrate_bn: bool | None = None, verify: bool = True, verify_inputs=None, inplace: bool = False,
           progress: bool = True, **method_options) -> PruneResult:
     """Prune and return the full result (slim model, slim graph, decisions, costs, report). See ``compile``."""
-    job = begin(model, example_inputs, method, amount=amount, target_flops=target_flops,
-                target_params=target_params, round_to=round_to, ignore=ignore, amounts=amounts, calib=calib,
-                calib_samples=calib_samples, reconstruct=reconstruct, recalibrate_bn=recalibrate_bn,
-                verify=verify, verify_inputs=verify_inputs, inplace=inplace, progress=progress,
-                method_options=method_options)
+    with distributed.scope("fxprune.prune"):  # under torchrun: a failure on one rank is an error on every rank
+        return _prune(model, example_inputs, method, amount=amount, target_flops=target_flops,
+                      target_params=target_params, round_to=round_to, ignore=ignore, amounts=amounts, calib=calib,
+                      calib_samples=calib_samples, reconstruct=reconstruct, recalibrate_bn=recalibrate_bn,
+                      verify=verify, verify_inputs=verify_inputs, inplace=inplace, progress=progress,
+                      method_options=method_options)
+
+
+def _prune(model, example_inputs, method, **options) -> PruneResult:
+    job = begin(model, example_inputs, method, **options)
     return finish(job, job.decide(job.ctx, **job.method_options))
 
 

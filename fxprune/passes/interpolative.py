@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 from tqdm.auto import tqdm
 
+from fxprune import distributed
 from fxprune.calibrate import batches, source_grams
 from fxprune.context import top_k
 from fxprune.errors import ConfigError
@@ -55,7 +56,8 @@ def decide(ctx, tol: float | None = None, rounds: int = 3, probe_samples: int = 
         # round_to=16 lost 1.1 points to the widths a global magnitude ranking picks). So ID also runs at those
         # widths, both complete results are measured at the model output, and the better one is kept.
         other = _run(ctx, [None], None, None, widths=ctx.widths(magnitude_scores(ctx)), quiet=True)
-        errors = [probe.out.set_current(d) for d in (best, other)]
+        errors = distributed.agree("ID's output errors of the greedy and the magnitude-width candidates",
+                                   [probe.out.set_current(d) for d in (best, other)])
         if errors[1] < errors[0]:
             best = other
             ctx.notes.append(f"id: widths of the global magnitude ranking measured a smaller output error than "
@@ -92,6 +94,7 @@ def _run(ctx, stages, tol, probe, widths: dict | None = None, quiet: bool = Fals
                 curves = probe.calibrate(curves, kept, trans, sub, pooled, f"ID probes {i + 1}/{len(stages)}")
             now = np.array([len(kept[g]) if g in kept else ctx.groups[g].width for g in range(len(ctx.groups))])
             new_k = allocate(ctx, now, curves, stage, ctx.target.metric)
+        new_k = distributed.agree(f"ID's widths in round {i + 1}", {g: int(new_k[g]) for g in pooled})
         for g, G in pooled.items():
             k = int(new_k[g])
             if k < len(kept[g]):
