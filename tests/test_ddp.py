@@ -102,7 +102,8 @@ def test_a_diverging_rank_is_one_clear_error_on_every_rank_not_a_hang(tmp_path):
     says = {"weights": "DistributedError: ranks hold different weights (parameters or buffers): rank 1 differs "
                        "from rank 0 in 1 tensor(s) (3.weight)",
             "decision": "DistributedError: ranks disagree on ID's widths in round 1",
-            "sizes": "DistributedError: ranks disagree on reconstruction sums",
+            "sizes": "DistributedError: ranks disagree on",  # the first collective whose sizes differ
             "fail": "DistributedError: rank 1 of 2 failed: VerificationError: planted"}
     for case, text in says.items():
         assert errors[0][case] is not None and errors[0][case].startswith(text), (case, errors[0][case])
+    assert "a sum of shape" in errors[0]["sizes"]  # caught at the sizes, before the payload is sent
