@@ -615,6 +615,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     except (FxPruneError, OSError) as e:
         if debug:
+            if getattr(e, "cause", None) is not None:  # the caught torch error fxprune does not chain
+                traceback.print_exception(e.cause)
             traceback.print_exc()
         msg = _one_line(e)
         if isinstance(e, OSError) and not isinstance(e, FxPruneError) and e.filename:

@@ -2,7 +2,17 @@
 
 
 class FxPruneError(Exception):
-    """Base class of every error fxprune raises on purpose."""
+    """Base class of every error fxprune raises on purpose.
+
+    ``cause``: the exception fxprune caught and turned into this error (torch.export's, the ONNX exporter's, a
+    graph that failed to run), or None. It is deliberately not chained (the error is raised ``from None``): those
+    tracebacks run to hundreds of lines and would bury the message, which already names the cause's type and
+    first line. Print it with ``traceback.print_exception(err.cause)``.
+    """
+
+    def __init__(self, *args, cause: BaseException | None = None):
+        super().__init__(*args)
+        self.cause = cause
 
 
 class CaptureError(FxPruneError):

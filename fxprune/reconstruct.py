@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.linalg as sla
 import torch
-from tqdm.auto import tqdm
 
 from . import distributed
 from .calibrate import as_rows, batches, group_columns
+from .console import progress_bar
 from .ops import bn_stat_args
 from .reference import consumer_hooks, hooked_args
 from .errors import RewriteError
@@ -89,7 +89,8 @@ def calibrate(plan: Plan, calib, example: tuple, *, reconstruct: bool = True, re
     pruned, orig = _Env(gm, chunks), _Env(gm, chunks) if fit else None
     masked = _mask_plan(an, zeroed, notes) if fit and zeroed else None
     mask_hooks = consumer_hooks(masked) if masked is not None else {}
-    for i, node in enumerate(tqdm(list(gm.graph.nodes), desc="reconstructing", disable=not progress, leave=False)):
+    nodes = progress_bar(list(gm.graph.nodes), desc="reconstructing", disable=not progress, leave=False)
+    for i, node in enumerate(nodes):
         if orig is not None and i <= last_fit:
             if node.name in mask_hooks:  # the original as it was trained: masked channels read as zero
                 orig.run(node, hook=lambda args: hooked_args(masked, node, mask_hooks[node.name], args))

@@ -20,8 +20,8 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional, Sequence
 
-from tqdm.auto import tqdm
 
+from .console import progress_bar
 from .context import Target
 from .errors import ConfigError, FxPruneError
 from .fileio import atomic_write, atomic_write_text
@@ -124,7 +124,7 @@ def sweep(model, example_inputs, method, targets: Sequence[float], *, metric: Op
         lat = job.ctx.cost.latency
     base = {"score": float(metric(model)) if metric else None, "latency_ms": lat.base_ms}
     points = []
-    bar = tqdm(total=len(methods) * len(targets), desc="sweep", disable=not progress)
+    bar = progress_bar(total=len(methods) * len(targets), desc="sweep", disable=not progress)
     try:
         for m in methods:
             mjob = replace(job, method=m, decide=objs[m],

@@ -21,6 +21,8 @@ except ImportError:  # not installed: import from the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from passes import _id_math as idm
 
+pytestmark = pytest.mark.numerics  # float tolerances: CI reruns this module under AVX2 kernels, one thread
+
 GramAccumulator = idm.GramAccumulator
 id_from_gram = idm.id_from_gram
 id_dense = idm.id_dense

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from fxprune.method import HookedInterpreter, Plan, fill, flat_tensors, tighten, width_step
+from fxprune.method import HookedInterpreter, Plan, fill, flat_tensors, progress_bar, tighten, width_step
 
 PROBES = (0.75, 0.5, 0.25)
 
@@ -101,7 +100,7 @@ def allocate(ctx, widths: np.ndarray, curves: dict[int, np.ndarray], target: flo
     cost, r = ctx.cost, ctx.target.round_to
     upper = widths.copy()
     frac = cost.fraction(widths, metric)
-    bar = tqdm(total=round(max(frac - target, 0) * 1000), desc="allocating widths", disable=not ctx.progress,
+    bar = progress_bar(total=round(max(frac - target, 0) * 1000), desc="allocating widths", disable=not ctx.progress,
                leave=False)
     while frac > target:
         best = None
