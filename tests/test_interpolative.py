@@ -28,7 +28,7 @@ except ImportError:  # not installed: import from the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from passes import _id_math as idm
 
-from conftest import assert_unchanged, snapshot, warm_bn
+from conftest import F32_VERIFY, assert_unchanged, snapshot, warm_bn
 
 pytestmark = pytest.mark.numerics  # float tolerances: CI reruns this module under AVX2 kernels, one thread
 
@@ -323,7 +323,7 @@ def test_streaming_equals_dense_on_random_rows():
 @pytest.mark.parametrize("name", ZOO_E2E)
 def test_zoo_end_to_end_verified(name):
     _model, x, _, res = _zoo_run(name)
-    assert res.verified is not None and res.verified <= 1e-5, res.verified
+    assert res.verified is not None and res.verified <= F32_VERIFY, res.verified  # deep zoo models (densenet, mobilenetv2)
     assert res.decisions and res.flops[1] < res.flops[0]
     for gid, d in res.decisions.items():
         if "id_error" in d.info:  # (blocked groups, kept equal per block, report pivots only)
@@ -368,7 +368,7 @@ def test_flops_target(name, target, round_to):
     res = fxprune.prune(model, x, "id", target_flops=target, calib=calib, round_to=round_to, progress=False)
     ratio = count_flops(res.model, x) / count_flops(model, x)
     assert target - 0.02 <= ratio <= target, ratio
-    assert res.verified <= 1e-5
+    assert res.verified <= F32_VERIFY
     if round_to:
         assert all(len(d.keep) % round_to == 0 or len(d.keep) == res.analysis.groups[g].width
                    for g, d in res.decisions.items())
@@ -449,7 +449,7 @@ def test_id_never_empties_a_producer_of_part_of_a_group():
         model.a.bias.zero_()
     res = fxprune.prune(model, torch.randn(2, 3, 8, 8), "id", amount=0.7, calib=torch.randn(64, 3, 8, 8),
                         round_to=None, progress=False)
-    assert res.verified < 1e-4
+    assert res.verified < F32_VERIFY
     assert res.model.a.out_channels == 1 and res.model.a.out_channels + res.model.b.out_channels < 7
 
 
@@ -474,4 +474,4 @@ def test_id_on_a_group_that_is_zero_on_the_calibration_data_keeps_by_magnitude_a
     g = next(g for g, d in res.decisions.items() if "a" in res.analysis.groups[g].modules)
     assert res.decisions[g].keep.tolist() == [0, 1, 2, 3]
     assert any("zero on the calibration data" in n for n in res.notes)
-    assert res.verified < 1e-4
+    assert res.verified < F32_VERIFY

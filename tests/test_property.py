@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from conftest import consumer_reference, randomize_bn, rel_err
+from conftest import F32_VERIFY, consumer_reference, randomize_bn, rel_err
 from fxprune.analysis import analyze
 from fxprune.capture import capture
 from fxprune.ops import op_name
@@ -284,9 +284,9 @@ def check(arch, seed, allow_T):
     with torch.no_grad():
         want = ref(xs.double())
         got = slim_gm(xs)
-        assert rel_err(got, want) < 1e-4, (desc, {g: (d.keep, d.T is not None) for g, d in decisions.items()})
+        assert rel_err(got, want) < F32_VERIFY, (desc, {g: (d.keep, d.T is not None) for g, d in decisions.items()})
         assert chunks_balanced(an, plan)  # guaranteed by the block constraints Plan enforces
-        assert rel_err(eager(xs), want) < 1e-4, desc
+        assert rel_err(eager(xs), want) < F32_VERIFY, desc
     # physically smaller: every producer of a pruned group has exactly len(keep) rows
     for gid, d in plan.decisions.items():
         for fqn in an.groups[gid].producers:
