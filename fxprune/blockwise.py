@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .calibrate import as_rows, group_columns
 from .gram import GramAccumulator
 from .reference import consumer_hooks, hooked_args
@@ -186,7 +187,8 @@ def group_grams(an, chunks: list[tuple], groups, decisions: dict | None = None, 
         run.segment(seg, (a, b), on_value)
         for i in range(a, b + 1):  # Grams complete: reduce in graph order, hand on finished groups
             for g, _, _ in where.get(nodes[i].name, ()):
-                grams.setdefault(g, {})[nodes[i].name] = accs.pop((g, nodes[i].name)).allreduce().G
+                G = torch.from_numpy(accs.pop((g, nodes[i].name)).G)
+                grams.setdefault(g, {})[nodes[i].name] = distributed.allreduce_sum(G).numpy()
             for g in done_at.get(i, ()):
                 by_src = grams.pop(g)
                 yield g, {s: by_src[s] for s in order[g]}
