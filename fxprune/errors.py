@@ -49,3 +49,8 @@ class ExportError(FxPruneError):
 
 class CheckpointError(FxPruneError):
     """A checkpoint or slim-model file is missing, corrupt, not an fxprune file, or does not fit the model."""
+
+
+class DistributedError(FxPruneError):
+    """Under torch.distributed the ranks disagree (on a decision, on the data they hold) or one of them failed;
+    every rank raises it with the same message, which names the ranks."""

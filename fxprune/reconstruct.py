@@ -164,7 +164,7 @@ def _fit(plan: Plan, g: int, src: str, pruned: list, orig: list, ridge: float,
         A += X.T @ X
         B += X.T @ Y
         energy += Y.square().sum()
-    A, B, energy = (distributed.allreduce_sum(t) for t in (A, B, energy))
+    A, B, energy = (distributed.allreduce_sum(t, f"reconstruction sums of {src}") for t in (A, B, energy))
     An, Bn, e = A.numpy(), B.numpy(), float(energy)
     T = least_squares(An, Bn, ridge)
     resid = e - 2 * float(np.sum(T * Bn)) + float(np.sum(T * (An @ T)))
@@ -180,7 +180,7 @@ def _bn_stats(chunks: list) -> tuple[torch.Tensor, torch.Tensor]:
         acc[0] += xd.sum(1, dtype=torch.float64)
         acc[1] += xd.square().sum(1, dtype=torch.float64)
         acc[2] += xd.shape[1]
-    acc = distributed.allreduce_sum(acc)
+    acc = distributed.allreduce_sum(acc, "BatchNorm statistics")
     mean = acc[0] / acc[2]
     var = (acc[1] / acc[2] - mean.square()).clamp_min(0.0)
     dtype = chunks[0].dtype
