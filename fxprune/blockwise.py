@@ -26,10 +26,11 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import distributed
 from .calibrate import as_rows, group_columns
+from .console import progress_bar
+from .console import progress_bar
 from .gram import GramAccumulator
 from .reference import consumer_hooks, hooked_args
 from .rewrite import Plan
@@ -202,7 +203,7 @@ def group_grams(an, chunks: list[tuple], groups, decisions: dict | None = None, 
                 accs[(g, node.name)] = GramAccumulator(an.groups[g].width)
             accs[(g, node.name)].update(as_rows(v, dim, P), channel_dim=-1)
 
-    for a, b in tqdm(seg.spans, desc=desc, disable=not progress, leave=False, unit="block"):
+    for a, b in progress_bar(seg.spans, desc=desc, disable=not progress, leave=False, unit="block"):
         run.segment(seg, (a, b), on_value)
         for i in range(a, b + 1):  # Grams complete: reduce in graph order, hand on finished groups
             for g, _, _ in where.get(nodes[i].name, ()):

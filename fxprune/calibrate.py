@@ -14,8 +14,8 @@ import math
 from typing import Iterator
 
 import torch
-from tqdm.auto import tqdm
 
+from .console import progress_bar
 from .errors import DataError
 import numpy as np
 
@@ -84,7 +84,7 @@ def stream(an, calib, nodes, decisions=None, example: tuple = (), max_samples: i
     """Yield {node name: activation} for each calibration batch, run as the (partly) pruned model."""
     plan = Plan(an, decisions or {})
     total = math.ceil(min(max_samples, len(calib)) / BATCH) if isinstance(calib, torch.Tensor) else None
-    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="batch")
+    bar = progress_bar(total=total, desc=desc, disable=not progress, leave=False, unit="batch")
     try:
         interp = HookedInterpreter(an.gm, plan, capture=set(nodes))
         for xs in batches(calib, example, max_samples):

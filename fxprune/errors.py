@@ -2,7 +2,17 @@
 
 
 class FxPruneError(Exception):
-    """Base class of every error fxprune raises on purpose."""
+    """Base class of every error fxprune raises on purpose.
+
+    ``cause``: the exception fxprune caught and turned into this error (torch.export's, the ONNX exporter's, a
+    graph that failed to run), or None. It is deliberately not chained (the error is raised ``from None``): those
+    tracebacks run to hundreds of lines and would bury the message, which already names the cause's type and
+    first line. Print it with ``traceback.print_exception(err.cause)``.
+    """
+
+    def __init__(self, *args, cause: BaseException | None = None):
+        super().__init__(*args)
+        self.cause = cause
 
 
 class CaptureError(FxPruneError):
@@ -39,3 +49,8 @@ class ExportError(FxPruneError):
 
 class CheckpointError(FxPruneError):
     """A checkpoint or slim-model file is missing, corrupt, not an fxprune file, or does not fit the model."""
+
+
+class DistributedError(FxPruneError):
+    """Under torch.distributed the ranks disagree (on a decision, on the data they hold) or one of them failed;
+    every rank raises it with the same message, which names the ranks."""

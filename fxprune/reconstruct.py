@@ -35,11 +35,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.linalg as sla
 import torch
-from tqdm.auto import tqdm
 
 from . import distributed
 from .blockwise import Segments, Stream, example_batch, live_after, plan_hook
 from .calibrate import as_rows, batches, group_columns
+from .console import progress_bar
 from .ops import bn_stat_args
 from .reference import consumer_hooks, hooked_args
 from .errors import RewriteError
@@ -95,7 +95,7 @@ def calibrate(plan: Plan, calib, example: tuple, *, reconstruct: bool = True, re
     stats: dict[str, tuple] = {}
     pruned = Stream(gm, chunks, _pruned_hook(plan, hooks, bns, stats))
     orig = Stream(gm, chunks, plan_hook(masked) if masked is not None else lambda n: None) if fit else None
-    for a, b in tqdm(seg.spans, desc="reconstructing", disable=not progress, leave=False, unit="block"):
+    for a, b in progress_bar(seg.spans, desc="reconstructing", disable=not progress, leave=False, unit="block"):
         first, last = seg.nodes[a], seg.nodes[b]
         if first.name in bns:  # a BatchNorm starts its segment: its input is known on every chunk
             (i, j), stats[first.name] = bns[first.name], _bn_stats(pruned.value(first.args[0]))
@@ -186,7 +186,7 @@ def _fit(plan: Plan, g: int, src: str, pruned: list, orig: list, ridge: float,
         A += X.T @ X
         B += X.T @ Y
         energy += Y.square().sum()
-    A, B, energy = (distributed.allreduce_sum(t) for t in (A, B, energy))
+    A, B, energy = (distributed.allreduce_sum(t, f"reconstruction sums of {src}") for t in (A, B, energy))
     An, Bn, e = A.numpy(), B.numpy(), float(energy)
     T = least_squares(An, Bn, ridge)
     resid = e - 2 * float(np.sum(T * Bn)) + float(np.sum(T * (An @ T)))
@@ -202,7 +202,7 @@ def _bn_stats(chunks: list) -> tuple[torch.Tensor, torch.Tensor]:
         acc[0] += xd.sum(1, dtype=torch.float64)
         acc[1] += xd.square().sum(1, dtype=torch.float64)
         acc[2] += xd.shape[1]
-    acc = distributed.allreduce_sum(acc)
+    acc = distributed.allreduce_sum(acc, "BatchNorm statistics")
     mean = acc[0] / acc[2]
     var = (acc[1] / acc[2] - mean.square()).clamp_min(0.0)
     dtype = chunks[0].dtype

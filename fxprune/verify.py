@@ -90,7 +90,8 @@ def check_against_reference(plan: Plan, original_gm: GraphModule, slim_gm: Graph
     except Exception as exc:  # noqa: BLE001 - a slim graph that cannot run is a verification failure
         groups = ", ".join(f"{g} ({'/'.join(plan.an.groups[g].modules)})" for g in plan.decisions)
         raise VerificationError(f"the slim graph fails to run ({type(exc).__name__}: {exc}). Pruned groups: "
-                                f"{groups}. This is a bug in fxprune's analysis or rewrite; please report it.") from exc
+                                f"{groups}. This is a bug in fxprune's analysis or rewrite; please report it.",
+                                cause=exc) from None
     diff = rel_diff(got, ref)
     scale = max((t.abs().max().item() for t in flat_tensors(ref) if t.numel()), default=0.0)
     if notes is not None and scale < 1e-12:
@@ -116,7 +117,7 @@ def check_eager_matches_graph(slim_model: nn.Module, slim_gm: GraphModule, input
         raise VerificationError(
             f"the slimmed model's forward fails in module '{recorder.current or type(slim_model).__name__}': "
             f"{type(exc).__name__}: {exc}. Its forward probably hard-codes a channel count; compute it from the "
-            "tensor (x.size(1), x.flatten(1)) or exclude that module with ignore=[...].") from exc
+            "tensor (x.size(1), x.flatten(1)) or exclude that module with ignore=[...].", cause=exc) from None
     finally:
         recorder.remove()
     ref = slim_gm(*inputs)
