@@ -344,7 +344,8 @@ def cmd_demo(args, parser) -> int:
     run_demo(target_flops=args.target_flops, methods=args.methods, epochs=args.epochs,
              finetune_epochs=args.finetune_epochs, train_samples=args.train_samples, test_samples=args.test_samples,
              out=args.out, data_dir=args.data_dir, quick=args.quick, model=args.model, distill=args.distill,
-             threads=args.threads, seed=args.seed, calib_samples=args.calib_samples, round_to=_round_to(args.round_to))
+             threads=args.threads, seed=args.seed, calib_samples=args.calib_samples, round_to=_round_to(args.round_to),
+             latency=False if args.no_latency else None)
     return 0
 
 
@@ -581,6 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "reaches the core count: waiting threads then cost more than they bring)")
     p.add_argument("--seed", type=int, default=0, help="seed of the base model's initialization and shuffling")
     p.add_argument("--out", default="fxprune-demo", metavar="DIR", help="folder for the table, plot and ONNX files")
+    p.add_argument("--no-latency", action="store_true", help="skip the target_latency row and the INT8 row (on by "
+                   "default except with --quick)")
     p.add_argument("--data-dir", metavar="DIR", help="Fashion-MNIST folder (default: $FXPRUNE_DATA_DIR or the "
                    "Debian package's /usr/share/datasets/fashion-mnist)")
     p.add_argument("--quick", action="store_true",

@@ -36,7 +36,15 @@ class RewriteError(FxPruneError):
 
 
 class VerificationError(FxPruneError):
-    """The slim model does not agree with its reference; the message names the group or module."""
+    """The slim model does not agree with its reference; the message names the group or module. The fields say
+    where, for code that acts on it (freeze and retry): ``node`` (graph node name of the first tensor where slim
+    and reference part, or of the op that failed), ``module`` (its module path, '' for the root or unknown),
+    ``groups`` (the pruned groups it reads) and ``diff`` (the relative difference); None where not known."""
+
+    def __init__(self, message: str, *, node: str | None = None, module: str | None = None,
+                 groups: tuple[int, ...] = (), diff: float | None = None, cause: BaseException | None = None):
+        super().__init__(message, cause=cause)
+        self.node, self.module, self.groups, self.diff = node, module, tuple(groups), diff
 
 
 class DataError(FxPruneError):
@@ -49,3 +57,8 @@ class ExportError(FxPruneError):
 
 class CheckpointError(FxPruneError):
     """A checkpoint or slim-model file is missing, corrupt, not an fxprune file, or does not fit the model."""
+
+
+class DistributedError(FxPruneError):
+    """Under torch.distributed the ranks disagree (on a decision, on the data they hold) or one of them failed;
+    every rank raises it with the same message, which names the ranks."""

@@ -175,9 +175,9 @@ def write(res: SweepResult, out) -> list[str]:
     return [j, p]
 
 
-def plot(res: SweepResult, path, title: str = "") -> None:
+def plot(res: SweepResult, path, title: str = "", lines: bool = True, labels: bool = False) -> None:
     """Score vs measured latency (fraction of the original's): one series per method, the Pareto front as a
-    line, the base as a star."""
+    line, the base as a star. ``lines``: join each series' points; ``labels``: name every point."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -192,8 +192,10 @@ def plot(res: SweepResult, path, title: str = "") -> None:
     for i, m in enumerate(dict.fromkeys(p["method"] for p in res.points)):
         pts = sorted((p for p in res.points if p["method"] == m and not p.get("error")), key=lambda p: p["latency"])
         ys = [p["score"] if scored else p["flops"] for p in pts]
-        ax.plot([p["latency"] for p in pts], ys, marker=markers[i % 6], color=colors[i % 6], lw=1, ms=7,
-                label=m)
+        ax.plot([p["latency"] for p in pts], ys, marker=markers[i % 6], color=colors[i % 6], lw=1 if lines else 0,
+                ms=7, label=m)
+        for p, y in zip(pts, ys) if labels else ():
+            ax.annotate(p["name"], (p["latency"], y), textcoords="offset points", xytext=(5, 4), fontsize=7)
     front = sorted(pareto(res), key=lambda p: p["latency"]) if scored else []
     if front:
         ax.plot([p["latency"] for p in front], [p["score"] for p in front], color="black", lw=2.5, alpha=0.25,

@@ -83,3 +83,17 @@ def test_cli_sweep_bad_input(capsys, args, needle):
     code = cli.main(["sweep", "lenet5", *args])
     err = capsys.readouterr().err
     assert code == 2 and needle in err and "Traceback" not in err
+
+
+def test_demo_accuracy_latency_plot_and_best_row(tmp_path):
+    from fxprune.demo_latency import best_row, plot_accuracy_latency
+    rows = [{"method": "base", "acc_base": 0.9, "acc_finetuned": None, "latency_b64_ms": 10.0},
+            {"method": "l1", "acc_finetuned": 0.85, "latency_b64_ms": 6.0, "schedule": "one-shot"},
+            {"method": "id", "acc_finetuned": 0.88, "latency_b64_ms": 6.5, "schedule": "one-shot"},
+            {"method": "id @ 50% latency", "acc_finetuned": 0.87, "latency_b64_ms": 4.9, "schedule": "one-shot"},
+            {"method": "bad", "error": "TargetError: x"}]
+    assert best_row(rows)["method"] == "id"
+    rows.append({"method": "id int8", "acc_finetuned": 0.879, "latency_b64_ms": 3.0, "schedule": "int8"})
+    path = tmp_path / "p.png"
+    plot_accuracy_latency({"rows": rows, "config": {"model": "m"}}, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

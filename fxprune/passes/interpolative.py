@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fxprune.method import (ConfigError, Decision, batches, check_reachable, group_grams, least_squares, top_k,
-                            width_step)
+from fxprune.method import (ConfigError, Decision, batches, check_reachable, distributed, group_grams, least_squares,
+                            top_k, width_step)
 
 from . import register
 from ._id_allocate import PROBES, OutputProbe, allocate, calibrated_curve
@@ -50,7 +50,8 @@ def decide(ctx, tol: float | None = None, rounds: int = 3, probe_samples: int = 
         # round_to=16 lost 1.1 points to the widths a global magnitude ranking picks). So ID also runs at those
         # widths, both complete results are measured at the model output, and the better one is kept.
         other = _run(ctx, [None], None, None, widths=ctx.widths(magnitude_scores(ctx)), quiet=True)
-        errors = [probe.out.set_current(d) for d in (best, other)]
+        errors = distributed.agree("ID's output errors of the greedy and the magnitude-width candidates",
+                                   [probe.out.set_current(d) for d in (best, other)])
         if errors[1] < errors[0]:
             best = other
             ctx.notes.append(f"id: widths of the global magnitude ranking measured a smaller output error than "
@@ -81,6 +82,7 @@ def _run(ctx, stages, tol, probe, widths: dict | None = None, quiet: bool = Fals
             fixed = widths if widths is not None else None if tol is not None else ctx.widths()
             for g, sub, G in _measured(ctx, chunks, prunable, decisions, kept, desc):
                 k = int(fixed[g]) if fixed is not None else id_from_gram(G, tol=tol).k
+                k = distributed.agree(f"ID's width of group {g} in round {i + 1}", k)
                 if k < len(kept[g]):
                     kept[g], trans[g], info[g] = _shrink(ctx, g, kept[g], trans[g], sub, G, k, quiet)
             continue
@@ -93,6 +95,7 @@ def _run(ctx, stages, tol, probe, widths: dict | None = None, quiet: bool = Fals
                 curves[g] = probe.calibrate(g, curves[g], kept, trans, sub, G)
         now = np.array([len(kept[g]) if g in kept else ctx.groups[g].width for g in range(len(ctx.groups))])
         new_k = allocate(ctx, now, {g: curves[g] for g in prunable if g in curves}, stage, ctx.target.metric)
+        new_k = distributed.agree(f"ID's widths in round {i + 1}", {g: int(new_k[g]) for g in curves})
         cut = [g for g in prunable if g in curves and int(new_k[g]) < len(kept[g])]
         for g, sub, G in _measured(ctx, chunks, cut, decisions, kept, f"ID shrink {i + 1}/{len(stages)}"):
             kept[g], trans[g], info[g] = _shrink(ctx, g, kept[g], trans[g], sub, G, int(new_k[g]), quiet)
