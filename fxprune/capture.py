@@ -21,7 +21,7 @@ from torch import nn
 
 from . import hf
 from .console import CapturedOutput
-from .cost import as_input_tuple as as_tuple, eval_mode
+from .cost import as_input_tuple as as_tuple, eval_mode, untouched
 from .errors import CaptureError
 
 
@@ -48,14 +48,16 @@ def dynamic_dims(gm: torch.fx.GraphModule) -> tuple[frozenset, ...]:
 def capture(model: nn.Module, example_inputs) -> torch.fx.GraphModule:
     """torch.export the model in eval mode and return the unlifted ATen GraphModule.
 
-    The model is not changed: its training flags are restored and no parameter is touched. torch's own console
-    output is kept out of the terminal; a failure is one CaptureError saying what to try.
+    The model is not changed: its training flags are restored, and every module attribute the traced forward
+    assigns (a cache such as RT-DETR's anchors, which tracing would leave as a FakeTensor) is put back as it was,
+    on success and on failure (cost.untouched). torch's own console output is kept out of the terminal; a
+    failure is one CaptureError saying what to try.
     """
     args = as_tuple(example_inputs)
     # a batch of 1 would be specialized (0/1 specialization) and larger calibration batches would then fail
     args = tuple(a.expand(2, *a.shape[1:]).clone() if isinstance(a, torch.Tensor) and a.dim() > 0
                  and a.shape[0] == 1 else a for a in args)
-    with eval_mode(model), hf.cache_off(model):  # export cannot return a key/value cache object
+    with untouched(model), eval_mode(model), hf.cache_off(model):  # export cannot return a key/value cache
         _check_dtypes(model, args)
         with CapturedOutput():
             try:
@@ -70,7 +72,7 @@ def capture(model: nn.Module, example_inputs) -> torch.fx.GraphModule:
             else:
                 failure = None
     if failure is not None:
-        raise _capture_error(model, args, failure) from failure
+        raise _capture_error(model, args, failure) from None  # err.cause keeps torch's (long) traceback
     return ep.module()
 
 
@@ -105,7 +107,7 @@ def _check_dtypes(model: nn.Module, args: tuple) -> None:
         raise CaptureError(
             f"example input {i} is {name} but {type(model).__name__}'s parameters are "
             f"{str(want).replace('torch.', '')} ({_first_line(exc, 120)}); pass inputs of the model's dtype "
-            f"(x.to({want})) or convert the model (model.to({got}))") from exc
+            f"(x.to({want})) or convert the model (model.to({got}))", cause=exc) from None
 
 
 def _capture_error(model: nn.Module, args: tuple, exc: BaseException) -> CaptureError:
@@ -114,12 +116,13 @@ def _capture_error(model: nn.Module, args: tuple, exc: BaseException) -> Capture
     if cache:
         return CaptureError(
             f"{head}: its output holds a {cache.group(1).rsplit('.', 1)[-1]} (a key/value cache); build the model "
-            "with use_cache=False (or set model.config.use_cache = False) so that forward returns tensors only")
+            "with use_cache=False (or set model.config.use_cache = False) so that forward returns tensors only",
+            cause=exc)
     return CaptureError(
         f"{head}: {_first_line(exc)}. "
         "What to try: check that example_inputs have the shape and dtype the model's forward expects (a batch of "
         "2 avoids batch-size-1 specialization); data-dependent Python control flow (if on tensor values) must be "
-        "rewritten with torch.cond or moved out of forward.")
+        "rewritten with torch.cond or moved out of forward.", cause=exc)
 
 
 def node_module_path(node: torch.fx.Node) -> str:

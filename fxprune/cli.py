@@ -20,6 +20,7 @@ import argparse
 import inspect
 import os
 import sys
+import tempfile
 import traceback
 from typing import Optional, Sequence
 
@@ -177,8 +178,9 @@ def cmd_prune(args, parser) -> int:
     if args.method not in passes.names():
         parser.error(f"argument --method: unknown method {args.method!r}; registered: {', '.join(passes.names())}")
     options = dict(args.method_option or [])
-    if args.amount is None and args.target_flops is None and args.target_params is None and "tol" not in options:
-        parser.error("say how much to prune: one of --amount, --target-flops, --target-params")
+    if args.amount is None and args.target_flops is None and args.target_params is None \
+            and args.target_latency is None and "tol" not in options:
+        parser.error("say how much to prune: one of --amount, --target-flops, --target-params, --target-latency")
     outs = [(p, w) for p, w in ((args.out, "slim model file"), (args.onnx, "ONNX file")) if p]
     if args.out and args.onnx and os.path.abspath(args.out) == os.path.abspath(args.onnx):
         parser.error("--out and --onnx must be different files")
@@ -199,8 +201,8 @@ def cmd_prune(args, parser) -> int:
     _say(f"pruning {args.model} ({type(model).__name__}, input {list(shape)}) with method {args.method} ...")
     res = prune(model, x, args.method, amount=args.amount, target_flops=args.target_flops,
                 target_params=args.target_params, round_to=_round_to(args.round_to), ignore=args.ignore or (),
-                calib=calib,
-                verify=not args.no_verify, progress=True, **options)
+                calib=calib, target_latency=args.target_latency, latency_batch=args.latency_batch,
+                latency_threads=args.latency_threads, verify=not args.no_verify, progress=True, **options)
     print(res.report)  # FLOPs there are per sample
 
     created, temps = [], {}
@@ -265,14 +267,69 @@ def cmd_bench(args, parser) -> int:
             raise CLIError(f"{p} is not a valid ONNX file: {type(e).__name__}: {first}") from e
     if args.json:
         check_writable(args.json, "JSON file")
-    report = benchmark(list(args.files), batch_sizes=tuple(args.batch), threads=args.threads,
-                       min_time_s=args.min_time, progress=True)
+    with tempfile.TemporaryDirectory(prefix="fxprune-int8-") as tmp:
+        files = _with_int8(args, tmp) if args.int8 else list(args.files)
+        report = benchmark(files, batch_sizes=tuple(args.batch), threads=args.threads, min_time_s=args.min_time,
+                           progress=True)
     print(report.table())
     if args.json:
         import json
 
         atomic_write(args.json, lambda tmp: _write_text(tmp, json.dumps(report.to_dict(), indent=2) + "\n"))
         print(f"numbers: {args.json}")
+    return 0
+
+
+def _with_int8(args, tmp: str) -> dict:
+    """{name: path}: each file, then its int8 version (quantized into ``tmp``), with the int8 error said."""
+    import onnxruntime as ort
+
+    from .quantize import quantize_file
+    out = {}
+    for i, p in enumerate(args.files):
+        spec = ort.InferenceSession(p, providers=["CPUExecutionProvider"]).get_inputs()
+        if len(spec) != 1 or any(not isinstance(d, int) for d in spec[0].shape[1:]):
+            raise CLIError(f"--int8 needs a file with one input of fixed shape beyond the batch; {p} has "
+                           f"{[list(s.shape) for s in spec]}")
+        calib = load_calib(args.int8, args.calib_samples, tuple(spec[0].shape[1:]), args.data_dir)
+        q = os.path.join(tmp, f"{i}.int8.onnx")
+        rel = quantize_file(p, q, calib, samples=args.calib_samples)
+        name = os.path.basename(p) if os.path.basename(p) not in out else f"{i}:{os.path.basename(p)}"
+        _say(f"{name}: int8 max error {rel:.3g} of the output range on the calibration data")
+        out[name], out[f"{name} int8"] = p, q
+    return out
+
+
+def cmd_sweep(args, parser) -> int:
+    from . import passes
+    from .sweeps import reconstruction_error, sweep
+
+    for m in args.method:
+        if m not in passes.names():
+            parser.error(f"argument --method: unknown method {m!r}; registered: {', '.join(passes.names())}")
+    _need_shape(args, parser)
+    check_writable(os.path.join(args.out, "sweep.json"), "sweep JSON")
+    model, shape, _ = build_model(args.model, args.input_shape)
+    if args.weights:
+        load_weights(model, args.weights, args.model)
+    calib = load_calib(args.calib, args.calib_samples, shape, args.data_dir) if args.calib else None
+    if args.metric == "accuracy":
+        from .data import load_fashion_mnist
+        from .finetune import evaluate
+        test = load_fashion_mnist("test", data_dir=args.data_dir)
+        if tuple(test[0].shape[1:]) != tuple(shape):
+            raise CLIError(f"--metric accuracy evaluates on Fashion-MNIST (1x28x28) but the model takes {list(shape)}")
+        test = (test[0][:args.test_samples], test[1][:args.test_samples])
+        metric, name, higher = (lambda m: evaluate(m, test)), "test accuracy", True
+    else:
+        data = calib[:256] if calib is not None else torch.randn(64, *shape, generator=torch.Generator().manual_seed(0))
+        metric, name, higher = reconstruction_error(model, data), "output error", False
+    res = sweep(model, example_input(shape), args.method, args.targets, metric=metric, metric_name=name,
+                higher_is_better=higher, kind=args.kind, calib=calib, latency_batch=args.latency_batch,
+                latency_threads=args.latency_threads, out=args.out, round_to=_round_to(args.round_to),
+                progress=True)
+    print(res.table())
+    print(f"points: {res.files[0]}\nplot: {res.files[1]}")
     return 0
 
 
@@ -287,7 +344,8 @@ def cmd_demo(args, parser) -> int:
     run_demo(target_flops=args.target_flops, methods=args.methods, epochs=args.epochs,
              finetune_epochs=args.finetune_epochs, train_samples=args.train_samples, test_samples=args.test_samples,
              out=args.out, data_dir=args.data_dir, quick=args.quick, model=args.model, distill=args.distill,
-             threads=args.threads, seed=args.seed, calib_samples=args.calib_samples, round_to=_round_to(args.round_to))
+             threads=args.threads, seed=args.seed, calib_samples=args.calib_samples, round_to=_round_to(args.round_to),
+             latency=False if args.no_latency else None)
     return 0
 
 
@@ -342,6 +400,7 @@ examples:
   fxprune prune mypkg.models:build_net --input-shape 3,224,224 --method l2 --target-params 0.6 \\
       --ignore 'head.*' --out slim.pt
   fxprune prune resnet20 --method id --calib calib.pt -O tol=0.05     # ID picks widths by error tolerance
+  fxprune prune resnet20 --method l1 --target-latency 0.5 --latency-threads 1   # half the measured ORT time
 
 MODEL is a zoo name (lenet5, vgg-small, resnet20, ...) or package.module:callable returning an nn.Module
 (modules in the current folder are found). A slim model loads back with fxprune.load(path)
@@ -357,6 +416,13 @@ BENCH_EXAMPLES = """\
 examples:
   fxprune bench base.onnx slim.onnx                  # batch 1 and 64; ratios against base.onnx
   fxprune bench base.onnx slim.onnx --batch 1 8 64 --threads 1 --json latency.json
+  fxprune bench slim.onnx --int8 fashion-mnist      # each file beside its int8 (static QDQ) version
+"""
+SWEEP_EXAMPLES = """\
+examples:
+  fxprune sweep resnet20 --method l1 id --targets 0.7 0.5 0.3 --calib calib.pt --latency-threads 1
+  fxprune sweep vgg-small --input-shape 1,28,28 --weights base.pt --method id --targets 0.6 0.4 \\
+      --calib fashion-mnist --metric accuracy --out sweep/
 """
 DEMO_EXAMPLES = """\
 examples:
@@ -415,6 +481,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep this fraction of the FLOPs, e.g. 0.5 (never exceeded)")
     target.add_argument("--target-params", type=_fraction(True, False, "fraction of parameters kept"),
                         metavar="P", help="keep this fraction of the parameters, e.g. 0.6 (never exceeded)")
+    target.add_argument("--target-latency", type=_fraction(True, False, "fraction of the measured latency kept"),
+                        metavar="L", help="keep this fraction of the model's ONNX Runtime latency on this machine, "
+                        "e.g. 0.5 (measured; never exceeded)")
+    p.add_argument("--latency-batch", type=_positive_int, default=1, metavar="B",
+                   help="batch size --target-latency is measured at (default 1)")
+    p.add_argument("--latency-threads", type=_positive_int, metavar="N",
+                   help="ONNX Runtime intra-op threads for --target-latency (default: its own choice)")
     p.add_argument("--round-to", type=_positive_int, metavar="N",
                    help="round kept widths up to a multiple of N (default 16, measured best for ONNX Runtime's "
                         "CPU kernels; 1 for exact widths)")
@@ -454,7 +527,38 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: its own choice)")
     p.add_argument("--min-time", type=float, default=1.0, metavar="S", help="seconds of timed runs per measurement")
     p.add_argument("--json", metavar="FILE", help="also write the numbers to this JSON file")
+    p.add_argument("--int8", metavar="SRC", help="also time each file's int8 version (ONNX Runtime static "
+                   "quantization, QDQ, per-channel weights), calibrated on SRC: fashion-mnist or a .pt tensor file")
+    p.add_argument("--calib-samples", type=_positive_int, default=512, metavar="N",
+                   help="calibration samples for --int8 (default 512)")
+    p.add_argument("--data-dir", metavar="DIR", help="Fashion-MNIST folder for --int8 fashion-mnist")
     p.set_defaults(func=cmd_bench, command_parser=p)
+
+    p = add("sweep", "Prune to a series of latency (or FLOPs) targets with one or more methods; time and score "
+                     "every slim model; write a JSON file, a plot (score vs measured latency, Pareto front) and a "
+                     "table.", SWEEP_EXAMPLES)
+    p.add_argument("model", metavar="MODEL", help="a zoo name or package.module:callable")
+    p.add_argument("--method", nargs="+", required=True, metavar="NAME", help="methods, one series each")
+    p.add_argument("--targets", nargs="+", required=True, type=_fraction(True, False, "fraction kept"),
+                   metavar="T", help="targets, e.g. 0.7 0.5 0.3")
+    p.add_argument("--kind", choices=("latency", "flops"), default="latency",
+                   help="what the targets are fractions of (default: measured latency)")
+    p.add_argument("--metric", choices=("accuracy", "reconstruction"), default="reconstruction",
+                   help="accuracy: Fashion-MNIST test accuracy; reconstruction: relative output error on the "
+                        "calibration data (default)")
+    p.add_argument("--test-samples", type=_positive_int, default=10000, metavar="N",
+                   help="test images for --metric accuracy")
+    p.add_argument("--calib", metavar="SRC", help="calibration data: fashion-mnist or a .pt tensor file")
+    p.add_argument("--calib-samples", type=_positive_int, default=1000, metavar="N")
+    p.add_argument("--weights", metavar="CKPT", help="a state_dict checkpoint (weights_only)")
+    p.add_argument("--input-shape", type=parse_shape, metavar="C,H,W",
+                   help="one input's shape without the batch (default: the zoo entry's)")
+    p.add_argument("--round-to", type=_positive_int, metavar="N", help="width rounding (default 16)")
+    p.add_argument("--latency-batch", type=_positive_int, default=1, metavar="B")
+    p.add_argument("--latency-threads", type=_positive_int, metavar="N")
+    p.add_argument("--data-dir", metavar="DIR", help="Fashion-MNIST folder")
+    p.add_argument("--out", default="fxprune-sweep", metavar="DIR", help="folder for sweep.json and sweep.png")
+    p.set_defaults(func=cmd_sweep, command_parser=p)
 
     p = add("demo", "Train a small CNN on Fashion-MNIST, prune it with every method to the same FLOPs, fine-tune, "
                     "export and time: one table, a JSON file and a plot.", DEMO_EXAMPLES)
@@ -478,6 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "reaches the core count: waiting threads then cost more than they bring)")
     p.add_argument("--seed", type=int, default=0, help="seed of the base model's initialization and shuffling")
     p.add_argument("--out", default="fxprune-demo", metavar="DIR", help="folder for the table, plot and ONNX files")
+    p.add_argument("--no-latency", action="store_true", help="skip the target_latency row and the INT8 row (on by "
+                   "default except with --quick)")
     p.add_argument("--data-dir", metavar="DIR", help="Fashion-MNIST folder (default: $FXPRUNE_DATA_DIR or the "
                    "Debian package's /usr/share/datasets/fashion-mnist)")
     p.add_argument("--quick", action="store_true",
@@ -509,6 +615,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     except (FxPruneError, OSError) as e:
         if debug:
+            if getattr(e, "cause", None) is not None:  # the caught torch error fxprune does not chain
+                traceback.print_exception(e.cause)
             traceback.print_exc()
         msg = _one_line(e)
         if isinstance(e, OSError) and not isinstance(e, FxPruneError) and e.filename:

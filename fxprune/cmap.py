@@ -99,7 +99,8 @@ def _symbolic(expr) -> SymSize:
     import sympy
     index = {s: _SYMBOLS.setdefault(str(s), len(_SYMBOLS)) for s in expr.free_symbols}
     value = int(expr.subs({s: BATCH_STANDIN + 2 * i for s, i in index.items()}))
-    text = str(expr.subs({s: sympy.Symbol("B" if i == 0 else f"B{i + 1}") for s, i in index.items()}))
+    syms = sorted(expr.free_symbols, key=str)  # printed B, B2, ... within the expression (values stay global)
+    text = str(expr.subs({s: sympy.Symbol("B" if i == 0 else f"B{i + 1}") for i, s in enumerate(syms)}))
     return SymSize(value, text)
 
 

@@ -58,26 +58,60 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = flag
 
 
-def _cpu_flash_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_flop_count
-    return sdpa_flop_count(query, key, value)  # FlopCounterMode passes shapes
+_MISSING = object()
+
+
+class _ModuleState:
+    """One module's attributes by identity: its __dict__ entries and the contents of its parameter, buffer,
+    submodule and non-persistent-buffer tables."""
+
+    def __init__(self, mod: nn.Module):
+        self.mod = mod
+        self.attrs = dict(vars(mod))
+        self.tables = [(t, dict(t)) for t in (mod._parameters, mod._buffers, mod._modules)]
+        self.non_persistent = set(mod._non_persistent_buffers_set)
+
+    def restore(self):
+        live = vars(self.mod)
+        for key in [k for k in live if k not in self.attrs]:
+            del live[key]
+        for key, value in self.attrs.items():
+            if live.get(key, _MISSING) is not value:
+                live[key] = value
+        for table, saved in self.tables:
+            if table.keys() != saved.keys() or any(table[k] is not v for k, v in saved.items()):
+                table.clear()
+                table.update(saved)
+        if self.mod._non_persistent_buffers_set != self.non_persistent:
+            self.mod._non_persistent_buffers_set.clear()
+            self.mod._non_persistent_buffers_set.update(self.non_persistent)
+
+
+@contextlib.contextmanager
+def untouched(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the user's forward (tracing it, counting its FLOPs) without keeping anything it assigns: every
+    module attribute the forward sets, adds or replaces (a cached anchor grid, a new buffer; under torch.export
+    these are fake tensors that would break deepcopy and pickling of the user's model) is put back as it was,
+    also when the block raises. Tensors are restored by identity; the block must not write into them in place
+    (eval-mode forwards under tracing do not)."""
+    states = [_ModuleState(m) for m in model.modules()]
+    try:
+        yield model
+    finally:
+        for state in states:
+            state.restore()
 
 
 def flop_counter() -> FlopCounterMode:
-    """FlopCounterMode with the formulas torch 2.13 lacks: scaled_dot_product_attention on CPU dispatches to
-    _scaled_dot_product_flash_attention_for_cpu, which it does not count (the same op on meta tensors, where the
-    cost model prices it, is counted through its math form: the two must agree)."""
-    extra = {}
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if op is not None:
-        extra[op] = _cpu_flash_attention_flops
-    return FlopCounterMode(display=False, custom_mapping=extra)
+    """FlopCounterMode with the formulas torch lacks (ops.extra_flop_formulas)."""
+    from .ops import extra_flop_formulas
+    return FlopCounterMode(display=False, custom_mapping=extra_flop_formulas())
 
 
 def count_flops(model: nn.Module, example_inputs: Inputs) -> int:
     """FLOPs of one forward pass on ``example_inputs`` (eval mode, no grad), as FlopCounterMode counts them."""
     inputs = as_input_tuple(example_inputs)
-    with eval_mode(model), torch.no_grad():
+    with untouched(model), eval_mode(model), torch.no_grad():
         counter = flop_counter()
         with counter:
             model(*inputs)

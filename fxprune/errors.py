@@ -2,7 +2,17 @@
 
 
 class FxPruneError(Exception):
-    """Base class of every error fxprune raises on purpose."""
+    """Base class of every error fxprune raises on purpose.
+
+    ``cause``: the exception fxprune caught and turned into this error (torch.export's, the ONNX exporter's, a
+    graph that failed to run), or None. It is deliberately not chained (the error is raised ``from None``): those
+    tracebacks run to hundreds of lines and would bury the message, which already names the cause's type and
+    first line. Print it with ``traceback.print_exception(err.cause)``.
+    """
+
+    def __init__(self, *args, cause: BaseException | None = None):
+        super().__init__(*args)
+        self.cause = cause
 
 
 class CaptureError(FxPruneError):
@@ -26,7 +36,15 @@ class RewriteError(FxPruneError):
 
 
 class VerificationError(FxPruneError):
-    """The slim model does not agree with its reference; the message names the group or module."""
+    """The slim model does not agree with its reference; the message names the group or module. The fields say
+    where, for code that acts on it (freeze and retry): ``node`` (graph node name of the first tensor where slim
+    and reference part, or of the op that failed), ``module`` (its module path, '' for the root or unknown),
+    ``groups`` (the pruned groups it reads) and ``diff`` (the relative difference); None where not known."""
+
+    def __init__(self, message: str, *, node: str | None = None, module: str | None = None,
+                 groups: tuple[int, ...] = (), diff: float | None = None, cause: BaseException | None = None):
+        super().__init__(message, cause=cause)
+        self.node, self.module, self.groups, self.diff = node, module, tuple(groups), diff
 
 
 class DataError(FxPruneError):
@@ -39,3 +57,8 @@ class ExportError(FxPruneError):
 
 class CheckpointError(FxPruneError):
     """A checkpoint or slim-model file is missing, corrupt, not an fxprune file, or does not fit the model."""
+
+
+class DistributedError(FxPruneError):
+    """Under torch.distributed the ranks disagree (on a decision, on the data they hold) or one of them failed;
+    every rank raises it with the same message, which names the ranks."""

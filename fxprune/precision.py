@@ -43,6 +43,8 @@ class Float32:
         self.half = half
 
     def _promote(self, a):
+        if self.half is None:  # a float32 model read lazily: nothing to upcast
+            return a
         if a is self.half:
             return torch.float32
         return a.float() if isinstance(a, torch.Tensor) and a.dtype == self.half else a
@@ -54,7 +56,7 @@ class Float32:
         return self._promote(super().placeholder(target, args, kwargs))
 
     def call_function(self, target, args, kwargs):
-        if any(target is op or getattr(target, "overloadpacket", None) is op for op in _ASSERTS):
+        if self.half is not None and any(target is op or getattr(target, "overloadpacket", None) is op for op in _ASSERTS):
             return None
         return super().call_function(target, map_aggregate(args, self._promote),
                                      map_aggregate(kwargs, self._promote))

@@ -2,14 +2,15 @@
 ``fxprune.prepare(...).finalize()``:
 
     begin:  validate options -> capture -> analyse -> ignore / per-module amounts -> target   (nothing changed yet)
-    (a method decides {group: Decision(keep, T)})
+    (the method decides {group: Decision(keep, T)})
     finish: rounding notes -> Plan -> target check -> reconstruction + BatchNorm statistics from calibration data
-            -> one rewrite engine -> verification -> new BatchNorm statistics -> costs -> (inplace: slim the
-            user's own model)
+            -> one rewrite engine -> the new BatchNorm statistics into the slim model and the reference ->
+            verification -> costs -> (inplace: slim the user's own model tensor by tensor)
 
-Example::
+The core never looks a method up by name: the entry points (fxprune.api, the command line, the demo) do, and
+hand the method object to ``begin``. Example::
 
-    job = begin(model, x, "l1", target_flops=0.5)
+    job = begin(model, x, "l1", fxprune.passes.get("l1"), target_flops=0.5)
     result = finish(job, job.decide(job.ctx))
 """
 
@@ -23,17 +24,22 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed
 from . import verify as _verify
 from .analysis import Analysis, analyze
 from .capture import as_tuple, capture, dynamic_dims, eval_mode
 from .context import PruneContext, Target
 from .cost import count_flops, count_params
 from .errors import ConfigError, DataError, NothingToPruneError, TargetError
+from .latency import check_latency_options
 from .matching import group_amounts, match_modules, under
 from .rewrite import Decision, Plan
 from .targets import DEFAULT_ROUND_TO
 
 DEFAULT_CALIB_SAMPLES = 1000
+_SAME_WEIGHTS = ("Under torchrun every rank must prune the same model: load the same checkpoint on every rank, or "
+                 "broadcast rank 0's (for t in model.state_dict().values(): torch.distributed.broadcast(t, 0)); "
+                 "after DistributedDataParallel training BatchNorm statistics are each rank's own until then")
 
 
 @dataclass
@@ -46,9 +52,11 @@ class PruneResult:
     params: tuple[int, int]
     method: str
     notes: list[str] = field(default_factory=list)
-    verified: float | None = None     # relative difference to the reference, when verified
+    verified: float | None = None     # the worst relative difference to the reference, when verified
+    verification: list = field(default_factory=list)  # every compared tensor (compare.Check), in graph order
     recalibrated_bn: list[str] = field(default_factory=list)  # BatchNorm modules whose statistics were re-estimated
     calib_samples: int = 0            # samples the reconstruction / BatchNorm pass used (0: none)
+    latency: dict | None = None       # target_latency: measured / predicted latency per round (latency_target)
 
     @property
     def report(self) -> str:
@@ -87,22 +95,19 @@ class Job:
         return self.ctx.analysis
 
 
-def begin(model: nn.Module, example_inputs, method: str, *, amount=None, target_flops=None, target_params=None,
-          round_to=DEFAULT_ROUND_TO, ignore=(), amounts=None, calib=None, calib_samples=DEFAULT_CALIB_SAMPLES,
-          reconstruct=None, recalibrate_bn=None, verify=True, verify_inputs=None, inplace=False, progress=True,
-          method_options=None, registry=None, training=False) -> Job:
-    """Validate every option, capture and analyse the model, and fix the target. Changes nothing."""
-    from fxprune import passes
+def begin(model: nn.Module, example_inputs, method: str, decide, *, amount=None, target_flops=None,
+          target_params=None, round_to=DEFAULT_ROUND_TO, ignore=(), amounts=None, calib=None,
+          calib_samples=DEFAULT_CALIB_SAMPLES, reconstruct=None, recalibrate_bn=None, verify=True, verify_inputs=None,
+          inplace=False, progress=True, method_options=None, target_latency=None, latency_batch=1,
+          latency_threads=None, latency_timer=None, latency_cache=None) -> Job:
+    """Validate every option, capture and analyse the model, and fix the target. Changes nothing. ``decide``:
+    the method object (a decide function or a TrainingMethod class) that the entry point looked ``method`` up as."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    decide = (registry or passes.get)(method)
-    if getattr(decide, "training", False) and registry is None and not training:
-        raise ConfigError(f"method '{method}' prunes during training: use pruner = fxprune.prepare(model, x, "
-                          f"'{method}', optimizer=opt, steps=n, ...) in your training loop, then pruner.finalize(); "
-                          f"one-shot methods: {', '.join(passes.oneshot_names())}")
     method_options = dict(method_options or {})
     check_method_options(method, decide, method_options)
-    _check_amounts(amount, target_flops, target_params, amounts, method_options)
+    _check_amounts(amount, target_flops, target_params, amounts, method_options, target_latency)
+    check_latency_options(target_latency, latency_batch, latency_threads)
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, numbers.Integral)
                                  or round_to < 1):
         raise ConfigError(f"round_to must be a positive int (e.g. 8) or None, got {round_to!r}")
@@ -117,6 +122,8 @@ def begin(model: nn.Module, example_inputs, method: str, *, amount=None, target_
         raise DataError(f"method '{method}' needs calibration data: pass calib= (e.g. 1000 held-out training "
                         "images as a tensor, or a DataLoader); on the command line use --calib")
     _check_finite(model)
+    if not getattr(decide, "training", False):  # training checks what it trained at finalize (DDP broadcasts at wrap)
+        distributed.same_tensors("weights (parameters or buffers)", model.state_dict(), _SAME_WEIGHTS)
     example = as_tuple(example_inputs)
     ignored = match_modules(model, _patterns(ignore, "ignore"), "ignore")
     per_module = match_modules(model, list(amounts or {}), "amounts")
@@ -138,8 +145,14 @@ def begin(model: nn.Module, example_inputs, method: str, *, amount=None, target_
                "layer whose output channels could shrink)")
             + ". See fxprune.describe_groups(model, example_inputs) for every group and why.")
     target = _target(an, prunable, amount, target_flops, target_params, amounts, per_module, opts.round_to)
-    ctx = PruneContext(model=model, analysis=an, target=target, example_inputs=example, calib=calib,
+    ctx = PruneContext(analysis=an, target=target, example_inputs=example, calib=calib,
                        progress=opts.progress, calib_samples=opts.calib_samples)
+    if target_latency is not None:
+        from .latency_target import latency_cost
+        ctx.target = Target(metric="latency", value=float(target_latency), round_to=opts.round_to)
+        ctx._cost = latency_cost(an, model, example, batch=latency_batch, threads=latency_threads,
+                                 round_to=opts.round_to, timer=latency_timer, cache_dir=latency_cache,
+                                 progress=opts.progress)
     return Job(model, example, method, decide, method_options, gm, ctx, opts)
 
 
@@ -148,6 +161,8 @@ def finish(job: Job, decisions: dict[int, Decision], zeroed: dict[int, np.ndarra
     is untouched unless inplace=True, and then only after everything passed. ``zeroed``: per group, the channels
     the model already reads as zero (masked while training); reconstruction fits the model as it ran that way."""
     ctx, opts = job.ctx, job.opts
+    distributed.agree("the decisions (kept channels and T per group)", (decisions, zeroed),
+                      shown={g: len(d.keep) for g, d in decisions.items()})
     _note_rounding(ctx, decisions)
     plan = Plan(ctx.analysis, decisions)
     _check_target(ctx, plan)
@@ -165,14 +180,14 @@ def finish(job: Job, decisions: dict[int, Decision], zeroed: dict[int, np.ndarra
     recalibrated = sorted({k.rsplit(".", 1)[0] for k in bn})
     one = tuple(a[:1] if isinstance(a, torch.Tensor) and a.dim() > 0 else a for a in job.example)  # per sample
     before = count_flops(job.model, one), count_params(job.model)
-    diff = None
+    checks = []
     if opts.inplace:
         # No copy of the model: the slim graph is verified with each touched tensor slimmed as it is read, and
         # only then are the user's tensors replaced, one at a time (peak: the model plus one tensor).
         slim_gm = plan.graph_only(reference_gm)
         if opts.verify:
-            diff = _verify.verify(plan, reference_gm, slim_gm, None, job.example, opts.verify_inputs, opts.calib,
-                                  ctx.notes, lazy=True)
+            checks = _verify.verify(plan, reference_gm, slim_gm, None, job.example, opts.verify_inputs,
+                                    opts.calib, ctx.notes, lazy=True)
         from .transplant import slim_in_place
         slim_in_place(plan, job.model, graphs=(slim_gm,), released=(job.gm, reference_gm), values=bn)
         del reference_gm
@@ -185,12 +200,13 @@ def finish(job: Job, decisions: dict[int, Decision], zeroed: dict[int, np.ndarra
         if bn:
             plan.replace_tensors(work, bn)  # the slim graph shares the slim model's tensors
         if opts.verify:
-            diff = _verify.verify(plan, reference_gm, slim_gm, work, job.example, opts.verify_inputs, opts.calib,
-                                  ctx.notes)
+            checks = _verify.verify(plan, reference_gm, slim_gm, work, job.example, opts.verify_inputs,
+                                    opts.calib, ctx.notes)
+    diff, samples = _agree(checks, opts, work, cal)
     result = PruneResult(model=work, graph=slim_gm, analysis=ctx.analysis, decisions=plan.decisions,
                          flops=(before[0], count_flops(work, one)), params=(before[1], count_params(work)),
-                         method=job.method, notes=ctx.notes, verified=diff, recalibrated_bn=recalibrated,
-                         calib_samples=cal.samples if cal is not None else 0)
+                         method=job.method, notes=ctx.notes, verified=diff, verification=checks,
+                         recalibrated_bn=recalibrated, calib_samples=samples)
     return result
 
 
@@ -208,7 +224,8 @@ def check_method_options(method: str, decide, options: dict):
         raise ConfigError(
             f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for method "
             f"'{method}'; it takes {', '.join(accepted) if accepted else 'no method options'}, and every method "
-            "takes amount, target_flops, target_params, round_to, ignore, amounts, calib, calib_samples, "
+            "takes amount, target_flops, target_params, target_latency (latency_batch, latency_threads), round_to, "
+            "ignore, amounts, calib, calib_samples, "
             "reconstruct, recalibrate_bn, verify, verify_inputs, inplace, progress")
 
 
@@ -216,14 +233,17 @@ def _is_number(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def _check_amounts(amount, target_flops, target_params, amounts, method_options):
-    given = [n for n, v in (("amount", amount), ("target_flops", target_flops), ("target_params", target_params))
-             if v is not None]
+def _check_amounts(amount, target_flops, target_params, amounts, method_options, target_latency=None):
+    given = [n for n, v in (("amount", amount), ("target_flops", target_flops), ("target_params", target_params),
+                            ("target_latency", target_latency)) if v is not None]
     if len(given) > 1:
-        raise ConfigError(f"give one of amount / target_flops / target_params, not {' and '.join(given)}")
+        raise ConfigError(f"give one of amount / target_flops / target_params / target_latency, not "
+                          f"{' and '.join(given)}")
+    if target_latency is not None and amounts:
+        raise ConfigError("amounts= (per-module amounts) cannot be combined with target_latency; give one of them")
     if not given and not amounts and method_options.get("tol") is None:  # ID may choose k by error tolerance
         raise ConfigError("say how much to prune: amount=0.5 (fraction of channels removed per group), "
-                          "target_flops=0.5 or target_params=0.5 (fraction kept)")
+                          "target_flops=0.5, target_params=0.5 or target_latency=0.5 (fraction kept)")
     if amounts is not None and not isinstance(amounts, dict):
         raise ConfigError(f"amounts must be a dict {{module name pattern: amount}}, got {type(amounts).__name__}")
     for name, v in (("amount", amount), *(((f"amounts[{k!r}]", a) for k, a in (amounts or {}).items()))):
@@ -252,6 +272,20 @@ def _check_finite(model: nn.Module):
             bad = int((~torch.isfinite(t)).sum())
             raise ConfigError(f"model tensor '{name}' has {bad} NaN/inf value(s); fxprune can neither rank nor "
                               "verify such a model: fix or re-initialize those weights first")
+
+
+def _agree(checks, opts, work, cal):
+    """The verified difference and the calibration sample count; under torch.distributed the worst and the total
+    over ranks, and every rank's slim model must be the same."""
+    diff = max((c.certified for c in checks), default=0.0) if opts.verify else None
+    samples = cal.samples if cal is not None else 0
+    if distributed.active():  # each rank verified on its own calibration samples: report the worst, the total
+        # (a rank whose verification raised is reported at this first collective, on every rank)
+        diff = None if diff is None else distributed.allreduce_max(diff, "the verified difference")
+        samples = int(distributed.allreduce_sum(torch.tensor(samples), "the calibration sample count"))
+        distributed.same_tensors("slim models", work.state_dict(), "Every rank must build the same slim model "
+                                 "from the same decisions: this is a bug in fxprune, please report it")
+    return diff, samples
 
 
 def _with_tensors(gm, values: dict[str, torch.Tensor]):
@@ -339,6 +373,3 @@ def _check_target(ctx: PruneContext, plan: Plan):
         raise TargetError(f"the method kept {got:.4f} of the {t.metric}, above target_{t.metric}={t.value:g}; "
                           "this is a bug in the method pass, please report it")
 
-
-def keep_sorted(keep) -> np.ndarray:
-    return np.sort(np.asarray(keep, dtype=np.int64))

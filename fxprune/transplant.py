@@ -39,3 +39,17 @@ def slim_in_place(plan, model: nn.Module, graphs: tuple, released: tuple = (), v
         for mod in m.modules():
             update_attributes(mod)
     plan.fix_modules(model)
+
+def transplant(src: nn.Module, dst: nn.Module):
+    src_mods = dict(src.named_modules())
+    for name, mod in dst.named_modules():
+        new = src_mods[name]
+        for k in list(mod._parameters):
+            mod._parameters[k] = new._parameters[k]
+        for k in list(mod._buffers):
+            mod._buffers[k] = new._buffers[k]
+        for k, v in vars(new).items():
+            if k.startswith("_") or k == "training":
+                continue
+            if isinstance(v, _PLAIN) or hasattr(v, "to_dict"):
+                setattr(mod, k, v)

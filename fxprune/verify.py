@@ -6,31 +6,43 @@ reference.py. Nothing is sliced or folded on this route, so it catches slicing, 
 folding bugs alike. A second check runs the user's slimmed eager module against the slim graph, which catches a
 forward that hard-codes a width and names the module.
 
-Both comparisons are normwise relative: max|slim - ref| / max|ref| <= rtol, with rtol = 1e-4 (float32 rounding
-through ~60 layers and a folded T stays well below it; a wrong channel gives O(1)). Any NaN or inf in the slim
-output where the reference is finite is a failure; a reference that is itself not finite cannot verify anything,
-so other inputs are tried (calibration samples) and, failing those, the run stops and says so. Inputs: fresh
-random normal tensors shaped like the examples, plus the first calibration samples when calib= is given, or
-exactly the user's ``verify_inputs``. Half-precision models (float16, bfloat16) are verified in float32 without
-a float32 copy of the model: both graphs run node by node with each tensor upcast as it is read, the slim
-graph's touched tensors sliced/folded afresh from the upcast originals (precision.Float32), and must agree to
-1e-4; where a graph cannot run in float32 the comparison runs in the model's dtype at 16 eps. The half eager model
-is compared with the half slim graph at 16 eps.
+The slim graph is compared with the reference at every tensor where a pruning bug first shows, not only at the
+model outputs (compare.py): the output of every consumer that reads a pruned group, then the model outputs, in
+graph order. A model's output can be numerically blind to what was pruned (a zero-initialized head, a layer scale
+of 1e-6); a consumer's output is not. The first tensor where slim and reference part is named in the error (a
+VerificationError carrying ``node``, ``module``, ``groups`` and ``diff``, so a caller can act on it), and
+``PruneResult.verification`` lists every compared tensor with its relative difference and scale (max|ref|); a
+tensor whose reference is ~0 is marked as proving nothing, and the report says so.
+
+Every comparison is normwise relative: max|slim - ref| / max|ref| <= rtol, with rtol = 1e-4 for float32 (float32
+rounding through ~60 layers and a folded T stays well below it; a wrong channel gives O(1)) and the same number
+of epsilons for other dtypes. Any NaN or inf in the slim tensor where the reference is finite is a failure; a
+reference whose outputs are not finite cannot verify anything, so other inputs are tried (calibration samples)
+and, failing those, the run stops and says so. Inputs: fresh random normal tensors shaped like the examples, plus
+the first calibration samples when calib= is given, or exactly the user's ``verify_inputs``. Half-precision
+models (float16, bfloat16) are verified in float32: the same decisions are applied to a float32 copy of the graph
+and compared with the float32 reference (a half model's own rounding would swamp the 1e-4 check), and the half
+eager model is compared with the half slim graph at a tolerance scaled by the dtype's epsilon.
 
 Example::
 
-    diff = verify(plan, original_gm, slim_gm, slim_model, example_inputs)
+    checks = verify(plan, original_gm, slim_gm, slim_model, example_inputs)
+    worst = max(c.diff for c in checks)
 """
 
 from __future__ import annotations
+
+import copy
+import warnings
 
 import torch
 from torch import nn
 from torch.fx import GraphModule, Interpreter
 
+from .capture import dynamic_dims, node_module_path
+from .compare import DRIFT, Check, Comparison, SlimGraphFailed, compare
 from .errors import VerificationError
-from .capture import dynamic_dims
-from .precision import HALF, Float32, model_dtype
+from .precision import Float32
 from .reference import HookedInterpreter
 from .rewrite import Plan
 
@@ -46,7 +58,7 @@ def random_like(example: tuple, seed: int = 0) -> tuple:
 
 def rel_diff(a, b) -> float:
     """max|a - b| / max|b| over all output tensors; inf when shapes differ or a is not finite where b is."""
-    fa, fb = _flat(a), _flat(b)
+    fa, fb = flat_tensors(a), flat_tensors(b)
     if len(fa) != len(fb):
         return float("inf")
     worst = 0.0
@@ -64,45 +76,96 @@ def rel_diff(a, b) -> float:
 
 
 def finite(out) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in _flat(out))
+    return all(bool(torch.isfinite(t).all()) for t in flat_tensors(out))
 
 
-def _flat(out) -> list[torch.Tensor]:
+def flat_tensors(out) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out.detach().double()]
     if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _flat(o)]
+        return [t for o in out for t in flat_tensors(o)]
     if isinstance(out, dict):
-        return [t for k in sorted(out) for t in _flat(out[k])]
+        return [t for k in sorted(out) for t in flat_tensors(out[k])]
     if hasattr(out, "to_tuple"):
-        return _flat(out.to_tuple())
+        return flat_tensors(out.to_tuple())
     return []
+
+
+def rtol_for(dtype: torch.dtype) -> float:
+    """The normwise tolerance of a comparison run in ``dtype``: RTOL for float32 (about 840 float32 epsilons:
+    rounding through ~60 layers and a folded T stays well below it, a wrong channel gives O(1)), the same number
+    of epsilons for other dtypes (verification of half models runs in float32)."""
+    return RTOL * torch.finfo(dtype).eps / torch.finfo(torch.float32).eps if dtype.is_floating_point else RTOL
+
+
+def _groups_text(plan: Plan, gids=None) -> str:
+    return ", ".join(f"{g} ({'/'.join(plan.an.groups[g].modules)})" for g in (plan.decisions if gids is None
+                                                                               else gids))
+
+
+@torch.no_grad()
+def compare_with_reference(plan: Plan, original_gm: GraphModule, slim_gm: GraphModule, inputs: tuple,
+                           interpreters=None) -> Comparison:
+    """Slim graph vs the hooked full-width original, at every pruned consumer's output and the model outputs.
+    A slim graph that cannot run is a VerificationError naming the node."""
+    try:
+        return compare(plan, original_gm, slim_gm, inputs, interpreters=interpreters)
+    except SlimGraphFailed as failed:
+        node, exc = failed.node, failed.exc
+        module = node_module_path(node)
+        where = f"node '{node.name}'" + (f" (module '{module}')" if module else "")
+        raise VerificationError(
+            f"the slim graph fails to run at {where} ({type(exc).__name__}: {_first_line(exc)}). Pruned groups: "
+            f"{_groups_text(plan)}. This is a bug in fxprune's analysis or rewrite; please report it.",
+            node=node.name, module=module, groups=tuple(plan.decisions), cause=exc) from None
+
+
+def raise_if_disagrees(plan: Plan, run: Comparison, rtol: float) -> None:
+    """A VerificationError naming the first tensor (in graph order) where slim and reference part."""
+    bad = run.first_failure(rtol)
+    if bad is None:
+        return
+    outputs = [c for c in run.checks if c.is_output]
+    if bad.local is not None and not bad.local <= rtol:
+        how, diff = f"relative difference {bad.local:.3g} > {rtol:g} in its own op (the reference op run on " \
+                    "the slim graph's input)", bad.local
+    elif bad.is_output:
+        how, diff = f"relative difference {bad.diff:.3g} > {rtol:g}", bad.diff
+    else:
+        how, diff = f"relative difference {bad.diff:.3g} > {DRIFT * rtol:g} (what reached it)", bad.diff
+    out_text = f"; at the model outputs: {max(c.diff for c in outputs):.3g}" if outputs and not bad.is_output else ""
+    raise VerificationError(
+        f"the slim graph disagrees with the masked reference, first at {bad.describe()}: {how} (max|reference| "
+        f"{bad.scale:.3g}){out_text}. Pruned groups: {_groups_text(plan, bad.groups or None)}. This is a bug in "
+        "fxprune's analysis or rewrite; please report it with the model. Pass verify=False to get the unverified "
+        "result anyway.",
+        node=bad.name, module=bad.module, groups=bad.groups or tuple(plan.decisions), diff=diff)
 
 
 @torch.no_grad()
 def check_against_reference(plan: Plan, original_gm: GraphModule, slim_gm: GraphModule, inputs: tuple,
-                            rtol: float = RTOL, notes: list | None = None, ref=None) -> float:
-    """Slim graph vs the hooked full-width original. Returns the relative difference or raises; appends to
-    ``notes`` when the check is weak (outputs ~0 on random inputs, e.g. zero-initialized heads)."""
-    ref = HookedInterpreter(original_gm, plan).run(*inputs) if ref is None else ref
-    try:
-        got = slim_gm(*inputs)
-    except Exception as exc:  # noqa: BLE001 - a slim graph that cannot run is a verification failure
-        groups = ", ".join(f"{g} ({'/'.join(plan.an.groups[g].modules)})" for g in plan.decisions)
-        raise VerificationError(f"the slim graph fails to run ({type(exc).__name__}: {exc}). Pruned groups: "
-                                f"{groups}. This is a bug in fxprune's analysis or rewrite; please report it.") from exc
-    diff = rel_diff(got, ref)
-    scale = max((t.abs().max().item() for t in _flat(ref) if t.numel()), default=0.0)
-    if notes is not None and scale < 1e-12:
-        notes.append(f"verification is weak: the model's outputs are ~0 (max {scale:.1e}) on random inputs, so "
-                     "a relative comparison says little; train the model (or load its weights) first")
-    if not diff <= rtol:
-        groups = ", ".join(f"{g} ({'/'.join(plan.an.groups[g].modules)})" for g in plan.decisions)
-        raise VerificationError(
-            f"the slim graph disagrees with the masked reference: relative difference {diff:.3g} > {rtol:g}. "
-            f"Pruned groups: {groups}. This is a bug in fxprune's analysis or rewrite; please report it with "
-            "the model. Pass verify=False to get the unverified result anyway.")
-    return diff
+                            rtol: float | None = None, notes: list | None = None) -> float:
+    """Slim graph vs the hooked full-width original (compare_with_reference). Returns the worst relative
+    difference or raises; appends to ``notes`` when the check is weak (every reference ~0)."""
+    run = compare_with_reference(plan, original_gm, slim_gm, inputs)
+    raise_if_disagrees(plan, run, rtol_for(model_dtype(original_gm)) if rtol is None else rtol)
+    if notes is not None:
+        note_weak(run.checks, notes)
+    return run.worst
+
+
+def note_weak(checks: list[Check], notes: list) -> None:
+    """Say where agreement proves nothing: every compared tensor ~0, or the model outputs ~0."""
+    outputs = [c for c in checks if c.name.startswith("output")]
+    if checks and all(c.vacuous for c in checks):
+        notes.append(f"verification is weak: every compared tensor is ~0 (max {max(c.scale for c in checks):.1e}) "
+                     "on these inputs, so a relative comparison says little; train the model (or load its weights) "
+                     "first")
+    elif outputs and all(c.vacuous for c in outputs):
+        inner = [c for c in checks if not c.vacuous]
+        notes.append(f"the model's outputs are ~0 (max {max(c.scale for c in outputs):.1e}) on these inputs (a "
+                     f"zero-initialized head?), so they prove nothing; the certificate rests on the {len(inner)} "
+                     "pruned consumers' outputs compared inside the model")
 
 
 @torch.no_grad()
@@ -116,7 +179,7 @@ def check_eager_matches_graph(slim_model: nn.Module, slim_gm: GraphModule, input
         raise VerificationError(
             f"the slimmed model's forward fails in module '{recorder.current or type(slim_model).__name__}': "
             f"{type(exc).__name__}: {exc}. Its forward probably hard-codes a channel count; compute it from the "
-            "tensor (x.size(1), x.flatten(1)) or exclude that module with ignore=[...].") from exc
+            "tensor (x.size(1), x.flatten(1)) or exclude that module with ignore=[...].", cause=exc) from None
     finally:
         recorder.remove()
     ref = slim_gm(*inputs)
@@ -158,6 +221,14 @@ class _ModuleRecorder:
             h.remove()
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
+def model_dtype(module: nn.Module) -> torch.dtype:
+    for p in list(module.parameters()) + list(module.buffers()):
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
 
 
 def candidate_inputs(example: tuple, verify_inputs=None, calib=None, dynamic=None) -> list[tuple[str, tuple]]:
@@ -178,40 +249,16 @@ def candidate_inputs(example: tuple, verify_inputs=None, calib=None, dynamic=Non
 
 @torch.no_grad()
 def verify(plan: Plan, original_gm: GraphModule, slim_gm: GraphModule, slim_model: nn.Module, example: tuple,
-           verify_inputs=None, calib=None, notes: list | None = None, lazy: bool = False) -> float:
-    """Every check, on every candidate input whose reference output is finite. Returns the worst difference.
-    ``lazy``: the slim graph still holds the original tensors (Plan.graph_only, for inplace=True): each touched
-    one is sliced/folded as it is read and freed after use, and there is no eager model yet (slim_model None)."""
+           verify_inputs=None, calib=None, notes: list | None = None, lazy: bool = False) -> list[Check]:
+    """Every check, on the first candidate input whose reference output is finite. Returns the compared tensors
+    (Check: name, relative difference, scale); the worst difference is the certificate's number.
+    Half models run node by node in float32 without a float32 copy (precision.Float32): each tensor upcast as it
+    is read, the slim graph's touched tensors sliced/folded afresh from the upcast originals after checking that
+    its own half tensor is that recomputation rounded once. ``lazy`` (inplace=True): the slim graph still holds
+    the original tensors; each touched one is slimmed as it is read; no eager model yet (slim_model None)."""
     dtype = model_dtype(original_gm)
-    if dtype in HALF:
-        return _verify_half(plan, original_gm, slim_gm, slim_model, example, verify_inputs, calib, notes, dtype,
-                            lazy)
-    run_slim = slim_gm
-    if lazy:
-        touched = set(plan.touched())
-
-        class Lazy(Interpreter):
-            def get_attr(self, target, args, kwargs):
-                t = super().get_attr(target, args, kwargs)
-                return plan.slim_tensor(target, t) if plan.an.canonical(target) in touched else t
-
-        def run_slim(*xs):
-            return Lazy(slim_gm).run(*xs)
-    return _verify_on(plan, original_gm, slim_gm, slim_model, example, verify_inputs, calib, notes,
-                      lambda xs: HookedInterpreter(original_gm, plan).run(*xs), run_slim, RTOL)
-
-
-def _verify_half(plan, original_gm, slim_gm, slim_model, example, verify_inputs, calib, notes, dtype,
-                 lazy: bool = False) -> float:
-    """A half model's own rounding would swamp 1e-4: the decisions are checked in float32, node by node, without
-    a float32 copy of the model (precision.Float32): the reference reads each original tensor upcast; the slim
-    graph reads each untouched tensor upcast and each touched one sliced/folded afresh from the upcast original
-    (Plan.slim_tensor, the rewrite's own arithmetic, in float32), after checking that the slim graph's own half
-    tensor is that recomputation rounded once to the dtype. So they must agree to float32 rounding. The half
-    slim graph itself is then compared with the half eager model at 16 eps of the dtype. A graph that
-    cannot run in float32 is compared in its own dtype at 16 eps."""
-    name = str(dtype).replace("torch.", "")
-    half_tol = half_rtol(dtype)
+    ref_gm, check_gm, cast = original_gm, slim_gm, (lambda xs: xs)
+    half = dtype if dtype in HALF else None
     touched = set(plan.touched())
 
     class Ref(Float32, HookedInterpreter):
@@ -221,43 +268,54 @@ def _verify_half(plan, original_gm, slim_gm, slim_model, example, verify_inputs,
         def get_attr(self, target, args, kwargs):
             if plan.an.canonical(target) not in touched:
                 return super().get_attr(target, args, kwargs)
-            fresh = plan.slim_tensor(target, _fetch(original_gm, target).float())
-            if not lazy:  # lazy: the slim graph holds no slim tensor yet
+            full = _fetch(original_gm, target)
+            fresh = plan.slim_tensor(target, full.float() if half else full)
+            if half and not lazy:
                 _check_rounded(target, _fetch(slim_gm, target), fresh)
             return fresh
 
-    def ref32(xs):
-        return Ref(original_gm, plan, half=dtype).run(*xs)
-
-    def slim32(*xs):
-        return Slim(slim_gm, half=dtype).run(*xs)
-
-    try:
-        ref32(random_like(example))
-    except Exception as exc:  # noqa: BLE001 - a graph that pins its dtype in an op float32 cannot run
+    interpreters = None
+    if half or lazy:
+        interpreters = (lambda gm, p: Ref(gm, p, half=half)), (lambda gm: Slim(gm, half=half))
+    if half and notes is not None:
+        notes.append(f"verified in float32, node by node (the model is {str(dtype).replace('torch.', '')}); the "
+                     f"{str(dtype).replace('torch.', '')} eager model was checked against its slim graph "
+                     f"at a tolerance of {_half_rtol(dtype):.0e}")
+    rtol = RTOL if half else rtol_for(dtype)
+    tried = []
+    from .capture import eval_mode
+    for what, inputs in candidate_inputs(example, verify_inputs, calib, dynamic_dims(original_gm)):
+        run = compare_with_reference(plan, ref_gm, check_gm, cast(inputs),
+                                     **({"interpreters": interpreters} if interpreters else {}))
+        if not run.reference_finite:
+            tried.append(what)
+            continue
+        raise_if_disagrees(plan, run, rtol)
         if notes is not None:
-            notes.append(f"verified in {name} at a tolerance of {half_tol:.0e} (the graph does not run in "
-                         f"float32: {type(exc).__name__})")
-        if lazy:
-            raise VerificationError(f"cannot verify this {name} model in float32 ({type(exc).__name__}: {exc}) "
-                                    "and inplace=True verifies before any tensor is slimmed: prune a copy "
-                                    "(inplace=False) or pass verify=False") from exc
-        return _verify_on(plan, original_gm, slim_gm, slim_model, example, verify_inputs, calib, notes,
-                          lambda xs: HookedInterpreter(original_gm, plan).run(*xs), slim_gm, half_tol,
-                          eager_rtol=half_tol)
-    if notes is not None:
-        notes.append(f"verified in float32, node by node (the model is {name}); the {name} eager model was "
-                     f"checked against its slim graph at a tolerance of {half_tol:.0e}")
-    return _verify_on(plan, original_gm, slim_gm, slim_model, example, verify_inputs, calib, notes, ref32,
-                      slim32, RTOL, eager_rtol=half_tol)
+            note_weak(run.checks, notes)
+            if run.followed:
+                notes.append(f"{len(run.followed)} value-selecting op(s) ({', '.join(run.followed[:3])}"
+                             f"{', ...' if len(run.followed) > 3 else ''}: top-k, sort) were verified on the values "
+                             "they select from; past them the slim graph was given the reference's choice (float "
+                             "rounding may flip a near-tie)")
+        if slim_model is not None:
+            with eval_mode(slim_model):
+                check_eager_matches_graph(slim_model, slim_gm, inputs,
+                                          rtol=_half_rtol(dtype) if dtype in HALF else RTOL)
+        if tried and notes is not None:
+            notes.append(f"the model's outputs are NaN or inf on {' and '.join(tried)}; verified on {what}")
+        return run.checks
+    raise VerificationError(
+        f"could not verify: the model's outputs are NaN or inf on {' and '.join(tried)}, so no comparison means "
+        "anything. Pass verify_inputs= with inputs from the model's domain (or calib= with real samples), or "
+        "verify=False to skip verification")
 
 
 def _check_rounded(name: str, actual: torch.Tensor, fresh: torch.Tensor):
     """A slim half tensor must be its float32 recomputation rounded once to the half dtype (a slice is exact)."""
     fi = torch.finfo(actual.dtype)
-    bad = actual.shape != fresh.shape or not bool(
-        ((actual.float() - fresh).abs() <= fi.eps * fresh.abs() + fi.smallest_normal).all())
-    if bad:
+    if actual.shape != fresh.shape or not bool(
+            ((actual.float() - fresh).abs() <= fi.eps * fresh.abs() + fi.smallest_normal).all()):
         raise VerificationError(f"the slim tensor '{name}' is not the rewrite of the original one (shape "
                                 f"{tuple(actual.shape)}, expected {tuple(fresh.shape)}, or values beyond the "
                                 f"{str(actual.dtype).replace('torch.', '')} rounding). This is a bug in fxprune's "
@@ -271,28 +329,10 @@ def _fetch(gm: GraphModule, target: str) -> torch.Tensor:
     return obj
 
 
-def _verify_on(plan, original_gm, slim_gm, slim_model, example, verify_inputs, calib, notes, run_ref, run_slim,
-               rtol: float, eager_rtol: float = RTOL) -> float:
-    worst, tried = 0.0, []
-    from .capture import eval_mode
-    for what, inputs in candidate_inputs(example, verify_inputs, calib, dynamic_dims(original_gm)):
-        ref = run_ref(inputs)
-        if not finite(ref):
-            tried.append(what)
-            continue
-        worst = max(worst, check_against_reference(plan, original_gm, run_slim, inputs, rtol=rtol, notes=notes,
-                                                   ref=ref))
-        if slim_model is not None:
-            with eval_mode(slim_model):
-                check_eager_matches_graph(slim_model, slim_gm, inputs, rtol=eager_rtol)
-        if tried and notes is not None:
-            notes.append(f"the model's outputs are NaN or inf on {' and '.join(tried)}; verified on {what}")
-        return worst
-    raise VerificationError(
-        f"could not verify: the model's outputs are NaN or inf on {' and '.join(tried)}, so no comparison means "
-        "anything. Pass verify_inputs= with inputs from the model's domain (or calib= with real samples), or "
-        "verify=False to skip verification")
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0][:limit] + ("..." if len(lines[0]) > limit else "")) if lines else ""
 
 
-def half_rtol(dtype) -> float:
+def _half_rtol(dtype) -> float:
     return max(RTOL, 16 * torch.finfo(dtype).eps)

@@ -3,6 +3,8 @@ bit-identical afterwards (every state_dict tensor, the tensor objects themselves
 requires_grad flags and size attributes). Also the good-but-unusual inputs: frozen parameters, a model in
 train mode, inplace=True."""
 
+import traceback
+
 import numpy as np
 import pytest
 import torch
@@ -72,6 +74,22 @@ def test_wrong_input_shape_is_a_capture_error():
     model, _ = lenet()
     msg = raises_and_unchanged(model, torch.randn(2, 3, 28, 28), CaptureError, "LeNet5", method="l1", amount=0.5)
     assert "shape" in msg
+
+
+def test_capture_error_keeps_its_cause_without_printing_it():
+    """torch.export's traceback for a wrong input size runs to hundreds of lines: the error is raised from None,
+    so the default traceback shows fxprune's message, and err.cause keeps torch's exception."""
+    model, _ = lenet()
+    with pytest.raises(CaptureError) as info:
+        fxprune.prune(model, torch.randn(2, 3, 28, 28), method="l1", amount=0.5, round_to=None)
+    err = info.value
+    shown = "".join(traceback.format_exception(err))
+    assert err.__cause__ is None and err.__suppress_context__
+    assert len(shown.splitlines()) < 40, shown
+    assert isinstance(err.cause, Exception) and not isinstance(err.cause, FxPruneError)
+    hidden = "".join(traceback.format_exception(err.cause))
+    assert len(hidden.splitlines()) > len(shown.splitlines())  # what the chain would have printed
+    assert type(err.cause).__name__ in str(err)  # the message names the cause
 
 
 def test_example_inputs_of_the_wrong_type():
@@ -188,18 +206,29 @@ def test_pow_of_two_groups_couples_them_and_prunes():
 
 
 def test_slim_graph_that_fails_to_run_is_a_verification_error(monkeypatch):
-    """A slim graph that cannot run is reported as a VerificationError naming the groups, not a raw error."""
+    """A slim graph that cannot run is reported as a VerificationError naming the node and its module, not a raw
+    error."""
     from fxprune import verify
 
-    class Broken(torch.nn.Module):
-        def forward(self, *a):
-            raise RuntimeError("size mismatch")
+    def size_mismatch(*args, **kwargs):
+        raise RuntimeError("size mismatch")
 
-    real = verify.check_against_reference
-    monkeypatch.setattr(verify, "check_against_reference",
-                        lambda plan, gm, slim, inputs, **kw: real(plan, gm, Broken(), inputs, **kw))
-    with pytest.raises(fxprune.VerificationError, match="fails to run"):
+    broken = []
+    real = verify.compare_with_reference
+
+    def with_a_broken_op(plan, gm, slim, inputs):
+        node = next(n for n in slim.graph.nodes if n.op == "call_function" and "conv" in str(n.target)
+                    and n.meta.get("nn_module_stack") and list(n.meta["nn_module_stack"].values())[-1][0] == "c")
+        node.target = size_mismatch
+        slim.recompile()
+        broken.append(node.name)
+        return real(plan, gm, slim, inputs)
+
+    monkeypatch.setattr(verify, "compare_with_reference", with_a_broken_op)
+    with pytest.raises(fxprune.VerificationError, match="fails to run at node") as err:
         fxprune.prune(PowTensor().eval(), X, "l1", round_to=None, amount=0.5)
+    assert err.value.node == broken[0] and err.value.module == "c" and "size mismatch" in str(err.value)
+    assert isinstance(err.value.cause, RuntimeError) and err.value.__cause__ is None
 
 
 def test_per_module_amounts_keyed_by_module_object():
