@@ -30,14 +30,15 @@ def prune(model: nn.Module, example_inputs, method: str = "l1", *, amount: float
           round_to: int | None = DEFAULT_ROUND_TO, ignore=(), amounts: dict | None = None, calib=None,
           calib_samples: int = DEFAULT_CALIB_SAMPLES, reconstruct: bool | None = None,
           recalibrate_bn: bool | None = None, verify: bool = True, verify_inputs=None, inplace: bool = False,
-          progress: bool = True, **method_options) -> PruneResult:
+          progress: bool = True, strict: bool = False, **method_options) -> PruneResult:
     """Prune and return the full result (slim model, slim graph, decisions, costs, report). See ``compile``."""
     job = begin(model, example_inputs, method, amount=amount, target_flops=target_flops,
                 target_params=target_params, round_to=round_to, ignore=ignore, amounts=amounts, calib=calib,
                 calib_samples=calib_samples, reconstruct=reconstruct, recalibrate_bn=recalibrate_bn,
                 verify=verify, verify_inputs=verify_inputs, inplace=inplace, progress=progress,
-                method_options=method_options)
-    return finish(job, job.decide(job.ctx, **job.method_options))
+                method_options=method_options, strict=strict)
+    return finish(job, job.decide(job.ctx, **job.method_options),
+                  redecide=lambda: job.decide(job.ctx, **job.method_options))
 
 
 def compile(model: nn.Module, example_inputs, method: str = "l1", **options) -> nn.Module:  # noqa: A001
@@ -51,7 +52,9 @@ def compile(model: nn.Module, example_inputs, method: str = "l1", **options) -> 
     method gets least-squares reconstruction of the consumers' inputs (reconstruct=False turns it off) and
     re-estimated BatchNorm statistics (recalibrate_bn=False turns it off). verify: check against the masked
     reference (default True; verify_inputs= to verify on your own inputs). inplace: slim the user's model object
-    itself (after verification) instead of returning a copy. Method options (e.g. ID's tol=) pass through; an
+    itself (after verification) instead of returning a copy. strict: when the model's own forward cannot follow a
+    pruned width (a module stores it), refuse (True) instead of freezing the groups that reach that module and
+    pruning the rest (False, the default; the report lists each frozen group and why). Method options (e.g. ID's tol=) pass through; an
     option no one takes is an error.
     """
     return prune(model, example_inputs, method, **options).model

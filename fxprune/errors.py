@@ -1,5 +1,7 @@
 """The exceptions fxprune raises. Every message says what is wrong and what to do about it."""
 
+from __future__ import annotations
+
 
 class FxPruneError(Exception):
     """Base class of every error fxprune raises on purpose."""
@@ -26,7 +28,16 @@ class RewriteError(FxPruneError):
 
 
 class VerificationError(FxPruneError):
-    """The slim model does not agree with its reference; the message names the group or module."""
+    """The slim model does not agree with its reference; the message names the group or module.
+
+    Structured for callers that act on it (stages.finish freezes and retries): ``kind`` is "graph" (the slim
+    graph against the reference: an fxprune bug), "eager" (the user's slimmed module against the slim graph: its
+    forward reads a width the rewrite did not change) or "inputs" (nothing finite to compare); ``module`` names
+    the module that failed or disagreed first (None when unknown); ``cause`` is the underlying error text."""
+
+    def __init__(self, message: str, *, kind: str = "graph", module: str | None = None, cause: str = ""):
+        super().__init__(message)
+        self.kind, self.module, self.cause = kind, module, cause
 
 
 class DataError(FxPruneError):

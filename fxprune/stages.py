@@ -28,8 +28,9 @@ from .analysis import Analysis, analyze
 from .capture import as_tuple, capture, eval_mode
 from .context import PruneContext, Target
 from .cost import count_flops, count_params
-from .errors import ConfigError, DataError, NothingToPruneError, TargetError
+from .errors import ConfigError, DataError, NothingToPruneError, TargetError, VerificationError
 from .matching import group_amounts, match_modules, under
+from .retry import Retry, apply_updates, next_step
 from .rewrite import Decision, Plan
 from .targets import DEFAULT_ROUND_TO
 
@@ -49,6 +50,8 @@ class PruneResult:
     verified: float | None = None     # relative difference to the reference, when verified
     recalibrated_bn: list[str] = field(default_factory=list)  # BatchNorm modules whose statistics were re-estimated
     calib_samples: int = 0            # samples the reconstruction / BatchNorm pass used (0: none)
+    frozen_by_verification: dict[int, str] = field(default_factory=dict)  # group -> why (freeze and retry)
+    retry_rounds: int = 0             # verification rounds after the first (stored widths updated, groups frozen)
 
     @property
     def report(self) -> str:
@@ -68,6 +71,7 @@ class Options:
     verify_inputs: tuple | None = None
     inplace: bool = False
     progress: bool = True
+    strict: bool = False              # refuse (raise) when the eager forward cannot follow, instead of retrying
 
 
 @dataclass
@@ -90,7 +94,7 @@ class Job:
 def begin(model: nn.Module, example_inputs, method: str, *, amount=None, target_flops=None, target_params=None,
           round_to=DEFAULT_ROUND_TO, ignore=(), amounts=None, calib=None, calib_samples=DEFAULT_CALIB_SAMPLES,
           reconstruct=None, recalibrate_bn=None, verify=True, verify_inputs=None, inplace=False, progress=True,
-          method_options=None, registry=None, training=False) -> Job:
+          method_options=None, registry=None, training=False, strict=False) -> Job:
     """Validate every option, capture and analyse the model, and fix the target. Changes nothing."""
     from fxprune import passes
     if not isinstance(model, nn.Module):
@@ -106,11 +110,14 @@ def begin(model: nn.Module, example_inputs, method: str, *, amount=None, target_
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, numbers.Integral)
                                  or round_to < 1):
         raise ConfigError(f"round_to must be a positive int (e.g. 8) or None, got {round_to!r}")
+    if not isinstance(strict, bool):
+        raise ConfigError(f"strict must be True (refuse when the model's forward cannot follow a pruned width) or "
+                          f"False (freeze those groups and prune the rest), got {strict!r}")
     if isinstance(calib_samples, bool) or not isinstance(calib_samples, numbers.Integral) or calib_samples < 1:
         raise ConfigError(f"calib_samples must be a positive int, got {calib_samples!r}")
     opts = Options(round_to=None if round_to is None else int(round_to), calib=calib,
                    calib_samples=int(calib_samples), verify=bool(verify), inplace=bool(inplace),
-                   progress=bool(progress))
+                   progress=bool(progress), strict=bool(strict))
     opts.reconstruct = _flag("reconstruct", reconstruct, calib)
     opts.recalibrate_bn = _flag("recalibrate_bn", recalibrate_bn, calib)
     if getattr(decide, "needs_calib", False) and calib is None:
@@ -142,14 +149,40 @@ def begin(model: nn.Module, example_inputs, method: str, *, amount=None, target_
     return Job(model, example, method, decide, method_options, gm, ctx, opts)
 
 
-def finish(job: Job, decisions: dict[int, Decision], zeroed: dict[int, np.ndarray] | None = None) -> PruneResult:
+def finish(job: Job, decisions: dict[int, Decision], zeroed: dict[int, np.ndarray] | None = None,
+           redecide=None) -> PruneResult:
     """Apply a method's decisions: reconstruct, rewrite, verify, re-estimate BatchNorms, count. The user's model
     is untouched unless inplace=True, and then only after everything passed. ``zeroed``: per group, the channels
-    the model already reads as zero (masked while training); reconstruction fits the model as it ran that way."""
+    the model already reads as zero (masked while training); reconstruction fits the model as it ran that way.
+
+    When the user's eager forward cannot follow a pruned width (a module stores it), the module's stored widths
+    are updated where unambiguous, else the groups reaching it are frozen and ``redecide()`` (the method run
+    again; None: the other decisions stand) decides the rest: retry.py. ``strict=True`` refuses instead."""
+    ctx, opts, retry = job.ctx, job.opts, Retry()
+    notes0 = list(ctx.notes)  # the method's; each round adds its own
+    while True:
+        try:
+            result = _finish_once(job, decisions, zeroed, retry)
+            break
+        except VerificationError as exc:
+            attempt = getattr(exc, "fxprune_attempt", None)
+            step = None if opts.strict or attempt is None else next_step(retry, exc, *attempt)
+            if step is None:
+                raise
+            ctx.notes[:] = notes0
+            if step == "freeze":
+                decisions = _redecide(job, decisions, retry, redecide)
+                ctx.notes[:] = notes0 = list(dict.fromkeys(ctx.notes))  # the method ran again: its notes once
+    _retry_notes(job, retry, result)
+    result.frozen_by_verification, result.retry_rounds = dict(retry.frozen), retry.rounds
+    return result
+
+
+def _finish_once(job: Job, decisions, zeroed, retry: Retry) -> PruneResult:
     ctx, opts = job.ctx, job.opts
     _note_rounding(ctx, decisions)
     plan = Plan(ctx.analysis, decisions)
-    _check_target(ctx, plan)
+    _check_target(ctx, plan, loose=bool(retry.frozen))
     cal = None
     if opts.reconstruct or opts.recalibrate_bn:
         from .reconstruct import calibrate
@@ -158,6 +191,7 @@ def finish(job: Job, decisions: dict[int, Decision], zeroed: dict[int, np.ndarra
                         notes=ctx.notes, zeroed=zeroed)
         plan = Plan(ctx.analysis, plan.decisions)
     slim_gm, work = plan.slim(job.gm, job.model)
+    retry.updated = apply_updates(retry, plan, job.gm, slim_gm, work)
     reference_gm, recalibrated = job.gm, []
     if cal is not None and cal.bn:
         # The T_j were fitted with the re-estimated statistics in place, so the model returned is verified as it
@@ -168,8 +202,12 @@ def finish(job: Job, decisions: dict[int, Decision], zeroed: dict[int, np.ndarra
         recalibrated = sorted({k.rsplit(".", 1)[0] for k in cal.bn})
     diff = None
     if opts.verify:
-        diff = _verify.verify(plan, reference_gm, slim_gm, work, job.example, opts.verify_inputs, opts.calib,
-                              ctx.notes)
+        try:
+            diff = _verify.verify(plan, reference_gm, slim_gm, work, job.example, opts.verify_inputs, opts.calib,
+                                  ctx.notes)
+        except VerificationError as exc:
+            exc.fxprune_attempt = (plan, job.gm, slim_gm, work)  # what freeze-and-retry inspects
+            raise
     one = tuple(a[:1] if isinstance(a, torch.Tensor) and a.dim() > 0 else a for a in job.example)  # per sample
     result = PruneResult(model=work, graph=slim_gm, analysis=ctx.analysis, decisions=plan.decisions,
                          flops=(count_flops(job.model, one), count_flops(work, one)),
@@ -184,6 +222,38 @@ def finish(job: Job, decisions: dict[int, Decision], zeroed: dict[int, np.ndarra
                 _verify.check_eager_matches_graph(job.model, slim_gm, _verify.random_like(job.example))
         result.model = job.model
     return result
+
+
+def _redecide(job: Job, decisions: dict, retry, redecide) -> dict:
+    """Freeze the groups verification blamed (in the job's own analysis: the user's model is not involved) and
+    let the method decide the rest again; without ``redecide`` the other decisions stand."""
+    an, t = job.analysis, job.ctx.target
+    for g, why in retry.frozen.items():
+        an.groups[g].frozen = an.groups[g].frozen or why
+    if t.amounts is not None:
+        t.amounts = {g: a for g, a in t.amounts.items() if g not in retry.frozen}
+    if redecide is None:
+        return {g: d for g, d in decisions.items() if g not in retry.frozen}
+    if not job.ctx.prunable:
+        raise NothingToPruneError(
+            f"{type(job.model).__name__}: every prunable group reaches a module whose forward reads a stored "
+            f"width ({'; '.join(sorted(set(retry.frozen.values()))[:3])}); nothing is left to prune")
+    return redecide()
+
+
+def _retry_notes(job: Job, retry, result: PruneResult):
+    if retry.updated:
+        result.notes.append("stored widths updated (verified): " + ", ".join(retry.updated))
+    if retry.frozen:
+        result.notes.append(f"{len(retry.frozen)} group(s) frozen after verification in {retry.rounds} round(s) "
+                            f"(pass strict=True to refuse instead): groups {', '.join(map(str, sorted(retry.frozen)))}")
+        t = job.ctx.target
+        if t.metric is not None:
+            fr = job.ctx.cost.fraction([len(result.decisions[g.gid].keep) if g.gid in result.decisions
+                                        else g.width for g in job.ctx.groups], t.metric)
+            if fr > t.value + 1e-9:
+                result.notes.append(f"with those groups at full width the model keeps {fr:.3f} of its {t.metric}, "
+                                    f"above target_{t.metric}={t.value:g}")
 
 
 # ---- validation -----------------------------------------------------------------------------------------------
@@ -201,7 +271,7 @@ def check_method_options(method: str, decide, options: dict):
             f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for method "
             f"'{method}'; it takes {', '.join(accepted) if accepted else 'no method options'}, and every method "
             "takes amount, target_flops, target_params, round_to, ignore, amounts, calib, calib_samples, "
-            "reconstruct, recalibrate_bn, verify, verify_inputs, inplace, progress")
+            "reconstruct, recalibrate_bn, verify, verify_inputs, inplace, progress, strict")
 
 
 def _is_number(v) -> bool:
@@ -321,10 +391,11 @@ def _note_rounding(ctx: PruneContext, decisions: dict):
                          "(or 8) to prune them anyway")
 
 
-def _check_target(ctx: PruneContext, plan: Plan):
-    """A method must never return more than the target asked for (the cost model is exact for conv/linear)."""
+def _check_target(ctx: PruneContext, plan: Plan, loose: bool = False):
+    """A method must never return more than the target asked for (the cost model is exact for conv/linear).
+    ``loose``: groups were frozen after the method decided (retry without re-deciding); the report says so."""
     t = ctx.target
-    if t.metric is None:
+    if t.metric is None or loose:
         return
     widths = [len(plan.decisions[g.gid].keep) if g.gid in plan.decisions else g.width for g in ctx.groups]
     got = ctx.cost.fraction(widths, t.metric)

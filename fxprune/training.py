@@ -322,7 +322,7 @@ def prepare(model: nn.Module, example_inputs, method: str = "csgd", *, optimizer
             target_params: float | None = None, round_to: int | None = DEFAULT_ROUND_TO, ignore=(),
             amounts: dict | None = None, calib=None, calib_samples: int = DEFAULT_CALIB_SAMPLES,
             reconstruct: bool | None = None, recalibrate_bn: bool | None = None, verify: bool = True,
-            verify_inputs=None, progress: bool = True, **method_options) -> Pruner:
+            verify_inputs=None, progress: bool = True, strict: bool = False, **method_options) -> Pruner:
     """Analyse the model once and hook a training-time method ("csgd", "aofp", "abfp") into its optimizer.
 
     Takes fxprune.prune's targets and options, plus the optimizer the user steps and the number of optimizer
@@ -346,7 +346,7 @@ def prepare(model: nn.Module, example_inputs, method: str = "csgd", *, optimizer
                 target_params=target_params, round_to=round_to, ignore=ignore, amounts=amounts, calib=calib,
                 calib_samples=calib_samples, reconstruct=reconstruct, recalibrate_bn=recalibrate_bn,
                 verify=verify, verify_inputs=verify_inputs, progress=progress and distributed.rank() == 0,
-                method_options=method_options, training=True)
+                method_options=method_options, training=True, strict=strict)
     return Pruner(job, inner, optimizer, int(steps), method_cls, job.method_options)
 
 

@@ -65,7 +65,6 @@ import numpy as np
 import torch
 
 from fxprune import distributed
-from fxprune.context import top_k
 from fxprune.errors import ConfigError
 from fxprune.rewrite import Decision
 from fxprune.targets import check_reachable, fill, fit_global, round_width
@@ -408,7 +407,7 @@ class AOFP(TrainingMethod):
         out = {}
         for g, sc in scores.items():
             keep = np.zeros(len(sc), dtype=bool)
-            keep[top_k(sc, int(w[g]))] = True
+            keep[ctx.keep_best(g, sc, int(w[g]))] = True
             out[g] = keep
         return out
 
