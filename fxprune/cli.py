@@ -20,6 +20,7 @@ import argparse
 import inspect
 import os
 import sys
+import tempfile
 import traceback
 from typing import Optional, Sequence
 
@@ -265,8 +266,10 @@ def cmd_bench(args, parser) -> int:
             raise CLIError(f"{p} is not a valid ONNX file: {type(e).__name__}: {first}") from e
     if args.json:
         check_writable(args.json, "JSON file")
-    report = benchmark(list(args.files), batch_sizes=tuple(args.batch), threads=args.threads,
-                       min_time_s=args.min_time, progress=True)
+    with tempfile.TemporaryDirectory(prefix="fxprune-int8-") as tmp:
+        files = _with_int8(args, tmp) if args.int8 else list(args.files)
+        report = benchmark(files, batch_sizes=tuple(args.batch), threads=args.threads, min_time_s=args.min_time,
+                           progress=True)
     print(report.table())
     if args.json:
         import json
@@ -274,6 +277,26 @@ def cmd_bench(args, parser) -> int:
         atomic_write(args.json, lambda tmp: _write_text(tmp, json.dumps(report.to_dict(), indent=2) + "\n"))
         print(f"numbers: {args.json}")
     return 0
+
+
+def _with_int8(args, tmp: str) -> dict:
+    """{name: path}: each file, then its int8 version (quantized into ``tmp``), with the int8 error said."""
+    import onnxruntime as ort
+
+    from .quantize import quantize_file
+    out = {}
+    for i, p in enumerate(args.files):
+        spec = ort.InferenceSession(p, providers=["CPUExecutionProvider"]).get_inputs()
+        if len(spec) != 1 or any(not isinstance(d, int) for d in spec[0].shape[1:]):
+            raise CLIError(f"--int8 needs a file with one input of fixed shape beyond the batch; {p} has "
+                           f"{[list(s.shape) for s in spec]}")
+        calib = load_calib(args.int8, args.calib_samples, tuple(spec[0].shape[1:]), args.data_dir)
+        q = os.path.join(tmp, f"{i}.int8.onnx")
+        rel = quantize_file(p, q, calib, samples=args.calib_samples)
+        name = os.path.basename(p) if os.path.basename(p) not in out else f"{i}:{os.path.basename(p)}"
+        _say(f"{name}: int8 max error {rel:.3g} of the output range on the calibration data")
+        out[name], out[f"{name} int8"] = p, q
+    return out
 
 
 def _write_text(path: str, text: str) -> None:
@@ -357,6 +380,7 @@ BENCH_EXAMPLES = """\
 examples:
   fxprune bench base.onnx slim.onnx                  # batch 1 and 64; ratios against base.onnx
   fxprune bench base.onnx slim.onnx --batch 1 8 64 --threads 1 --json latency.json
+  fxprune bench slim.onnx --int8 fashion-mnist      # each file beside its int8 (static QDQ) version
 """
 DEMO_EXAMPLES = """\
 examples:
@@ -457,6 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: its own choice)")
     p.add_argument("--min-time", type=float, default=1.0, metavar="S", help="seconds of timed runs per measurement")
     p.add_argument("--json", metavar="FILE", help="also write the numbers to this JSON file")
+    p.add_argument("--int8", metavar="SRC", help="also time each file's int8 version (ONNX Runtime static "
+                   "quantization, QDQ, per-channel weights), calibrated on SRC: fashion-mnist or a .pt tensor file")
+    p.add_argument("--calib-samples", type=_positive_int, default=512, metavar="N",
+                   help="calibration samples for --int8 (default 512)")
+    p.add_argument("--data-dir", metavar="DIR", help="Fashion-MNIST folder for --int8 fashion-mnist")
     p.set_defaults(func=cmd_bench, command_parser=p)
 
     p = add("demo", "Train a small CNN on Fashion-MNIST, prune it with every method to the same FLOPs, fine-tune, "

@@ -43,6 +43,9 @@ class ExportReport:
     file_size: int  # bytes
     exporter: str = "dynamo"  # "dynamo" or "legacy" (the fallback)
     checked_batch: int = 0  # the batch size the ORT check ran at
+    quantize: Optional[str] = None  # "int8": the file is ORT's static QDQ int8 model of the verified float one
+    int8_rel_diff: Optional[float] = None  # max|int8 - float| / max|float| on the calibration data
+    int8_note: str = ""
 
 
 def resize_batch(inputs: Sequence[torch.Tensor], batch: int) -> tuple:
@@ -65,12 +68,22 @@ def export_onnx(
     *,
     tolerance: float = 1e-4,
     opset: Optional[int] = None,
+    quantize: Optional[str] = None,
+    calib=None,
+    calib_samples: int = 512,
 ) -> ExportReport:
     """Export ``model`` to ``path`` (one .onnx file, dim 0 of every input and output dynamic) and verify it.
 
     ``tolerance`` is relative: max|ort - torch| / max(max|torch|, tiny), per output. ``opset`` None takes the
     exporter's default. The model runs in eval mode during export; its training flags are restored afterwards.
+    ``quantize="int8"`` writes ONNX Runtime's static int8 (QDQ, per-channel weights) model of the verified float
+    file instead, its activation ranges calibrated on ``calib`` (up to ``calib_samples`` samples); the int8
+    error against the float file is reported (``int8_rel_diff``, ``int8_note``), not enforced.
     """
+    from .quantize import check_quantize_args
+    check_quantize_args(quantize, calib)
+    if quantize is not None:
+        return _export_int8(model, example_inputs, path, tolerance, opset, calib, calib_samples)
     inputs = as_input_tuple(example_inputs)
     if not tolerance > 0:
         raise ConfigError(f"tolerance must be > 0, got {tolerance}")
@@ -116,6 +129,23 @@ def export_onnx(
         _remove(tmp + ".data")
         raise
     return ExportReport(path, max_abs, rel, os.path.getsize(path), exporter, batch)
+
+
+def _export_int8(model, example_inputs, path, tolerance, opset, calib, calib_samples) -> ExportReport:
+    """The verified float file in a temp, ORT's int8 model of it in another, the check, then the move."""
+    from . import quantize as q
+    if isinstance(calib_samples, bool) or not isinstance(calib_samples, int) or calib_samples < 1:
+        raise ConfigError(f"calib_samples must be a positive int, got {calib_samples!r}")
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ExportError(f"cannot export to {path}: folder {folder} does not exist; create it first")
+    inputs = as_input_tuple(example_inputs)
+    with q.temp_path(folder, ".fp32.onnx") as fp32:
+        report = export_onnx(model, inputs, fp32, tolerance=tolerance, opset=opset)
+        rel = q.quantize_file(fp32, path, calib, inputs, calib_samples)
+    return ExportReport(path, report.max_abs_diff, report.rel_diff, os.path.getsize(path), report.exporter,
+                        report.checked_batch, "int8", rel, q.note(rel))
 
 
 def _check_outputs(model: nn.Module, inputs: tuple) -> None:
