@@ -36,6 +36,7 @@ from torch import nn
 
 from .errors import CheckpointError, ConfigError
 from .fileio import atomic_write
+from .retry import STORED  # per module: the user's own width attributes that freeze-and-retry updated
 
 FORMAT = "fxprune-slim"
 VERSION = 2
@@ -104,7 +105,8 @@ def _copy(t: torch.Tensor) -> torch.Tensor:
 
 
 def _describe(mod: nn.Module) -> dict:
-    widths = {a: _plain(getattr(mod, a)) for a in WIDTH_ATTRS if a in vars(mod) and _is_width(getattr(mod, a))}
+    names = WIDTH_ATTRS + tuple(vars(mod).get(STORED, ()))  # and the stored widths freeze-and-retry updated
+    widths = {a: _plain(getattr(mod, a)) for a in names if a in vars(mod) and _is_width(getattr(mod, a))}
     config = {}
     if _is_torch_nn(mod):
         for k, v in vars(mod).items():

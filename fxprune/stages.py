@@ -172,6 +172,8 @@ def finish(job: Job, decisions: dict[int, Decision], zeroed: dict[int, np.ndarra
             ctx.notes[:] = notes0
             if step == "freeze":
                 decisions = _redecide(job, decisions, retry, redecide)
+                if zeroed:  # a frozen group keeps every channel, the ones its training-time mask zeroed too
+                    zeroed = {g: z for g, z in zeroed.items() if g not in retry.frozen}
                 ctx.notes[:] = notes0 = list(dict.fromkeys(ctx.notes))  # the method ran again: its notes once
     _retry_notes(job, retry, result)
     result.frozen_by_verification, result.retry_rounds = dict(retry.frozen), retry.rounds
@@ -232,7 +234,11 @@ def _redecide(job: Job, decisions: dict, retry, redecide) -> dict:
         an.groups[g].frozen = an.groups[g].frozen or why
     if t.amounts is not None:
         t.amounts = {g: a for g, a in t.amounts.items() if g not in retry.frozen}
-    if redecide is None:
+    if redecide is None:  # a training-time method: its decisions were made while training
+        note = ("the groups frozen after verification keep every channel (a training-time method's other "
+                "decisions stand)")
+        if note not in job.ctx.notes:
+            job.ctx.notes.append(note)
         return {g: d for g, d in decisions.items() if g not in retry.frozen}
     if not job.ctx.prunable:
         raise NothingToPruneError(

@@ -242,3 +242,42 @@ def test_no_decision_empties_a_piece_that_one_conv_reads_alone(method, route):
     if "amount" in route:
         assert len(keep) == 8  # the amount still holds: the weak piece's best channel replaced a strong one
         assert np.isin(np.arange(4), keep).sum() == 1
+
+
+def test_an_updated_stored_width_survives_save_and_load(tmp_path):
+    model = ConvNet(CSPStage()).eval()
+    res = fxprune.prune(model, torch.randn(2, 3, 8, 8), "l1", amount=0.5, round_to=None, progress=False)
+    path = tmp_path / "slim.pt"
+    fxprune.save(res, path)
+    fresh = fxprune.load(path, ConvNet(CSPStage()).eval())
+    assert fresh.block.expand_chs == 16
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        assert rel_err(fresh(x), res.model(x)) < TOL
+
+
+@pytest.mark.parametrize("method", ["csgd", "aofp"])
+def test_a_training_time_method_freezes_the_same_way(method):
+    """prepare/finalize: the decisions were made while training, so the frozen groups are dropped from them (no
+    re-decision) and the rest stands; strict=True refuses."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    for strict in (True, False):
+        model = ConvNet(Blur(16, in_dict=True)).eval()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        pruner = fxprune.prepare(model, x, method, optimizer=opt, steps=4, amount=0.5, round_to=None,
+                                 progress=False, strict=strict)
+        model.train()
+        for _ in range(4):
+            opt.zero_grad()
+            model(torch.randn(4, 3, 8, 8)).square().mean().backward()
+            opt.step()
+        if strict:
+            with pytest.raises(VerificationError, match="module 'block'"):
+                pruner.finalize()
+            pruner.remove()
+            continue
+        res = pruner.finalize()
+        stem = next(g for g in res.analysis.groups if "stem" in g.modules)
+        assert res.frozen_by_verification[stem.gid].startswith("module block reads a stored width")
+        assert "mid" in _pruned_modules(res) and res.verified < 1e-4
