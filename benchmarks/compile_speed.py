@@ -77,7 +77,7 @@ def fx_staged(model: nn.Module, x: torch.Tensor, amount: float) -> dict:
     c2 = time.perf_counter()
     prunable = [g for g in an.groups if g.prunable]
     target = Target(amounts={g.gid: amount for g in prunable})
-    ctx = PruneContext(model=model, analysis=an, target=target, example_inputs=example,
+    ctx = PruneContext(analysis=an, target=target, example_inputs=example,
                        progress=False)
     decisions = decide_fn(ctx)
     c3 = time.perf_counter()

@@ -101,7 +101,7 @@ def policy_name(p) -> str:
 def round_only_wide(above: int):
     """Make fxprune's width solver round only the groups whose full width exceeds ``above``.
 
-    fxprune.targets moves every group's width in steps of ``unit(group, round_to)`` (rounding and the greedy
+    fxprune.targets moves every group's width in steps of ``width_step(group, round_to)`` (rounding and the greedy
     fill alike); for the narrow groups this swaps in the unit of round_to=None. (Older fxprune.targets, without
     ``unit``: round_width(k, n, round_to) is swapped instead.)"""
     name = "unit" if hasattr(fx_targets, "unit") else "round_width"
@@ -111,7 +111,7 @@ def round_only_wide(above: int):
         return g if isinstance(g, int) else g.width
 
     def patched(a, b, round_to=None):
-        if name == "unit":  # unit(group, round_to)
+        if name == "width_step":  # width_step(group, round_to)
             return original(a, b if width_of(a) > above else None)
         return original(a, b, round_to if width_of(b) > above else None)  # round_width(k, n, round_to)
 

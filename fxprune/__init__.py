@@ -8,11 +8,13 @@
 See README.md for the pipeline (capture -> analysis -> method -> rewrite -> verify -> ONNX).
 """
 
-from .api import PruneResult, compile, describe_groups, groups, prune  # noqa: A004
-from .training import Pruner, TrainingMethod, prepare
+from .api import PruneResult, compile, describe_groups, groups, prepare, prune  # noqa: A004
+from .training import Pruner, TrainingMethod
 from .checkpoint import load, save
 from .errors import (CaptureError, CheckpointError, ConfigError, DataError, ExportError, FxPruneError,
                      NothingToPruneError, RewriteError, TargetError, VerificationError)
+from .modules import register_module
+from .ops import register_op
 from .rewrite import Decision
 
 __version__ = "0.1.0"
@@ -30,6 +32,6 @@ def __getattr__(name):
 
 
 __all__ = ["compile", "prune", "prepare", "Pruner", "TrainingMethod", "groups", "describe_groups", "PruneResult",
-           "Decision", "save", "load",
+           "Decision", "save", "load", "register_op", "register_module",
            "FxPruneError", "CaptureError", "CheckpointError", "ConfigError", "DataError", "ExportError",
            "NothingToPruneError", "RewriteError", "TargetError", "VerificationError", *_LAZY]

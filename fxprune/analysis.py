@@ -143,8 +143,7 @@ class _UnionFind:
                 if ry in self.mixing and rx not in self.mixing:
                     self.mixing[rx] = self.mixing[ry]
 
-    def freeze(self, ids: np.ndarray, why: str):
-        mixing = "normaliz" in why or "mixes channels" in why
+    def freeze(self, ids: np.ndarray, why: str, mixing: bool = False):
         for i in ids.tolist():
             r = self.find(i)
             self.reason.setdefault(r, why)
@@ -209,7 +208,7 @@ class Analysis:
         elif node.op == "call_function":
             h = ops.handler(node.target)
             if h.rule is None:
-                self._set(node, self.barrier(node, ops.barrier_reason(node.target)))
+                self._set(node, self.barrier(node, ops.barrier_reason(node.target), mixing=h.mixes_channels))
             elif not h.heads and any(cm.heads for a in _flat_nodes(node.args) + _flat_nodes(node.kwargs)
                                      for cm in _flat_cmaps(self.channel_map(a))):
                 self._set(node, self.barrier(node, f"{op_name(node.target)} on a tensor split into attention "
@@ -256,12 +255,13 @@ class Analysis:
     def where_text(self, node: Node, why: str) -> str:
         return f"{why} ({_where(node)})"
 
-    def barrier(self, node: Node, why: str) -> None:
-        """Freeze every tracked channel among the node's inputs, and record why. Returns None (no channels)."""
+    def barrier(self, node: Node, why: str, mixing: bool = False) -> None:
+        """Freeze every tracked channel among the node's inputs, and record why (``mixing``: the op mixes the
+        channels, e.g. a normalization: the report names it first). Returns None (no channels)."""
         why = self.where_text(node, why)
         for arg in _flat_nodes(node.args) + _flat_nodes(node.kwargs):
             for cm in _flat_cmaps(self.channel_map(arg)):
-                self.uf.freeze(cm.ids, why)
+                self.uf.freeze(cm.ids, why, mixing)
         self.barrier_nodes.append(node)
         self.barriers.append(Barrier(node.name, node_module_path(node), why))
         return None
@@ -303,23 +303,13 @@ class Analysis:
         if arg.op == "get_attr":
             shape = shape_of(arg)
             return (self.param_fqn(arg), list(range(len(shape)))) if shape is not None else None
-        family = ops.handler(arg.target).family if arg.op == "call_function" else None
-        if family not in ("identity", "cast", "permute", "expand"):
-            return None
-        if family == "expand" and len(shape_of(arg)) != len(shape_of(arg.args[0])):
-            return None
-        inner = self.param_view(arg.args[0])
+        layout = ops.handler(arg.target).layout if arg.op == "call_function" else None
+        inner = self.param_view(arg.args[0]) if layout is not None else None
         if inner is None:
             return None
         fqn, dims = inner
-        name, rank = op_name(arg.target), len(dims)
-        if name == "aten.permute":
-            dims = [dims[d % rank] for d in arg.args[1]]
-        elif name == "aten.transpose" or (name == "aten.t" and rank == 2):
-            d0, d1 = (arg.args[1] % rank, arg.args[2] % rank) if name == "aten.transpose" else (0, 1)
-            dims = list(dims)
-            dims[d0], dims[d1] = dims[d1], dims[d0]
-        return fqn, dims
+        perm = layout(arg, len(dims))  # output dim i shows input dim perm[i]
+        return None if perm is None else (fqn, [dims[p] for p in perm])
 
     def params_feeding(self, node) -> list[str]:
         """The parameters (canonical names) a computed tensor is computed from, in graph order."""
@@ -399,7 +389,7 @@ class Analysis:
             if fqn not in by_fqn:
                 continue
             for user in self._readers(node):
-                if user in self.param_users.get(fqn, ()) or ops.handler(user.target).family == "ignore":
+                if user in self.param_users.get(fqn, ()) or not ops.handler(user.target).reads_data:
                     continue
                 for s in by_fqn[fqn]:
                     self.uf.freeze(s.ids, f"parameter {self.fqn_text(fqn)} is also read by {_where(user)}")
@@ -608,7 +598,7 @@ class Analysis:
         if node.op != "call_function":
             return None
         h = ops.handler(node.target)
-        if h.family in ("getitem", "split", "slice"):
+        if h.takes_part:
             return node.args[0] if isinstance(node.args[0], Node) else None
         nxt = h.through(self, node, gid)
         return nxt if isinstance(nxt, Node) and not _is_heads(self.cmap(nxt)) else None

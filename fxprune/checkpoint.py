@@ -15,7 +15,8 @@ so loading never runs pickled code::
                         "config": {"kernel_size": (3, 3), ...}, "tensors": {"scale": tensor}}},
      "info": {"method": "l1", ...}}
 
-``widths`` are the size attributes pruning changes (``WIDTH_ATTRS``); ``tensors`` are plain tensor attributes and
+``widths`` are the size attributes pruning changes (``modules.width_attributes()``); ``tensors`` are plain tensor
+attributes and
 non-persistent buffers (per-channel scales the rewrite slices); ``config`` holds the other plain attributes of
 torch.nn's own modules (kernel_size, stride, eps, ...). ``info`` is free metadata (the command line records its
 model spec there, so ``fxprune.load(path)`` can rebuild zoo models and nn.Module classes).
@@ -36,16 +37,11 @@ from torch import nn
 
 from .errors import CheckpointError, ConfigError
 from .fileio import atomic_write
+from .modules import width_attributes
 from .retry import STORED  # per module: the user's own width attributes that freeze-and-retry updated
 
 FORMAT = "fxprune-slim"
 VERSION = 2
-# Size attributes that follow the tensors when channels, features, (depthwise) groups or attention heads are
-# removed (the Hugging Face ones: fxprune/hf.py). Add a name here when the rewrite learns to change another one.
-WIDTH_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
-               "num_channels", "num_groups", "embedding_dim", "normalized_shape", "nf", "nx",
-               "num_attention_heads", "num_heads", "n_head", "n_heads", "all_head_size", "split_size",
-               "num_key_value_heads", "intermediate_size")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -105,12 +101,15 @@ def _copy(t: torch.Tensor) -> torch.Tensor:
 
 
 def _describe(mod: nn.Module) -> dict:
-    names = WIDTH_ATTRS + tuple(vars(mod).get(STORED, ()))  # and the stored widths freeze-and-retry updated
-    widths = {a: _plain(getattr(mod, a)) for a in names if a in vars(mod) and _is_width(getattr(mod, a))}
+    # the size attributes that follow the tensors when channels, features, groups or heads are removed (the
+    # module table's, fxprune/modules.py, with those of registered user modules), and the user's own stored
+    # widths that freeze-and-retry updated
+    width_attrs = tuple(width_attributes()) + tuple(vars(mod).get(STORED, ()))
+    widths = {a: _plain(getattr(mod, a)) for a in width_attrs if a in vars(mod) and _is_width(getattr(mod, a))}
     config = {}
     if _is_torch_nn(mod):
         for k, v in vars(mod).items():
-            if not k.startswith("_") and k != "training" and k not in WIDTH_ATTRS and _plain(v) is not _NOT_PLAIN:
+            if not k.startswith("_") and k != "training" and k not in width_attrs and _plain(v) is not _NOT_PLAIN:
                 config[k] = _plain(v)
     tensors = {k: _copy(v) for k, v in vars(mod).items() if isinstance(v, torch.Tensor)}
     tensors.update({k: _copy(v) for k, v in mod._buffers.items()

@@ -178,8 +178,9 @@ def cmd_prune(args, parser) -> int:
     if args.method not in passes.names():
         parser.error(f"argument --method: unknown method {args.method!r}; registered: {', '.join(passes.names())}")
     options = dict(args.method_option or [])
-    if args.amount is None and args.target_flops is None and args.target_params is None and "tol" not in options:
-        parser.error("say how much to prune: one of --amount, --target-flops, --target-params")
+    if args.amount is None and args.target_flops is None and args.target_params is None \
+            and args.target_latency is None and "tol" not in options:
+        parser.error("say how much to prune: one of --amount, --target-flops, --target-params, --target-latency")
     outs = [(p, w) for p, w in ((args.out, "slim model file"), (args.onnx, "ONNX file")) if p]
     if args.out and args.onnx and os.path.abspath(args.out) == os.path.abspath(args.onnx):
         parser.error("--out and --onnx must be different files")
@@ -200,8 +201,9 @@ def cmd_prune(args, parser) -> int:
     _say(f"pruning {args.model} ({type(model).__name__}, input {list(shape)}) with method {args.method} ...")
     res = prune(model, x, args.method, amount=args.amount, target_flops=args.target_flops,
                 target_params=args.target_params, round_to=_round_to(args.round_to), ignore=args.ignore or (),
-                calib=calib,
-                verify=not args.no_verify, strict=args.strict, progress=True, **options)
+                calib=calib, target_latency=args.target_latency, latency_batch=args.latency_batch,
+                latency_threads=args.latency_threads, verify=not args.no_verify, strict=args.strict, progress=True,
+                **options)
     print(res.report)  # FLOPs there are per sample
 
     created, temps = [], {}
@@ -365,6 +367,7 @@ examples:
   fxprune prune mypkg.models:build_net --input-shape 3,224,224 --method l2 --target-params 0.6 \\
       --ignore 'head.*' --out slim.pt
   fxprune prune resnet20 --method id --calib calib.pt -O tol=0.05     # ID picks widths by error tolerance
+  fxprune prune resnet20 --method l1 --target-latency 0.5 --latency-threads 1   # half the measured ORT time
 
 MODEL is a zoo name (lenet5, vgg-small, resnet20, ...) or package.module:callable returning an nn.Module
 (modules in the current folder are found). A slim model loads back with fxprune.load(path)
@@ -439,6 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep this fraction of the FLOPs, e.g. 0.5 (never exceeded)")
     target.add_argument("--target-params", type=_fraction(True, False, "fraction of parameters kept"),
                         metavar="P", help="keep this fraction of the parameters, e.g. 0.6 (never exceeded)")
+    target.add_argument("--target-latency", type=_fraction(True, False, "fraction of the measured latency kept"),
+                        metavar="L", help="keep this fraction of the model's ONNX Runtime latency on this machine, "
+                        "e.g. 0.5 (measured; never exceeded)")
+    p.add_argument("--latency-batch", type=_positive_int, default=1, metavar="B",
+                   help="batch size --target-latency is measured at (default 1)")
+    p.add_argument("--latency-threads", type=_positive_int, metavar="N",
+                   help="ONNX Runtime intra-op threads for --target-latency (default: its own choice)")
     p.add_argument("--round-to", type=_positive_int, metavar="N",
                    help="round kept widths up to a multiple of N (default 16, measured best for ONNX Runtime's "
                         "CPU kernels; 1 for exact widths)")

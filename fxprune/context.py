@@ -1,4 +1,4 @@
-"""What a method pass sees: the groups, their targets, the model (read-only) and helpers that turn per-channel
+"""What a method pass sees: the groups, their targets, the calibration data and helpers that turn per-channel
 scores into decisions. A pass returns {group id: Decision}; it never edits a tensor.
 
 Example (a whole method)::
@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import nn
 
 from .analysis import Analysis
 from .rewrite import Decision
@@ -32,7 +31,6 @@ class Target:
 
 @dataclass
 class PruneContext:
-    model: nn.Module               # the user's eager model, full width: read it, never write it
     analysis: Analysis
     target: Target
     example_inputs: tuple

@@ -58,20 +58,10 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = flag
 
 
-def _cpu_flash_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_flop_count
-    return sdpa_flop_count(query, key, value)  # FlopCounterMode passes shapes
-
-
 def flop_counter() -> FlopCounterMode:
-    """FlopCounterMode with the formulas torch 2.13 lacks: scaled_dot_product_attention on CPU dispatches to
-    _scaled_dot_product_flash_attention_for_cpu, which it does not count (the same op on meta tensors, where the
-    cost model prices it, is counted through its math form: the two must agree)."""
-    extra = {}
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if op is not None:
-        extra[op] = _cpu_flash_attention_flops
-    return FlopCounterMode(display=False, custom_mapping=extra)
+    """FlopCounterMode with the formulas torch lacks (ops.extra_flop_formulas)."""
+    from .ops import extra_flop_formulas
+    return FlopCounterMode(display=False, custom_mapping=extra_flop_formulas())
 
 
 def count_flops(model: nn.Module, example_inputs: Inputs) -> int:

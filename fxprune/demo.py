@@ -334,7 +334,7 @@ def _train_with(method, base, example, train, test, row, target_flops, round_to,
     import copy
 
     from .finetune import evaluate, finetune
-    from .training import prepare
+    from .api import prepare
 
     model = copy.deepcopy(base)
     pruners = []

@@ -3,7 +3,8 @@
 A slim model must run its own eager forward, ``generate()`` and ONNX export, so every width its code reads must
 follow the tensors (measured on transformers 5.24):
 
-    read by forward     GPT2Attention.split_size (q/k/v split of the fused c_attn), Conv1D.nf (its output width),
+    read by forward     GPT2Attention.split_size (q/k/v split of the fused c_attn), Conv1D.nf (its output width,
+                        kept by fxprune/modules.py),
                         MobileViTSelfAttention.all_head_size (its merge view), num_key_value_groups (repeat_kv;
                         unchanged here: a kv head is pruned together with its query heads)
     bookkeeping         num_attention_heads / num_heads, BertSelfAttention.all_head_size, LlamaMLP.intermediate_size
@@ -13,16 +14,19 @@ recognized by their attributes, and an attribute is changed only when it holds t
 shows (so a same-named attribute meaning something else is left alone).
 
 The handlers of the ops an attention issues (ops.ATTENTION, ops.MATMUL on heads) name ``fix_attention`` as their
-``fix_module``; rewrite.update_attributes calls ``update_module`` for every module after the tensors were sliced.
+``fix_module``; modules.resize calls ``update_module`` for every module after the tensors were sliced.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 HEAD_COUNTS = ("num_attention_heads", "num_heads", "n_head", "n_heads")
 HEAD_WIDTHS = ("all_head_size", "split_size")
 INTERMEDIATE = (("intermediate_size", "down_proj"),)  # (width attribute, the linear that reads that width)
+# what a slim checkpoint records of these (Conv1D's nf / nx: fxprune/modules.py)
+WIDTH_ATTRS = (*HEAD_COUNTS, *HEAD_WIDTHS, "num_key_value_heads", *(a for a, _ in INTERMEDIATE))
 
 
 def _set_if(module: nn.Module, attr: str, old: int, new: int):
@@ -73,11 +77,8 @@ def _record_layer(module: nn.Module, head_dim: int, **widths):
 
 
 def update_module(mod: nn.Module):
-    """Width attributes that follow a module's own (already sliced) tensors."""
-    w = getattr(mod, "weight", None)
-    if type(mod).__name__ == "Conv1D" and hasattr(mod, "nf") and w is not None and w.dim() == 2:
-        mod.nx, mod.nf = w.shape  # GPT-2's Conv1D: y = x @ W + b with W (in, out)
+    """Width attributes of a container that follow a child's (already sliced) tensors."""
     for attr, reader in INTERMEDIATE:
-        lin = getattr(mod, reader, None)
-        if isinstance(getattr(mod, attr, None), int) and isinstance(lin, nn.Linear):
-            setattr(mod, attr, lin.weight.shape[1])  # its tensor: the parent is updated before the child
+        w = getattr(getattr(mod, reader, None), "weight", None)
+        if isinstance(getattr(mod, attr, None), int) and isinstance(w, torch.Tensor) and w.dim() == 2:
+            setattr(mod, attr, w.shape[1])  # its tensor (a Linear's (out, in)): the parent is updated first

@@ -24,6 +24,16 @@ An ``OpHandler`` says, for the ops it is registered under in ``HANDLERS``:
     bn_tuple        training methods that apply the layer's normalization themselves (training.output_probe)
     heads           its rule understands head maps (a channel dim split into (heads, head_dim), cmap.py); any
                     other op that a head map reaches is a barrier
+    mixes_channels  a barrier that mixes the channels it freezes (a normalization): the report names it first
+                    for a frozen stream
+    elementwise     a function of each element alone (training.output_probe applies it to a layer's output)
+    reads_data      False for ops no tensor data flows through (asserts, sizes): a parameter they read is not
+                    "also read" elsewhere
+    takes_part      its output is a piece of its first input (getitem, split, slice)
+    layout          layout(node, rank) -> for each output dim the input dim it shows, for ops that only move
+                    dims (identity, cast, permute, same-rank expand): a parameter seen through it is still
+                    that parameter; None: not a layout-only view
+    groups_arg      a convolution's ``groups`` argument position (fix_conv_groups rewrites it)
 
 Any op without a handler is a barrier: the channels that reach it are frozen and the report names the op, the
 node and the module — never guessed.
@@ -67,6 +77,12 @@ class OpHandler:
     bn_eps_arg: int | None = None
     bn_tuple: bool = False
     heads: bool = False
+    mixes_channels: bool = False
+    elementwise: bool = False
+    reads_data: bool = True
+    takes_part: bool = False
+    layout: Callable | None = None
+    groups_arg: int | None = None
 
     def through(self, an, node, gid: int):
         """The input node a consumer's reconstruction may be taken at instead of this node's output (T commutes
@@ -95,19 +111,30 @@ def _single_carrier(an, node, gid):
     return carriers.pop() if len(carriers) == 1 else None
 
 
+def _same_layout(node, rank):
+    return list(range(rank))
+
+
+def _same_rank_layout(node, rank):
+    """expand without new leading dims shows its input's dims in place."""
+    return list(range(rank)) if len(node.meta["val"].shape) == len(node.args[0].meta["val"].shape) else None
+
+
 # ---- the families ---------------------------------------------------------------------------------------------
-ELEMENTWISE = OpHandler("elementwise", rules.passthrough, heads=True)      # nonlinear per element: Z after it
-IDENTITY = OpHandler("identity", rules.passthrough, commutes=True, heads=True)  # copies, dropout at eval
-CAST = OpHandler("cast", rules.passthrough, dtype_only_args=(1,), heads=True)  # .to(other) / type_as(other)
+ELEMENTWISE = OpHandler("elementwise", rules.passthrough, heads=True, elementwise=True)  # nonlinear: Z after it
+IDENTITY = OpHandler("identity", rules.passthrough, commutes=True, heads=True, layout=_same_layout)  # copies
+CAST = OpHandler("cast", rules.passthrough, dtype_only_args=(1,), heads=True, layout=_same_layout)  # .to(other)
 MAX_POOL = OpHandler("pool", rules.pool)
 LINEAR_POOL = OpHandler("pool", rules.pool, commutes=True)                 # averages, upsampling: linear
 JOIN = OpHandler("join", rules.join, heads=True)
-CONV = OpHandler("conv", functools.partial(rules.conv, transposed=False), fix_shape=shapes.fix_conv_groups,
-                 has_flops=True)
-CONV_TRANSPOSE = OpHandler("conv", functools.partial(rules.conv, transposed=True),
-                           fix_shape=shapes.fix_conv_groups, has_flops=True)
-CONVOLUTION = OpHandler("conv", functools.partial(rules.conv, transposed=None), fix_shape=shapes.fix_conv_groups,
-                        has_flops=True)                                     # aten.convolution: flags in its args
+# conv2d(x, w, b, stride, padding, dilation, groups); conv_transpose2d(x, w, b, stride, padding, output_padding,
+# groups, dilation); convolution(x, w, b, stride, padding, dilation, transposed, output_padding, groups)
+CONV = OpHandler("conv", functools.partial(rules.conv, transposed=False, groups_arg=6),
+                 fix_shape=shapes.fix_conv_groups, has_flops=True, groups_arg=6)
+CONV_TRANSPOSE = OpHandler("conv", functools.partial(rules.conv, transposed=True, groups_arg=6),
+                           fix_shape=shapes.fix_conv_groups, has_flops=True, groups_arg=6)
+CONVOLUTION = OpHandler("conv", functools.partial(rules.conv, transposed=6, groups_arg=8),
+                        fix_shape=shapes.fix_conv_groups, has_flops=True, groups_arg=8)
 LINEAR = OpHandler("linear", rules.linear, has_flops=True)
 # x @ W with a parameter W; or a product of two head maps (attention's q @ k^T and probs @ v)
 MATMUL = OpHandler("matmul", functools.partial(rules.matmul, data=0, weight=1), has_flops=True, heads=True,
@@ -123,21 +150,22 @@ LINEAR_REDUCE = OpHandler("reduce", rules.reduce, commutes=True, heads=True)
 REDUCE = OpHandler("reduce", rules.reduce, heads=True)
 VIEW = OpHandler("reshape", rules.reshape, commutes=True, fix_shape=shapes.fix_view, heads=True)
 RESHAPE = OpHandler("reshape", rules.reshape, commutes=True, heads=True)   # flatten/squeeze: no sizes to fix
-EXPAND = OpHandler("expand", rules.expand, commutes=True, fix_shape=shapes.fix_view, heads=True)
-PERMUTE = OpHandler("permute", rules.permute, commutes=True, heads=True)
+EXPAND = OpHandler("expand", rules.expand, commutes=True, fix_shape=shapes.fix_view, heads=True,
+                   layout=_same_rank_layout)
+PERMUTE = OpHandler("permute", rules.permute, commutes=True, heads=True, layout=rules.permuted_dims)
 SELECT = OpHandler("select", rules.select, commutes=True, heads=True)
 ROLL = OpHandler("roll", rules.roll, commutes=True, heads=True)
 INDEX = OpHandler("index", rules.index, heads=True)
 CAT = OpHandler("cat", rules.cat, commutes=_single_carrier, heads=True)
-SPLIT = OpHandler("split", rules.split, fix_shape=shapes.fix_split, heads=True)
-SLICE = OpHandler("slice", rules.slice_, fix_shape=shapes.fix_slice, heads=True)
+SPLIT = OpHandler("split", rules.split, fix_shape=shapes.fix_split, heads=True, takes_part=True)
+SLICE = OpHandler("slice", rules.slice_, fix_shape=shapes.fix_slice, heads=True, takes_part=True)
 PAD = OpHandler("pad", rules.pad, commutes=_zero_pad_input)
-GETITEM = OpHandler("getitem", rules.getitem, heads=True)
-IGNORE = OpHandler("ignore", rules.nothing, heads=True)                     # no tensor flows (asserts, sizes)
+GETITEM = OpHandler("getitem", rules.getitem, heads=True, takes_part=True)
+IGNORE = OpHandler("ignore", rules.nothing, heads=True, reads_data=False)  # no tensor flows (asserts, sizes)
 
 
-def _barrier(why: str, has_flops: bool = False) -> OpHandler:
-    return OpHandler("barrier", barrier=why, has_flops=has_flops)
+def _barrier(why: str, has_flops: bool = False, mixes_channels: bool = False) -> OpHandler:
+    return OpHandler("barrier", barrier=why, has_flops=has_flops, mixes_channels=mixes_channels)
 
 
 HANDLERS: dict[str, OpHandler] = {
@@ -199,8 +227,8 @@ HANDLERS: dict[str, OpHandler] = {
     ), IGNORE),
     # known barriers: the reason goes into the report
     **dict.fromkeys(("aten.layer_norm", "aten.native_layer_norm"),
-                    _barrier("normalizes across channels (LayerNorm statistics mix them)")),
-    "aten.group_norm": _barrier("normalizes across channels within groups"),
+                    _barrier("normalizes across channels (LayerNorm statistics mix them)", mixes_channels=True)),
+    "aten.group_norm": _barrier("normalizes across channels within groups", mixes_channels=True),
     "aten.baddbmm": _barrier("is a batched matrix product plus a tensor", has_flops=True),
     "aten.einsum": _barrier("is an einsum (a product over named dims)", has_flops=True),
     "aten.embedding": _barrier("looks up rows of its weight by index"),
@@ -221,6 +249,13 @@ def node_handler(node) -> OpHandler | None:
     return handler(node.target) if node.op == "call_function" else None
 
 
+def tuple_item(node) -> int | None:
+    """The index ``node`` takes out of a multi-output op's result (output[i]), or None when it is no such pick."""
+    if node.op == "call_function" and op_name(node.target) == "_operator.getitem" and isinstance(node.args[1], int):
+        return node.args[1]
+    return None
+
+
 def barrier_reason(target) -> str:
     name = op_name(target)
     h = HANDLERS.get(name)
@@ -238,3 +273,50 @@ def bn_stat_args(node) -> tuple[int, int] | None:
     if any(len(node.args) <= i or getattr(node.args[i], "op", None) != "get_attr" for i in h.bn_stat_args):
         return None
     return h.bn_stat_args
+
+
+def _cpu_flash_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+    return sdpa_flop_count(query, key, value)  # FlopCounterMode passes shapes
+
+
+def extra_flop_formulas() -> dict:
+    """{op: FLOP formula} for eager ops FlopCounterMode does not count (cost.flop_counter): scaled_dot_product_
+    attention on CPU dispatches to _scaled_dot_product_flash_attention_for_cpu (the same op on meta tensors,
+    where the cost model prices it, is counted through its math form: the two must agree)."""
+    import torch
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return {} if op is None else {op: _cpu_flash_attention_flops}
+
+
+# ---- extension --------------------------------------------------------------------------------------------------
+FAMILIES = {"elementwise": ELEMENTWISE, "identity": IDENTITY, "max_pool": MAX_POOL, "linear_pool": LINEAR_POOL,
+            "join": JOIN, "reduce": REDUCE, "linear_reduce": LINEAR_REDUCE, "ignore": IGNORE}
+
+
+def barrier(why: str, has_flops: bool = False, mixes_channels: bool = False) -> OpHandler:
+    """A handler for an op whose channels must stay: ``why`` goes into the report after the op's name."""
+    return _barrier(why, has_flops, mixes_channels)
+
+
+def register_op(op, handler) -> OpHandler:
+    """Tell fxprune how channels flow through an op of your own (a torch.library custom op, or an ATen op it
+    does not know yet). ``op``: the op (``torch.ops.mylib.blur``, or one overload of it) or its table name
+    (``"aten.hardshrink"``); ``handler``: an OpHandler, ``barrier("why")``, or a family name: one of FAMILIES
+    ("elementwise": a nonlinear function of each element; "identity": a copy; "linear_pool": linear per channel,
+    keeps the channel dim; ...). Replaces what the table had for that op."""
+    if isinstance(handler, str):
+        if handler not in FAMILIES:
+            raise ValueError(f"unknown op family {handler!r}; one of: {', '.join(FAMILIES)}, or pass an OpHandler")
+        handler = FAMILIES[handler]
+    if not isinstance(handler, OpHandler):
+        raise TypeError(f"handler must be an OpHandler or a family name, got {type(handler).__name__}")
+    if isinstance(op, str):
+        names = [op]
+    elif hasattr(op, "overloads"):  # a packet: every overload of it
+        names = [op_name(getattr(op, o)) for o in op.overloads()]
+    else:
+        names = [op_name(op)]
+    for name in names:
+        HANDLERS[name] = handler
+    return handler

@@ -32,6 +32,7 @@ from torch import nn
 
 from .analysis import _flat_cmaps
 from .capture import node_module_path
+from .modules import adapter
 from .ops import node_handler
 
 MAX_ROUNDS = 4
@@ -151,13 +152,14 @@ def _ints(args) -> list[int]:
 
 
 def stored_width_updates(plan, old_gm, slim_gm, work: nn.Module, module: str) -> list[tuple[str, str, int, int]]:
-    """(module, attribute, old, new) for each int attribute of ``module`` (a user's own class; torch.nn's and the
-    adapted ones keep their widths true themselves) whose value is a width the rewrite changed unambiguously."""
+    """(module, attribute, old, new) for each int attribute of ``module`` (a user's own class; the module table's,
+    fxprune/modules.py, keep their widths true themselves) whose value is a width the rewrite changed
+    unambiguously. This is the generic rule for the widths no adapter names."""
     try:
         mod = work.get_submodule(module)
     except AttributeError:
         return []
-    if type(mod).__module__.startswith("torch.nn"):
+    if adapter(mod) is not None:  # torch.nn's own and registered modules: modules.resize keeps them true
         return []
     widths = _width_map(plan, old_gm, slim_gm, module)
     out = []

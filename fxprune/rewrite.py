@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import hf
+from . import modules
 from .analysis import Analysis, Slot
 from .capture import node_module_path
 from .errors import RewriteError
@@ -293,23 +293,7 @@ def _put(module: nn.Module, name: str, value: torch.Tensor):
 
 
 def update_attributes(mod: nn.Module):
-    """Keep the standard modules' size attributes (used by repr, state-dict loading, F.* calls) true. Norms
-    without a per-channel tensor (InstanceNorm2d(affine=False)) are updated from the graph: Plan.fix_modules."""
-    w = getattr(mod, "weight", None)
-    if isinstance(mod, nn.modules.conv._ConvNd) and w is not None:
-        transposed = mod.transposed  # transposed weights are (in, out / groups, ...)
-        depthwise = mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels and w.shape[1] == 1
-        if depthwise:
-            mod.groups = w.shape[0]
-            mod.in_channels = mod.out_channels = w.shape[0]
-        else:
-            mod.out_channels = w.shape[1] * mod.groups if transposed else w.shape[0]
-            mod.in_channels = w.shape[0] if transposed else w.shape[1] * mod.groups
-    elif isinstance(mod, nn.Linear) and w is not None:
-        mod.out_features, mod.in_features = w.shape
-    elif isinstance(mod, nn.modules.batchnorm._NormBase):
-        ref = w if w is not None else mod.running_mean
-        if ref is not None:
-            mod.num_features = ref.shape[0]
-    else:
-        hf.update_module(mod)  # Hugging Face's Conv1D, MLP widths
+    """Keep a module's size attributes (used by repr, state-dict loading, F.* calls) true: the module table's
+    resize (fxprune/modules.py). Norms without a per-channel tensor (InstanceNorm2d(affine=False)) are updated
+    from the graph: Plan.fix_modules."""
+    modules.resize(mod)

@@ -133,13 +133,12 @@ def computed_weight(an, node, w, out_size: int, out_dim: int) -> CMap:
     return _fresh(an, out_size, out_dim, frozen=an.where_text(node, why))
 
 
-def conv(an, node, transposed: bool | None):
-    """Convolution; ``transposed`` None reads the flag from aten.convolution's own arguments."""
+def conv(an, node, transposed: bool | int, groups_arg: int):
+    """Convolution; ``transposed`` an int: the position of the op's own transposed flag (aten.convolution)."""
     x, w, b = node.args[0], node.args[1], _arg(node, 2, "bias")
-    if transposed is None:
-        transposed, groups = bool(node.args[6]), node.args[8]
-    else:
-        groups = _arg(node, 6, "groups", 1)
+    if not isinstance(transposed, bool):
+        transposed = bool(node.args[transposed])
+    groups = _arg(node, groups_arg, "groups", 1)
     cm = an.cmap(x)
     if cm is not None and cm.dim != 1:
         return an.barrier(node, "convolution over a tensor whose channels are not in dim 1")
@@ -217,7 +216,7 @@ def matmul(an, node, data: int, weight: int, bias: int | None = None):
 def batch_norm(an, node):
     cm = an.cmap(node.args[0])
     if cm is not None and cm.dim != 1:
-        return an.barrier(node, "normalization whose channel dim is not dim 1")
+        return an.barrier(node, "normalization whose channel dim is not dim 1", mixing=True)
     if cm is not None:
         for i, what in enumerate(("weight", "bias", "running mean", "running variance"), start=1):
             an.member(node, _arg(node, i, what), 0, cm, what)
@@ -234,7 +233,7 @@ def reduce(an, node):
         return an.barrier(node, "reduction over every dim, channels included")
     dims = {_norm(d, rank) for d in ([dims] if isinstance(dims, int) else dims)}
     if cm.dim in dims:
-        return an.barrier(node, "reduction over the channel dim mixes channels")
+        return an.barrier(node, "reduction over the channel dim mixes channels", mixing=True)
     if _arg(node, 2, "keepdim", False):
         return cm
     shift = lambda d: d - sum(x < d for x in dims)  # noqa: E731 - the dim's index once the reduced dims are gone
@@ -325,17 +324,31 @@ def _reshape_heads(an, node, cm: CMap, ins, outs):
     return an.barrier(node, f"reshape {ins} -> {outs} splits or regroups attention heads")
 
 
+def permuted_dims(node, rank: int) -> list[int] | None:
+    """For each output dim of a permute / transpose / t, the input dim it shows (None: t of a 1-D tensor...)."""
+    if node.target is torch.ops.aten.permute.default:
+        return [_norm(p, rank) for p in node.args[1]]
+    if len(node.args) >= 3:
+        d0, d1 = _norm(node.args[1], rank), _norm(node.args[2], rank)
+    elif rank == 2:  # t
+        d0, d1 = 0, 1
+    elif rank < 2:   # t of a vector or scalar: nothing moves
+        return list(range(rank))
+    else:
+        return None
+    dims = list(range(rank))
+    dims[d0], dims[d1] = d1, d0
+    return dims
+
+
 def permute(an, node):
     cm = an.cmap(node.args[0])
     if cm is None:
         return None
-    rank = len(shape_of(node))
-    if node.target is torch.ops.aten.permute.default:
-        perm = [_norm(p, rank) for p in node.args[1]]
-        move = perm.index
-    else:
-        d0, d1 = (0, 1) if len(node.args) < 3 else (_norm(node.args[1], rank), _norm(node.args[2], rank))
-        move = lambda d: {d0: d1, d1: d0}.get(d, d)  # noqa: E731
+    perm = permuted_dims(node, len(shape_of(node)))
+    if perm is None:
+        return an.barrier(node, "transpose without dims of a tensor above 2-D")
+    move = perm.index
     return cm.with_dim(move(cm.dim), None if cm.sub is None else move(cm.sub))
 
 
@@ -512,7 +525,7 @@ def softmax(an, node):
     if cm is None:
         return None
     if _norm(node.args[1], len(shape_of(node))) == cm.dim:
-        return an.barrier(node, "softmax over the channel dim mixes channels")
+        return an.barrier(node, "softmax over the channel dim mixes channels", mixing=True)
     return cm
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import modules
 from .errors import RewriteError
 from .rules import split_dim
 
@@ -72,7 +73,7 @@ def fix_slice(plan, node):
 
 def fix_conv_groups(plan, node):
     """A depthwise conv (input channel c -> output channel c) keeps groups equal to its slim width."""
-    gi = 8 if node.target is torch.ops.aten.convolution.default else 6
+    gi = plan.an.handler(node).groups_arg
     groups = node.args[gi] if len(node.args) > gi else node.kwargs.get("groups", 1)
     src, cm = _input(plan, node), plan.an.cmap(node)
     if groups > 1 and src is not None and cm is not None and groups == len(src.ids) \
@@ -86,5 +87,5 @@ def fix_conv_groups(plan, node):
 def fix_norm_module(plan, node, module: nn.Module):
     """A norm's num_features follows its input's slim width (affine=False norms have no tensor to show it)."""
     src = _input(plan, node)
-    if src is not None and isinstance(module, nn.modules.batchnorm._NormBase):
+    if src is not None and "num_features" in getattr(modules.adapter(module), "widths", ()):
         module.num_features = plan.new_size(src)

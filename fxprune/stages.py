@@ -2,14 +2,15 @@
 ``fxprune.prepare(...).finalize()``:
 
     begin:  validate options -> capture -> analyse -> ignore / per-module amounts -> target   (nothing changed yet)
-    (a method decides {group: Decision(keep, T)})
+    (the method decides {group: Decision(keep, T)})
     finish: rounding notes -> Plan -> target check -> reconstruction + BatchNorm statistics from calibration data
-            -> one rewrite engine -> verification -> new BatchNorm statistics -> costs -> (transplant into the
-            user's own model)
+            -> one rewrite engine -> the new BatchNorm statistics into the slim model and the reference ->
+            verification -> costs -> (transplant into the user's own model)
 
-Example::
+The core never looks a method up by name: the entry points (fxprune.api, the command line, the demo) do, and
+hand the method object to ``begin``. Example::
 
-    job = begin(model, x, "l1", target_flops=0.5)
+    job = begin(model, x, "l1", fxprune.passes.get("l1"), target_flops=0.5)
     result = finish(job, job.decide(job.ctx))
 """
 
@@ -29,6 +30,7 @@ from .capture import as_tuple, capture, eval_mode
 from .context import PruneContext, Target
 from .cost import count_flops, count_params
 from .errors import ConfigError, DataError, NothingToPruneError, TargetError, VerificationError
+from .latency import check_latency_options
 from .matching import group_amounts, match_modules, under
 from .retry import Retry, apply_updates, next_step
 from .rewrite import Decision, Plan
@@ -52,6 +54,7 @@ class PruneResult:
     calib_samples: int = 0            # samples the reconstruction / BatchNorm pass used (0: none)
     frozen_by_verification: dict[int, str] = field(default_factory=dict)  # group -> why (freeze and retry)
     retry_rounds: int = 0             # verification rounds after the first (stored widths updated, groups frozen)
+    latency: dict | None = None       # target_latency: measured / predicted latency per round (latency_target)
 
     @property
     def report(self) -> str:
@@ -91,22 +94,19 @@ class Job:
         return self.ctx.analysis
 
 
-def begin(model: nn.Module, example_inputs, method: str, *, amount=None, target_flops=None, target_params=None,
-          round_to=DEFAULT_ROUND_TO, ignore=(), amounts=None, calib=None, calib_samples=DEFAULT_CALIB_SAMPLES,
-          reconstruct=None, recalibrate_bn=None, verify=True, verify_inputs=None, inplace=False, progress=True,
-          method_options=None, registry=None, training=False, strict=False) -> Job:
-    """Validate every option, capture and analyse the model, and fix the target. Changes nothing."""
-    from fxprune import passes
+def begin(model: nn.Module, example_inputs, method: str, decide, *, amount=None, target_flops=None,
+          target_params=None, round_to=DEFAULT_ROUND_TO, ignore=(), amounts=None, calib=None,
+          calib_samples=DEFAULT_CALIB_SAMPLES, reconstruct=None, recalibrate_bn=None, verify=True, verify_inputs=None,
+          inplace=False, progress=True, method_options=None, target_latency=None, latency_batch=1,
+          latency_threads=None, latency_timer=None, latency_cache=None, strict=False) -> Job:
+    """Validate every option, capture and analyse the model, and fix the target. Changes nothing. ``decide``:
+    the method object (a decide function or a TrainingMethod class) that the entry point looked ``method`` up as."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    decide = (registry or passes.get)(method)
-    if getattr(decide, "training", False) and registry is None and not training:
-        raise ConfigError(f"method '{method}' prunes during training: use pruner = fxprune.prepare(model, x, "
-                          f"'{method}', optimizer=opt, steps=n, ...) in your training loop, then pruner.finalize(); "
-                          f"one-shot methods: {', '.join(passes.oneshot_names())}")
     method_options = dict(method_options or {})
     check_method_options(method, decide, method_options)
-    _check_amounts(amount, target_flops, target_params, amounts, method_options)
+    _check_amounts(amount, target_flops, target_params, amounts, method_options, target_latency)
+    check_latency_options(target_latency, latency_batch, latency_threads)
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, numbers.Integral)
                                  or round_to < 1):
         raise ConfigError(f"round_to must be a positive int (e.g. 8) or None, got {round_to!r}")
@@ -144,8 +144,14 @@ def begin(model: nn.Module, example_inputs, method: str, *, amount=None, target_
                "layer whose output channels could shrink)")
             + ". See fxprune.describe_groups(model, example_inputs) for every group and why.")
     target = _target(an, prunable, amount, target_flops, target_params, amounts, per_module, opts.round_to)
-    ctx = PruneContext(model=model, analysis=an, target=target, example_inputs=example, calib=calib,
+    ctx = PruneContext(analysis=an, target=target, example_inputs=example, calib=calib,
                        progress=opts.progress, calib_samples=opts.calib_samples)
+    if target_latency is not None:
+        from .latency_target import latency_cost
+        ctx.target = Target(metric="latency", value=float(target_latency), round_to=opts.round_to)
+        ctx._cost = latency_cost(an, model, example, batch=latency_batch, threads=latency_threads,
+                                 round_to=opts.round_to, timer=latency_timer, cache_dir=latency_cache,
+                                 progress=opts.progress)
     return Job(model, example, method, decide, method_options, gm, ctx, opts)
 
 
@@ -218,7 +224,7 @@ def _finish_once(job: Job, decisions, zeroed, retry: Retry) -> PruneResult:
                          calib_samples=cal.samples if cal is not None else 0)
     if opts.inplace:
         from .transplant import transplant
-        transplant(work, job.model, plan)
+        transplant(work, job.model)
         if opts.verify:
             with eval_mode(job.model):
                 _verify.check_eager_matches_graph(job.model, slim_gm, _verify.random_like(job.example))
@@ -276,7 +282,8 @@ def check_method_options(method: str, decide, options: dict):
         raise ConfigError(
             f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for method "
             f"'{method}'; it takes {', '.join(accepted) if accepted else 'no method options'}, and every method "
-            "takes amount, target_flops, target_params, round_to, ignore, amounts, calib, calib_samples, "
+            "takes amount, target_flops, target_params, target_latency (latency_batch, latency_threads), round_to, "
+            "ignore, amounts, calib, calib_samples, "
             "reconstruct, recalibrate_bn, verify, verify_inputs, inplace, progress, strict")
 
 
@@ -284,14 +291,17 @@ def _is_number(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def _check_amounts(amount, target_flops, target_params, amounts, method_options):
-    given = [n for n, v in (("amount", amount), ("target_flops", target_flops), ("target_params", target_params))
-             if v is not None]
+def _check_amounts(amount, target_flops, target_params, amounts, method_options, target_latency=None):
+    given = [n for n, v in (("amount", amount), ("target_flops", target_flops), ("target_params", target_params),
+                            ("target_latency", target_latency)) if v is not None]
     if len(given) > 1:
-        raise ConfigError(f"give one of amount / target_flops / target_params, not {' and '.join(given)}")
+        raise ConfigError(f"give one of amount / target_flops / target_params / target_latency, not "
+                          f"{' and '.join(given)}")
+    if target_latency is not None and amounts:
+        raise ConfigError("amounts= (per-module amounts) cannot be combined with target_latency; give one of them")
     if not given and not amounts and method_options.get("tol") is None:  # ID may choose k by error tolerance
         raise ConfigError("say how much to prune: amount=0.5 (fraction of channels removed per group), "
-                          "target_flops=0.5 or target_params=0.5 (fraction kept)")
+                          "target_flops=0.5, target_params=0.5 or target_latency=0.5 (fraction kept)")
     if amounts is not None and not isinstance(amounts, dict):
         raise ConfigError(f"amounts must be a dict {{module name pattern: amount}}, got {type(amounts).__name__}")
     for name, v in (("amount", amount), *(((f"amounts[{k!r}]", a) for k, a in (amounts or {}).items()))):
@@ -409,6 +419,3 @@ def _check_target(ctx: PruneContext, plan: Plan, loose: bool = False):
         raise TargetError(f"the method kept {got:.4f} of the {t.metric}, above target_{t.metric}={t.value:g}; "
                           "this is a bug in the method pass, please report it")
 
-
-def keep_sorted(keep) -> np.ndarray:
-    return np.sort(np.asarray(keep, dtype=np.int64))

@@ -2,8 +2,9 @@
 
 The cost model takes the FLOPs of every op whose handler says it has them (ops.OpHandler.has_flops) from
 torch.utils.flop_counter.FlopCounterMode (run once per op on meta tensors, batch 1) and scales them by the kept
-fraction of the op's input and output channels; parameters scale the same way along their channel dims. For conv/linear this is exact, so a width vector can be priced without
-building the slim model, and a solver can try thousands of them.
+fraction of the op's input and output channels; parameters scale the same way along their channel dims. For
+conv/linear this is exact, so a width vector can be priced without building the slim model, and a solver can try
+thousands of them.
 
 Example::
 
@@ -56,7 +57,10 @@ class CostModel:
             if not f:
                 continue
             src, out = an.cmap(an.data_input(node)), an.cmap(node)
-            fin = self._fraction(src) if src is not None and (out is None or src.ids is not out.ids) else None
+            # FLOPs scale with the input's kept fraction too, unless the output carries the input's own channels
+            # (depthwise conv: one scaling, not two)
+            same = src is not None and out is not None and np.array_equal(src.ids, out.ids)
+            fin = self._fraction(src) if src is not None and not same else None
             if src is not None and src.heads and out is not None:
                 fin = None  # per head (q @ k^T, attention): linear in the heads kept, which the output carries
             self.flop_terms.append((float(f), fin, self._fraction(out) if out is not None else None))
@@ -99,7 +103,7 @@ class CostModel:
 # speedup"): ONNX Runtime's CPU conv kernels pad channels to blocks of 16 on AVX-512 (8 on AVX2), so 16 is the
 # only policy that kept batch-64 latency at about the FLOPs ratio on VGG-16 and ResNet-56; 8 and None (odd
 # widths) were up to 1.6x and 2.6x worse. A group that cannot shrink at 16 (a 16-wide layer) falls back to 8,
-# 4, ... (see unit / aligned_width), so a requested cut is never dropped. round_to=None (or 1): exact widths.
+# 4, ... (see width_step / aligned_width), so a requested cut is never dropped. round_to=None (or 1): exact widths.
 DEFAULT_ROUND_TO = 16
 
 
@@ -112,7 +116,7 @@ def alignments(round_to: int | None):
     yield 1
 
 
-def unit(group, round_to: int | None) -> int:
+def width_step(group, round_to: int | None) -> int:
     """Widths move in multiples of this: the coarsest of round_to, round_to / 2, ... 1 at which the group can
     shrink at all (a 16-wide group under round_to=16 moves in 8s), times the group's block count (grouped conv,
     chunk) and the size of its whole units (attention heads: every block keeps whole heads)."""
@@ -125,8 +129,8 @@ def unit(group, round_to: int | None) -> int:
 
 
 def round_width(k: int, group, round_to: int | None) -> int:
-    """Round a kept count up to a multiple of the group's unit (never above its width, never below one unit)."""
-    n, u = group.width, unit(group, round_to)
+    """Round a kept count up to a multiple of the group's width step (never above its width, never below one step)."""
+    n, u = group.width, width_step(group, round_to)
     return min(n, max(u, int(math.ceil(max(1, int(k)) / u)) * u))
 
 
@@ -174,6 +178,14 @@ def fit_global(an: Analysis, scores: dict[int, np.ndarray], cost: CostModel, tar
     prunable = list(scores)
     check_reachable(an, cost, prunable, target, metric, round_to)
     norm = {g: np.sort(s / max(float(np.mean(s)), 1e-30))[::-1] for g, s in scores.items()}
+    if metric == "latency":  # measured time is not monotone in width (blocked kernels): no shared threshold
+        removed = {g: np.concatenate([np.cumsum(s[::-1])[::-1][1:], [0.0]]) for g, s in norm.items()}
+        w = fit_greedy(an, cost, removed, target, metric, round_to)
+        if cost.fraction(w, metric) > target:  # the greedy got stuck above target: start from the cheapest
+            w = floor_widths(an, cost, prunable, metric, round_to)
+        gain = lambda g, k: norm[g][k] if g in norm else -np.inf  # noqa: E731
+        w = fill(an, cost, w, gain, target, metric, round_to)
+        return tighten(an, cost, w, prunable, gain, target, metric, round_to, np.array([g.width for g in an.groups]))
     thresholds = np.unique(np.concatenate(list(norm.values()) + [np.array([0.0])]))
 
     def widths_at(t):
@@ -193,6 +205,40 @@ def fit_global(an: Analysis, scores: dict[int, np.ndarray], cost: CostModel, tar
     return fill(an, cost, w, lambda g, k: norm[g][k] if g in norm else -np.inf, target, metric, round_to)
 
 
+LOOKAHEAD = 4  # fit_greedy tries steps of 1..LOOKAHEAD units: a measured time can be flat over one unit
+
+
+def fit_greedy(an, cost, errors: dict[int, np.ndarray], target: float, metric: str, round_to) -> np.ndarray:
+    """From full width, take the step (one to LOOKAHEAD units off one group) that adds the least error per unit
+    of cost saved, until the cost is within target. ``errors[g][k - 1]``: the error of keeping k channels. Steps
+    that save nothing are never taken, so a cost that rises as a width falls (an 8-wide conv slower than a
+    16-wide one) is handled."""
+    widths = np.array([g.width for g in an.groups])
+    frac = cost.fraction(widths, metric)
+    while frac > target:
+        best = None
+        for g, e in errors.items():
+            u = width_step(an.groups[g], round_to)
+            w = int(widths[g])
+            for j in range(1, LOOKAHEAD + 1):
+                nxt = (w - 1) // u * u - (j - 1) * u
+                if nxt < u:
+                    break
+                trial = widths.copy()
+                trial[g] = nxt
+                f = cost.fraction(trial, metric)
+                if frac - f <= 0:
+                    continue
+                score = (e[nxt - 1] - e[w - 1]) / (frac - f)
+                if best is None or score < best[0]:
+                    best = (score, g, nxt, f)
+        if best is None:
+            break
+        _, g, nxt, frac = best
+        widths[g] = nxt
+    return widths
+
+
 def fill(an, cost, widths, gain, target, metric, round_to, upper=None) -> np.ndarray:
     """Add channels back while the cost stays within target, the largest gain(group, width) first (default:
     the group cut most, relative to its width), never past upper (default: the full widths). Lands the cost
@@ -207,7 +253,7 @@ def fill(an, cost, widths, gain, target, metric, round_to, upper=None) -> np.nda
             if widths[g] >= n or not an.groups[g].prunable:
                 continue
             trial = widths.copy()
-            trial[g] = min(n, widths[g] + unit(an.groups[g], round_to))
+            trial[g] = min(n, widths[g] + width_step(an.groups[g], round_to))
             if cost.fraction(trial, metric) > target:
                 continue
             key = gain(g, int(widths[g]))
@@ -215,7 +261,30 @@ def fill(an, cost, widths, gain, target, metric, round_to, upper=None) -> np.nda
                 best, best_key = g, key
         if best is None:
             return widths
-        widths[best] = min(int(upper[best]), widths[best] + unit(an.groups[best], round_to))
+        widths[best] = min(int(upper[best]), widths[best] + width_step(an.groups[best], round_to))
+
+
+def tighten(an, cost, widths, groups, gain, target, metric, round_to, upper, slack: float = 0.02):
+    """Coarse units (round_to, blocks) can leave a greedy more than ``slack`` below target with no single unit
+    that fits back: trade one unit down on a group for whatever fill can then add, while that gets closer."""
+    frac = cost.fraction(widths, metric)
+    while target - frac > slack:
+        best = None
+        for g in groups:
+            u = width_step(an.groups[g], round_to)
+            nxt = (int(widths[g]) - 1) // u * u
+            if nxt < u:
+                continue
+            trial, cap = widths.copy(), upper.copy()
+            trial[g] = cap[g] = nxt  # the unit taken from g must go elsewhere
+            trial = fill(an, cost, trial, gain, target, metric, round_to, cap)
+            f = cost.fraction(trial, metric)
+            if f > frac + 1e-12 and (best is None or f > best[0]):
+                best = (f, trial)
+        if best is None:
+            break
+        frac, widths = best
+    return widths
 
 
 def minimum_widths(an: Analysis, prunable, round_to) -> np.ndarray:
@@ -225,15 +294,36 @@ def minimum_widths(an: Analysis, prunable, round_to) -> np.ndarray:
     return w
 
 
+def floor_widths(an, cost, prunable, metric, round_to) -> np.ndarray:
+    """The cheapest widths: every group at its smallest for FLOPs/params; for a measured latency (not monotone
+    in width) each group in turn at its cheapest aligned width, two passes from the smallest widths."""
+    w = minimum_widths(an, prunable, round_to)
+    if metric != "latency":
+        return w
+    for _ in range(2):
+        for g in prunable:
+            grp = an.groups[g]
+            u = width_step(grp, round_to)
+            cands = sorted(set(range(u, grp.width + 1, u)) | {grp.width})
+            costs = []
+            for k in cands:
+                trial = w.copy()
+                trial[g] = k
+                costs.append(cost.fraction(trial, metric))
+            w[g] = cands[int(np.argmin(costs))]
+    return w
+
+
 def check_reachable(an, cost, prunable, target, metric, round_to):
     if not 0.0 < target <= 1.0:
         raise ConfigError(f"target_{metric} must be in (0, 1] (the fraction of {metric} kept), got {target}")
-    floor = cost.fraction(minimum_widths(an, prunable, round_to), metric)
+    floor = cost.fraction(floor_widths(an, cost, prunable, metric, round_to), metric)
     if floor > target:
         raise TargetError(
-            f"target_{metric}={target:g} is unreachable: pruning every prunable group down to "
-            f"{'one channel' if not round_to else 'its smallest aligned width'} still keeps {floor:.3f} of the "
-            f"{metric}. "
+            f"target_{metric}={target:g} is unreachable: "
+            + ("the fastest measured widths of every prunable group still keep" if metric == "latency" else
+               f"pruning every prunable group down to {'one channel' if not round_to else 'its smallest aligned width'}"
+               " still keeps") + f" {floor:.3f} of the {metric}. "
             "Frozen groups (see fxprune.groups(model, x)) and layers that do not shrink set this floor; "
             f"ask for {metric} >= {math.ceil(floor * 1000) / 1000:g}"
             + (", or round widths more finely (round_to=8, or None for exact widths; they run less efficiently "

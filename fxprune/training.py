@@ -1,6 +1,6 @@
 """Training-time pruning: ``fxprune.prepare(...)`` hooks a method into the user's own training loop.
 
-    pruner = fxprune.prepare(model, x, "csgd", target_flops=0.5, optimizer=opt, steps=total_steps)
+    pruner = fxprune.prepare(model, x, "csgd", target_flops=0.5, optimizer=opt, steps=total_steps)  # fxprune.api
     for x, y in loader:                      # the loop is unchanged
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad(); loss.backward(); opt.step()
@@ -31,13 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed
-from .cmap import op_name
+from . import distributed, modules
 from .errors import ConfigError
+from . import ops
 from .ops import handler, node_handler
 from .rewrite import Decision
-from .stages import DEFAULT_CALIB_SAMPLES, PruneResult, begin, finish
-from .targets import DEFAULT_ROUND_TO
+from .stages import PruneResult, finish
 
 
 class TrainingMethod:
@@ -209,10 +208,12 @@ class Pruner:
 
 @dataclass
 class ConsumerInput:
-    """Where one consumer module reads a group: the module, the channel dim of its input, and the (group,
-    group channel) of every position along that dim (several groups may share one input)."""
+    """Where one consumer module reads a group: the module, the weight dim that meets its input channels, the
+    channel dim of its input, and the (group, group channel) of every position along that dim (several groups
+    may share one input)."""
     fqn: str                   # the consumer's weight
     module: nn.Module
+    weight_dim: int
     dim: int
     gid: np.ndarray
     idx: np.ndarray
@@ -223,18 +224,21 @@ class ConsumerInput:
 
 
 def consumer_inputs(pruner: Pruner, gid: int) -> list[ConsumerInput]:
-    """The consumer modules of a group whose input (their forward's first argument) carries its channels."""
+    """The consumer modules of a group whose input (their forward's first argument) carries its channels: those
+    the module table (fxprune/modules.py) knows the input dim of."""
     an = pruner.analysis
     out = []
     for fqn in an.groups[gid].consumers:
-        s = an.slots.get((fqn, 1))
+        module = pruner.model.get_submodule(fqn.rpartition(".")[0])
+        a = modules.adapter(module)
+        if a is None or a.weight_in_dim is None or fqn.rpartition(".")[2] != "weight":
+            continue
+        s = an.slots.get((fqn, a.weight_in_dim))
         if s is None:
             continue
         g, idx = an.positions(s)
-        if not (g == gid).any():
-            continue
-        module = pruner.model.get_submodule(fqn.rpartition(".")[0])
-        out.append(ConsumerInput(fqn, module, -1 if isinstance(module, nn.Linear) else 1, g, idx))
+        if (g == gid).any():
+            out.append(ConsumerInput(fqn, module, a.weight_in_dim, a.input_dim, g, idx))
     return out
 
 
@@ -297,10 +301,10 @@ def output_probe(pruner: Pruner, fqn: str, dim: int) -> OutputProbe:
             return OutputProbe(pruner)  # no running statistics to normalize with
         probe.eps = float(nxt.args[eps_at]) if len(nxt.args) > eps_at else 1e-5
         node = _only_user(nxt) if is_tuple else nxt
-        if node is None or (is_tuple and not (op_name(node.target) == "_operator.getitem" and node.args[1] == 0)):
+        if node is None or (is_tuple and ops.tuple_item(node) != 0):
             return probe
         nxt = _only_user(node)
-    if nxt is not None and nxt.op == "call_function" and handler(nxt.target).family == "elementwise" \
+    if nxt is not None and nxt.op == "call_function" and handler(nxt.target).elementwise \
             and nxt.args and nxt.args[0] is node \
             and not any(isinstance(a, torch.fx.Node) for a in (*nxt.args[1:], *nxt.kwargs.values())):
         probe.act = nxt
@@ -312,45 +316,12 @@ def _only_user(node):
     return users[0] if len(users) == 1 else None
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
     return model.module if isinstance(model, (DistributedDataParallel, nn.DataParallel)) else model
 
 
-def prepare(model: nn.Module, example_inputs, method: str = "csgd", *, optimizer: torch.optim.Optimizer,
-            steps: int, amount: float | None = None, target_flops: float | None = None,
-            target_params: float | None = None, round_to: int | None = DEFAULT_ROUND_TO, ignore=(),
-            amounts: dict | None = None, calib=None, calib_samples: int = DEFAULT_CALIB_SAMPLES,
-            reconstruct: bool | None = None, recalibrate_bn: bool | None = None, verify: bool = True,
-            verify_inputs=None, progress: bool = True, strict: bool = False, **method_options) -> Pruner:
-    """Analyse the model once and hook a training-time method ("csgd", "aofp", "abfp") into its optimizer.
-
-    Takes fxprune.prune's targets and options, plus the optimizer the user steps and the number of optimizer
-    steps the user will run (``steps``: methods schedule their strength to be done by then). calib= is used at
-    finalize() (reconstruction and BatchNorm statistics, as in fxprune.prune). Nothing about the model changes
-    here except the hooks; ``remove()`` takes them off.
-    """
-    from fxprune import passes
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise ConfigError(f"optimizer must be the torch.optim.Optimizer you step, got {type(optimizer).__name__}")
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps <= 0:
-        raise ConfigError(f"steps must be the number of optimizer steps you will train for (a positive int), "
-                          f"got {steps!r}")
-    inner = _unwrap(model)
-    method_cls = passes.get(method)
-    if not getattr(method_cls, "training", False):
-        raise ConfigError(f"method '{method}' prunes a trained model in one shot: use fxprune.prune(model, x, "
-                          f"'{method}', ...); training-time methods: {', '.join(passes.training_names())}")
-    _check_optimizer(inner, optimizer)
-    job = begin(inner, example_inputs, method, amount=amount, target_flops=target_flops,
-                target_params=target_params, round_to=round_to, ignore=ignore, amounts=amounts, calib=calib,
-                calib_samples=calib_samples, reconstruct=reconstruct, recalibrate_bn=recalibrate_bn,
-                verify=verify, verify_inputs=verify_inputs, progress=progress and distributed.rank() == 0,
-                method_options=method_options, training=True, strict=strict)
-    return Pruner(job, inner, optimizer, int(steps), method_cls, job.method_options)
-
-
-def _check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer):
+def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer):
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
     missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
     if len(missing) == len([p for p in model.parameters() if p.requires_grad]) and missing:

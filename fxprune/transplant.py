@@ -15,7 +15,7 @@ from .retry import STORED
 _PLAIN = (int, float, bool, str, tuple, list, type(None), torch.Tensor)
 
 
-def transplant(src: nn.Module, dst: nn.Module, plan=None):
+def transplant(src: nn.Module, dst: nn.Module):
     src_mods = dict(src.named_modules())
     for name, mod in dst.named_modules():
         new = src_mods[name]

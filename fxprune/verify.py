@@ -46,7 +46,7 @@ def random_like(example: tuple, seed: int = 0) -> tuple:
 
 def rel_diff(a, b) -> float:
     """max|a - b| / max|b| over all output tensors; inf when shapes differ or a is not finite where b is."""
-    fa, fb = _flat(a), _flat(b)
+    fa, fb = flat_tensors(a), flat_tensors(b)
     if len(fa) != len(fb):
         return float("inf")
     worst = 0.0
@@ -64,18 +64,18 @@ def rel_diff(a, b) -> float:
 
 
 def finite(out) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in _flat(out))
+    return all(bool(torch.isfinite(t).all()) for t in flat_tensors(out))
 
 
-def _flat(out) -> list[torch.Tensor]:
+def flat_tensors(out) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out.detach().double()]
     if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _flat(o)]
+        return [t for o in out for t in flat_tensors(o)]
     if isinstance(out, dict):
-        return [t for k in sorted(out) for t in _flat(out[k])]
+        return [t for k in sorted(out) for t in flat_tensors(out[k])]
     if hasattr(out, "to_tuple"):
-        return _flat(out.to_tuple())
+        return flat_tensors(out.to_tuple())
     return []
 
 
@@ -93,7 +93,7 @@ def check_against_reference(plan: Plan, original_gm: GraphModule, slim_gm: Graph
                                 f"{groups}. This is a bug in fxprune's analysis or rewrite; please report it.",
                                 kind="graph", cause=f"{type(exc).__name__}: {exc}") from exc
     diff = rel_diff(got, ref)
-    scale = max((t.abs().max().item() for t in _flat(ref) if t.numel()), default=0.0)
+    scale = max((t.abs().max().item() for t in flat_tensors(ref) if t.numel()), default=0.0)
     if notes is not None and scale < 1e-12:
         notes.append(f"verification is weak: the model's outputs are ~0 (max {scale:.1e}) on random inputs, so "
                      "a relative comparison says little; train the model (or load its weights) first")

@@ -49,6 +49,7 @@ def test_every_handler_is_a_rule_or_a_barrier_with_a_reason():
             assert getattr(rules, _rule_function(h).__name__) is _rule_function(h), op
     # every public rule function is reachable from the table
     used = {_rule_function(h).__name__ for h in ops.HANDLERS.values() if h.rule is not None}
+    used |= {h.layout.__name__ for h in ops.HANDLERS.values() if h.layout is not None}  # layout-only views
     public = {n for n, f in vars(rules).items() if callable(f) and getattr(f, "__module__", "") == rules.__name__
               and not n.startswith("_") and n not in ("join", "computed_weight", "split_dim")}
     assert public <= used, public - used

@@ -16,7 +16,7 @@ from fxprune.capture import capture
 from fxprune.context import top_k
 from fxprune.errors import RewriteError, VerificationError
 from fxprune.rewrite import Decision, Plan
-from fxprune.targets import unit
+from fxprune.targets import width_step
 
 HD, D, T = 4, 16, 6
 X = torch.randn(2, T, D)
@@ -284,7 +284,7 @@ def test_plan_refuses_a_keep_that_cuts_a_head():
 def test_widths_and_top_k_move_in_whole_heads():
     an = run(Attn())
     g = heads_group(an)
-    assert unit(g, None) == HD and unit(g, 8) == 8 and unit(g, 3) == 12
+    assert width_step(g, None) == HD and width_step(g, 8) == 8 and width_step(g, 3) == 12
     scores = np.array([1.0] * HD + [5.0] * HD + [0.5] * HD + [4.0] * HD)
     scores[0] = 100.0  # one strong channel does not cut its head out of the rest
     assert top_k(scores, 2 * HD, unit_of=g.unit_of).tolist() == list(range(0, HD)) + list(range(HD, 2 * HD))
@@ -311,8 +311,8 @@ def test_id_keeps_whole_heads_and_drops_a_duplicate_head():
 
 def test_unit_pivots_with_single_channel_units_are_the_column_pivots():
     """With one channel per unit the block-pivoted Cholesky is the ordinary one: the same pivots as ID's own."""
-    from passes._id_math import id_from_gram
-    from passes._id_units import unit_order, unit_pivots
+    from fxprune.passes._id_math import id_from_gram
+    from fxprune.passes._id_units import unit_order, unit_pivots
     rng = np.random.default_rng(0)
     Z = rng.standard_normal((200, 12)) @ rng.standard_normal((12, 12))
     G = Z.T @ Z

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fxprune
-from fxprune.targets import unit
+from fxprune.targets import width_step
 from conftest import consumer_reference, hand_flops, rel_err, sgd_step_ok, warm_bn
 from fxprune import zoo
 
@@ -158,7 +158,7 @@ def test_round_to_8_with_flops_target(name):
     assert 0.47 <= res.flops[1] / res.flops[0] <= 0.5
     for gid, d in res.decisions.items():  # multiples of 8, or finer only where a group cannot shrink at 8
         g = res.analysis.groups[gid]
-        assert len(d.keep) % 8 == 0 or (g.width <= 8 and len(d.keep) % unit(g, 8) == 0), (gid, g.width, d.keep)
+        assert len(d.keep) % 8 == 0 or (g.width <= 8 and len(d.keep) % width_step(g, 8) == 0), (gid, g.width, d.keep)
 
 
 def test_default_width_policy_rounds_to_16_and_falls_back_where_16_cannot_cut():
@@ -178,7 +178,7 @@ def test_default_width_policy_rounds_to_16_and_falls_back_where_16_cannot_cut():
 
 
 def test_alignment_falls_back_step_by_step():
-    from fxprune.targets import aligned_width, unit
+    from fxprune.targets import aligned_width, width_step
 
     class G:  # a group as the width rules see it
         def __init__(self, width, blocks=1, unit_size=1):
@@ -186,11 +186,11 @@ def test_alignment_falls_back_step_by_step():
     assert [aligned_width(k, G(16), 16) for k in (8, 12, 14, 15)] == [8, 12, 14, 15]
     assert [aligned_width(k, G(64), 16) for k in (32, 40, 56, 60, 63)] == [32, 48, 56, 60, 63]
     assert aligned_width(4, G(6), 16) == 4 and aligned_width(3, G(6), 16) == 4
-    assert [unit(G(w), 16) for w in (6, 8, 12, 16, 24, 64)] == [4, 4, 8, 8, 16, 16]
-    assert unit(G(16, blocks=4), 16) == 8 and unit(G(8, blocks=4), 16) == 4 and unit(G(4, blocks=4), 16) == 4
+    assert [width_step(G(w), 16) for w in (6, 8, 12, 16, 24, 64)] == [4, 4, 8, 8, 16, 16]
+    assert width_step(G(16, blocks=4), 16) == 8 and width_step(G(8, blocks=4), 16) == 4 and width_step(G(4, blocks=4), 16) == 4
     # attention heads: whole heads at every alignment (heads of 4 at 16: 8 = two heads; heads of 24: 48, or 24 where 48 leaves no cut)
-    assert unit(G(16, unit_size=4), 16) == 8 and unit(G(16, unit_size=4), None) == 4
-    assert unit(G(96, unit_size=24), 16) == 48 and unit(G(48, unit_size=24), 16) == 24
+    assert width_step(G(16, unit_size=4), 16) == 8 and width_step(G(16, unit_size=4), None) == 4
+    assert width_step(G(96, unit_size=24), 16) == 48 and width_step(G(48, unit_size=24), 16) == 24
     assert aligned_width(5, G(16, unit_size=4), 16) == 8 and aligned_width(5, G(16, unit_size=4), None) == 8
 
 
@@ -202,7 +202,7 @@ def test_round_to_granularity_exception_cattwice():
     check_result("cattwice", model, x, res)
     assert res.flops[1] / res.flops[0] <= 0.5
     for gid, d in res.decisions.items():
-        assert len(d.keep) % unit(res.analysis.groups[gid], 8) == 0
+        assert len(d.keep) % width_step(res.analysis.groups[gid], 8) == 0
 
 
 def test_ignore_patterns_freeze_those_modules():

@@ -1,7 +1,7 @@
 """Method passes: each decides, per channel group, which channels stay and how consumers reconstruct the rest.
 
-A one-shot pass is a function ``decide(ctx: fxprune.context.PruneContext, **options) -> {group id: Decision}``
-registered under a name; a training-time method is a fxprune.training.TrainingMethod subclass registered the
+A one-shot pass is a function ``decide(ctx: fxprune.method.PruneContext, **options) -> {group id: Decision}``
+registered under a name; a training-time method is a fxprune.method.TrainingMethod subclass registered the
 same way (``fxprune.prepare`` runs it inside the user's training loop). Passes read the model and calibration data; they never edit a tensor (the core's
 rewrite engine does). Register a new one with::
 
@@ -40,7 +40,7 @@ def _load_all():
         try:
             importlib.import_module(f"{__name__}.{mod}")
         except Exception as exc:
-            from fxprune.errors import FxPruneError
+            from fxprune.method import FxPruneError
             raise FxPruneError(f"method module {__name__}.{mod} failed to import ({type(exc).__name__}: "
                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); its methods "
                               "cannot be registered: fix or remove fxprune/passes/" + mod + ".py") from exc
@@ -49,7 +49,7 @@ def _load_all():
 def get(name: str):
     _load_all()
     if name not in REGISTRY:
-        from fxprune.errors import ConfigError
+        from fxprune.method import ConfigError
         raise ConfigError(f"unknown method '{name}'; registered methods: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name]
 

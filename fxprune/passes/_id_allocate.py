@@ -16,10 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fxprune.reference import HookedInterpreter
-from fxprune.rewrite import Plan
-from fxprune.targets import fill, unit
-from fxprune.verify import _flat
+from fxprune.method import HookedInterpreter, Plan, fill, flat_tensors, tighten, width_step
 
 PROBES = (0.75, 0.5, 0.25)
 
@@ -35,7 +32,7 @@ class OutputProbe:
     def __init__(self, an, X: tuple):
         self.an, self.X = an, X
         with torch.no_grad():
-            self.base = _flat(HookedInterpreter(an.gm, Plan(an, {})).run(*X))
+            self.base = flat_tensors(HookedInterpreter(an.gm, Plan(an, {})).run(*X))
         self.cache: dict = {}
         self.now = 0.0
 
@@ -59,7 +56,7 @@ class OutputProbe:
         return self._error(out)
 
     def _error(self, out) -> float:
-        out = _flat(out)
+        out = flat_tensors(out)
         num = sum(float((a - b).square().sum()) for a, b in zip(out, self.base))
         return num / max(sum(float(b.square().sum()) for b in self.base), 1e-300)
 
@@ -109,7 +106,7 @@ def allocate(ctx, widths: np.ndarray, curves: dict[int, np.ndarray], target: flo
     while frac > target:
         best = None
         for g, e in curves.items():
-            nxt = _step_down(widths[g], unit(ctx.groups[g], r))
+            nxt = _step_down(widths[g], width_step(ctx.groups[g], r))
             if nxt is None:
                 continue
             trial = widths.copy()
@@ -127,31 +124,8 @@ def allocate(ctx, widths: np.ndarray, curves: dict[int, np.ndarray], target: flo
         bar.update(round(best[3] * 1000))
     bar.close()
     # the last steps may overshoot on coarse groups: add back what fits, largest error reduction first
-    gain = lambda g, w: curves[g][w - 1] - curves[g][min(w + unit(ctx.groups[g], r), len(curves[g])) - 1] if g in curves else -1.0  # noqa: E731
+    gain = lambda g, w: curves[g][w - 1] - curves[g][min(w + width_step(ctx.groups[g], r), len(curves[g])) - 1] if g in curves else -1.0  # noqa: E731
     widths = fill(ctx.analysis, cost, widths, gain, target, metric, r, upper)
-    return _tighten(ctx, widths, curves, gain, target, metric, upper)
-
-
-def _tighten(ctx, widths, curves, gain, target, metric, upper, slack: float = 0.02):
-    """Coarse units (round_to, blocks) can leave the greedy more than ``slack`` below target with no single unit
-    that fits back: trade one unit down on a group for whatever fill can then add, while that gets closer."""
-    cost, r = ctx.cost, ctx.target.round_to
-    frac = cost.fraction(widths, metric)
-    while target - frac > slack:
-        best = None
-        for g in curves:
-            nxt = _step_down(widths[g], unit(ctx.groups[g], r))
-            if nxt is None:
-                continue
-            trial, cap = widths.copy(), upper.copy()
-            trial[g] = cap[g] = nxt  # the unit taken from g must go elsewhere
-            trial = fill(ctx.analysis, cost, trial, gain, target, metric, r, cap)
-            f = cost.fraction(trial, metric)
-            if f > frac + 1e-12 and (best is None or f > best[0]):
-                best = (f, trial)
-        if best is None:
-            break
-        frac, widths = best
-    return widths
+    return tighten(ctx.analysis, cost, widths, list(curves), gain, target, metric, r, upper)
 
 

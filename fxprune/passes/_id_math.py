@@ -59,7 +59,7 @@ import numpy as np
 import scipy.linalg as sla
 import torch
 
-from fxprune.gram import CalibrationDataError, GramAccumulator, _channels_last, rows_of  # noqa: F401
+from fxprune.method import CalibrationDataError, GramAccumulator, rows_of
 
 __all__ = [
     "CalibrationDataError",

@@ -54,11 +54,8 @@ import numbers
 import numpy as np
 import torch
 
-from fxprune import distributed
-from fxprune.errors import ConfigError
-from fxprune.rewrite import Decision
-from fxprune.targets import fill, fit_global, round_width
-from fxprune.training import TrainingMethod, output_probe
+from fxprune.method import (ConfigError, Decision, TrainingMethod, distributed, fill, fit_global, output_probe,
+                            round_width)
 
 from . import register
 

@@ -8,7 +8,7 @@ on its input with those channels zeroed (under no_grad: the user's loss and grad
 path), and both outputs go through the consumer's next BatchNorm, with its running statistics as in eval mode
 (nothing is updated; the authors' code runs this pass through BatchNorm in train mode, which normalizes the
 damage away with the masked batch's own statistics and updates the running statistics a second time per step),
-and its activation where the graph has them (fxprune.training.output_probe). Per consumer
+and its activation where the graph has them (fxprune.method.output_probe). Per consumer
 
     t_c = ||Y_base - Y_masked||^2 / ||Y_base||^2      (sums over the whole batch; all-reduced under DDP)
 
@@ -45,7 +45,8 @@ over does the same without changing the pruner.
 Beyond the authors: they searched only layers outside residual streams (ResNet: the first conv of each block);
 here every prunable group is searched, a coupled group (a residual stream) as one group with t measured at
 every consumer and averaged. Groups of grouped convs / chunks (equal counts per block) and groups without a
-plain Conv/Linear consumer module to measure at are not searched (status() notes them; they keep their width).
+consumer module to measure at (one the module table, fxprune/modules.py, has a partial rule for) are not
+searched (status() notes them; they keep their width).
 
 finalize(): keep the live channels, a plain selection (T = None): the slim model equals the masked model. With
 calib=, the core refits each consumer's T and re-estimates BatchNorm statistics as for every method.
@@ -64,11 +65,9 @@ import numbers
 import numpy as np
 import torch
 
-from fxprune import distributed
-from fxprune.errors import ConfigError
-from fxprune.rewrite import Decision
-from fxprune.targets import check_reachable, fill, fit_global, round_width
-from fxprune.training import TrainingMethod, consumer_inputs, output_probe
+from fxprune.method import (ConfigError, Decision, TrainingMethod, can_measure, check_reachable,
+                            consumer_inputs, consumer_partial_output, distributed, fill, fit_global, output_probe,
+                            round_width)
 
 from . import register
 
@@ -180,7 +179,8 @@ class AOFP(TrainingMethod):
         stagger = self.steps_per_half // max(1, len(self.consumers))
         self.search = {g: GroupSearch(ctx.groups[g].width, self.warmup + i * stagger)
                        for i, g in enumerate(self.consumers)}
-        self.probes = {(g, c.fqn): output_probe(pruner, c.fqn, 1) for g, cs in self.consumers.items() for c in cs}
+        self.probes = {(g, c.fqn): output_probe(pruner, c.fqn, c.weight_dim)
+                       for g, cs in self.consumers.items() for c in cs}
         self.done = False
         self.forced = 0          # channels pruned by the end-of-window fallback
         self.paced = 0           # channels pruned at a halving the threshold failed, to keep the pace
@@ -196,18 +196,18 @@ class AOFP(TrainingMethod):
         out = {}
         for gid in ctx.prunable:
             g = ctx.groups[gid]
-            cons = [c for c in consumer_inputs(self.pruner, gid)
-                    if isinstance(c.module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear))]
+            cons = [c for c in consumer_inputs(self.pruner, gid) if can_measure(c.module)]
             why = ("its blocks must keep equal counts (grouped conv / chunk)" if g.block_of is not None else
-                   "no Conv/Linear consumer module to measure t at" if not cons else None)
+                   "no consumer module to measure t at (Conv, ConvTranspose, Linear, Conv1D, or a module given to "
+                   "fxprune.register_module with partial=)" if not cons else None)
             if why:
                 g.frozen = f"aofp does not search this group: {why}"
                 self.notes.append(f"group {gid} ({', '.join(g.modules)}) keeps its width: {why}")
                 continue
             out[gid] = cons
         if not out:
-            raise ConfigError("aofp found no group it can search (each needs a Conv/Linear consumer module and no "
-                              "grouped-conv blocks); see fxprune.describe_groups(model, x)")
+            raise ConfigError("aofp found no group it can search (each needs a consumer module to measure at: Conv, "
+                              "Linear, ...; and no grouped-conv blocks); see fxprune.describe_groups(model, x)")
         t = ctx.target
         if t.metric is not None:
             check_reachable(ctx.analysis, ctx.cost, list(out), t.value, t.metric, t.round_to)
@@ -273,7 +273,7 @@ class AOFP(TrainingMethod):
             if c.fqn not in base:
                 base[c.fqn] = probe(out)
             yb = base[c.fqn]
-            ym = probe(out.detach() - _masked_part(module, x, c.dim, torch.as_tensor(pos, device=x.device)))
+            ym = probe(out.detach() - consumer_partial_output(module, x, torch.as_tensor(pos, device=x.device)))
             buf = self._buf.setdefault(gid, torch.zeros(len(self.consumers[gid]), 2, dtype=torch.float64,
                                                         device=x.device))
             if (c.fqn, "norm") not in base:
@@ -465,19 +465,6 @@ class AOFP(TrainingMethod):
         if self.done:
             self._unhook()
         self._masked_step = -1
-
-
-def _masked_part(module, x: torch.Tensor, dim: int, pos: torch.Tensor) -> torch.Tensor:
-    """What the input channels at ``pos`` contribute to a Conv/Linear output (the module is linear in its
-    input): the base output minus this is the output with them zeroed. Reading only those channels costs
-    |pos| / C_in of the layer (a grouped conv is run whole on the masked input instead)."""
-    if isinstance(module, torch.nn.Linear):
-        return torch.nn.functional.linear(x.index_select(-1, pos), module.weight.index_select(1, pos))
-    if module.groups == 1:
-        return module._conv_forward(x.index_select(dim, pos), module.weight.index_select(1, pos), None)
-    bias = module.bias
-    full = module._conv_forward(x, module.weight, bias)
-    return full - module._conv_forward(x.index_fill(dim, pos, 0.0), module.weight, bias)
 
 
 def _check(threshold, steps_per_half, warmup, search_until, measure_every, seed):

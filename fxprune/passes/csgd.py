@@ -39,10 +39,7 @@ import numpy as np
 import scipy.cluster.vq as vq
 import torch
 
-from fxprune import distributed
-from fxprune.errors import ConfigError
-from fxprune.rewrite import Decision
-from fxprune.training import TrainingMethod
+from fxprune.method import ConfigError, Decision, TrainingMethod, distributed
 
 from . import register
 

@@ -27,12 +27,8 @@ from __future__ import annotations
 import numpy as np
 from tqdm.auto import tqdm
 
-from fxprune.calibrate import batches, source_grams
-from fxprune.context import top_k
-from fxprune.errors import ConfigError
-from fxprune.reconstruct import least_squares
-from fxprune.rewrite import Decision
-from fxprune.targets import check_reachable, unit
+from fxprune.method import (ConfigError, Decision, batches, check_reachable, least_squares, source_grams, top_k,
+                            width_step)
 
 from . import register
 from ._id_allocate import PROBES, OutputProbe, allocate, calibrated_curve
@@ -149,7 +145,7 @@ class _Probe:
         now = self.out.set_current(_decisions(ctx, kept, trans))
         out = {}
         for g in tqdm(list(curves), desc=desc, disable=not ctx.progress, leave=False):
-            w, u = len(kept[g]), unit(ctx.groups[g], ctx.target.round_to)
+            w, u = len(kept[g]), width_step(ctx.groups[g], ctx.target.round_to)
             probes = {}
             for k in sorted({max(u, int(round(w * f / u)) * u) for f in PROBES}):
                 if k >= w:
