@@ -491,6 +491,9 @@ class Analysis:
         if not tracked:
             return
         g = self.groups[tracked[0]]
+        if len(tracked) == 1 and not (gid < 0).any() and len(ids) == blocks * g.width and all(
+                len(set(run.tolist())) == g.width for run in idx.reshape(blocks, -1)):
+            return  # every piece holds the whole group (a fused gate|up chunk, gate_i * up_i): equal by itself
         if len(tracked) > 1 or (gid < 0).any() or len(set(idx.tolist())) != g.width or len(ids) != g.width:
             why = f"{where} splits channels of several groups (or fixed ones) into blocks; not supported"
         else:

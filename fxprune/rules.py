@@ -328,6 +328,8 @@ def permuted_dims(node, rank: int) -> list[int] | None:
     """For each output dim of a permute / transpose / t, the input dim it shows (None: t of a 1-D tensor...)."""
     if node.target is torch.ops.aten.permute.default:
         return [_norm(p, rank) for p in node.args[1]]
+    if node.target is torch.ops.aten.numpy_T.default:  # x.T reverses every dim (Falcon's x @ self.weight.T)
+        return list(range(rank))[::-1]
     if len(node.args) >= 3:
         d0, d1 = _norm(node.args[1], rank), _norm(node.args[2], rank)
     elif rank == 2:  # t

@@ -229,11 +229,12 @@ class ChunkReaders(nn.Module):
                          ids=["amount", "target", "per-module"])
 @pytest.mark.parametrize("method", ["l1", "l2"])
 def test_no_decision_empties_a_piece_that_one_conv_reads_alone(method, route):
+    from fxprune import passes
     from fxprune.rewrite import Plan
     from fxprune.stages import begin
     torch.manual_seed(0)
     model = ChunkReaders().eval()
-    job = begin(model, torch.randn(2, 3, 6, 6), method, round_to=None, progress=False, **route)
+    job = begin(model, torch.randn(2, 3, 6, 6), method, passes.get(method), round_to=None, progress=False, **route)
     decisions = job.decide(job.ctx)
     g = next(g for g in job.analysis.groups if "a" in g.modules)
     keep = decisions[g.gid].keep
