@@ -142,6 +142,7 @@ def begin(model: nn.Module, example_inputs, method: str, decide, *, amount=None,
             f"{type(model).__name__} has no prunable channel group"
             + (f" (every group is frozen: {'; '.join(reasons[:3])})" if reasons else " (it has no conv or linear "
                "layer whose output channels could shrink)")
+            + _barrier_text(an)
             + ". See fxprune.describe_groups(model, example_inputs) for every group and why.")
     target = _target(an, prunable, amount, target_flops, target_params, amounts, per_module, opts.round_to)
     ctx = PruneContext(analysis=an, target=target, example_inputs=example, calib=calib,
@@ -393,6 +394,13 @@ def _target(an, prunable, amount, target_flops, target_params, amounts, per_modu
         return Target(round_to=round_to)  # the method chooses widths itself (ID's tol=)
     metric, value = ("flops", target_flops) if target_flops is not None else ("params", target_params)
     return Target(metric=metric, value=float(value), round_to=round_to)
+
+
+def _barrier_text(an) -> str:
+    """When a model has no prunable group, the ops that stopped it (weights computed in forward, ops outside the
+    table) say more than the groups left over (often just the output layer)."""
+    seen = list(dict.fromkeys(b.reason.split(" (node ")[0] for b in an.barriers))
+    return f"; the first barriers: {'; '.join(seen[:3])}" if seen else ""
 
 
 def _note_rounding(ctx: PruneContext, decisions: dict):

@@ -282,3 +282,41 @@ def test_a_training_time_method_freezes_the_same_way(method):
         stem = next(g for g in res.analysis.groups if "stem" in g.modules)
         assert res.frozen_by_verification[stem.gid].startswith("module block reads a stored width")
         assert "mid" in _pruned_modules(res) and res.verified < 1e-4
+
+
+class SpatialGating(nn.Module):
+    """gMLP's spatial gating unit: u * proj_seq(LayerNorm(v)) with u, v the halves of the channel MLP's hidden."""
+
+    def __init__(self, dim, seq):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim // 2)
+        self.proj = nn.Linear(seq, seq)
+
+    def forward(self, x):
+        u, v = x.chunk(2, dim=-1)
+        return u * self.proj(self.norm(v).transpose(-1, -2)).transpose(-1, -2)
+
+
+class GMLP(nn.Module):
+    def __init__(self, dim=16, seq=8, hidden=64):
+        super().__init__()
+        self.stem = nn.Linear(4, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.sgu = SpatialGating(hidden, seq)
+        self.fc2 = nn.Linear(hidden // 2, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(x + self.fc2(self.sgu(F.gelu(self.fc1(self.norm(x))))))
+
+
+def test_a_spatial_gating_mlp_says_what_stops_it():
+    """Nothing in gMLP can be cut exactly: the hidden neurons reach the gating LayerNorm (its statistics mix the
+    channels that u * v would drop), the stream reaches the pre-norm. The refusal says so, naming both."""
+    model = GMLP().eval()
+    with pytest.raises(fxprune.errors.NothingToPruneError) as err:
+        fxprune.prune(model, torch.randn(2, 8, 4), "l1", amount=0.5, round_to=None, progress=False)
+    msg = str(err.value)
+    assert "module 'sgu.norm'" in msg and "module 'norm'" in msg and "LayerNorm" in msg
