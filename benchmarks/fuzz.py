@@ -9,7 +9,8 @@ pre-hooks replacing consumer inputs; written independently of fxprune.verify):
   and BatchNorm re-estimation), the result compared with the reference built from its own decisions (BatchNorm
   re-estimation off there, since the reference keeps the original statistics).
 
-Every mismatch is recorded (not only the first). CI runs 2 x 100 of the first two routes (tests/test_property.py).
+Every mismatch is recorded (not only the first). CI runs 2 x 25 of the first two routes on every change, the
+nightly full run 2 x 200 more (tests/test_property.py).
 
     .venv/bin/python benchmarks/fuzz.py --examples 2000      # per route; writes benchmarks/results/fuzz.{json,md}
 """
@@ -26,7 +27,6 @@ from pathlib import Path
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from tqdm.auto import tqdm
 
 from _common import ROOT, git_commit, write_json_atomic, write_text_atomic
 
@@ -35,6 +35,7 @@ import test_property as tp  # noqa: E402
 from conftest import consumer_reference, randomize_bn, rel_err  # noqa: E402
 
 import fxprune  # noqa: E402
+from fxprune.console import progress_bar  # noqa: E402
 
 
 def prune_route(arch, seed):
@@ -95,7 +96,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
     routes = args.routes.split(",")
-    bar = tqdm(total=args.examples * len(routes), desc="fuzz", unit="graph", mininterval=10)
+    bar = progress_bar(total=args.examples * len(routes), desc="fuzz", unit="graph", mininterval=10)
     results = [run(r, args.examples, bar) for r in routes]
     bar.close()
     commit, cmd = git_commit(), f"python benchmarks/fuzz.py --examples {args.examples} --routes {args.routes}"

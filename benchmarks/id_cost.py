@@ -353,14 +353,16 @@ def main():
     if args.child:
         return child(args)
 
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # tqdm.write: prints between a live bar's updates
+
+    from fxprune.console import progress_bar
 
     results = {"commit": git_rev(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
                "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
                "command": "python benchmarks/id_cost.py " + " ".join(sys.argv[1:]), "samples": args.samples,
                "threads": args.threads, "amount": AMOUNT, "models": {}}
     routes = ["fxprune", "dense"] + ([] if args.no_profile else ["fxprune-profile"])
-    bar = tqdm(total=len(args.models) * len(routes), desc="id_cost", unit="run")
+    bar = progress_bar(total=len(args.models) * len(routes), desc="id_cost", unit="run")
     for m in args.models:
         r = {}
         for route in routes:

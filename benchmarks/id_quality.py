@@ -55,9 +55,10 @@ import scipy.linalg as sla
 import torch
 from fxprune.passes import register
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm.auto import tqdm  # tqdm.write: prints between a live bar's updates
 
 import fxprune
+from fxprune.console import progress_bar
 from fxprune import zoo
 from fxprune.cost import count_flops
 from fxprune.data import load_fashion_mnist, split_train
@@ -506,7 +507,7 @@ def main():
         ft_data = subset(train_x, train_y, n_ft or None, seed=3)
         rows = []
         keeps = cfg[4]
-        bar = tqdm(total=len(keeps) * len(meths), desc=f"{name} variants", unit="variant")
+        bar = progress_bar(total=len(keeps) * len(meths), desc=f"{name} variants", unit="variant")
         for keep in keeps:
             row = {"keep": keep, "methods": {}}
             for meth in meths:

@@ -49,9 +49,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm.auto import tqdm  # tqdm.write: prints between a live bar's updates
 
 import fxprune
+from fxprune.console import progress_bar
 from _common import git_commit, write_bytes_atomic, write_text_atomic
 from _models import data, default_threads, trained
 from fxprune.cost import count_flops
@@ -184,7 +185,7 @@ def run_model(name, args, splits, options_here, out_dir, res):
     res["models"][name] = entry
     rows = [r for r in TABLE1 + TABLE2 if r in args.rows]
     models = {}  # (row, target) -> (slim model, note), so the +bn rows reuse their source row's pruning
-    bar = tqdm(total=len(rows) * len(args.targets), desc=f"{name} rows", unit="row", disable=args.no_progress)
+    bar = progress_bar(total=len(rows) * len(args.targets), desc=f"{name} rows", unit="row", disable=args.no_progress)
     for target in args.targets:
         for row in rows:
             bar.set_postfix_str(f"{target} {row}")

@@ -11,8 +11,8 @@ See README.md for the pipeline (capture -> analysis -> method -> rewrite -> veri
 from .api import PruneResult, compile, describe_groups, groups, prepare, prune  # noqa: A004
 from .training import Pruner, TrainingMethod
 from .checkpoint import load, save
-from .errors import (CaptureError, CheckpointError, ConfigError, DataError, ExportError, FxPruneError,
-                     NothingToPruneError, RewriteError, TargetError, VerificationError)
+from .errors import (CaptureError, CheckpointError, ConfigError, DataError, DistributedError, ExportError,
+                     FxPruneError, NothingToPruneError, RewriteError, TargetError, VerificationError)
 from .modules import register_module
 from .ops import register_op
 from .rewrite import Decision
@@ -20,7 +20,7 @@ from .rewrite import Decision
 __version__ = "0.1.0"
 
 _LAZY = {"export_onnx": "export", "benchmark": "bench", "finetune": "finetune", "evaluate": "finetune",
-         "load_fashion_mnist": "data", "count_flops": "cost", "count_params": "cost"}
+         "load_fashion_mnist": "data", "count_flops": "cost", "count_params": "cost", "sweep": "sweeps"}
 
 
 def __getattr__(name):
@@ -33,5 +33,5 @@ def __getattr__(name):
 
 __all__ = ["compile", "prune", "prepare", "Pruner", "TrainingMethod", "groups", "describe_groups", "PruneResult",
            "Decision", "save", "load", "register_op", "register_module",
-           "FxPruneError", "CaptureError", "CheckpointError", "ConfigError", "DataError", "ExportError",
+           "FxPruneError", "CaptureError", "CheckpointError", "ConfigError", "DataError", "DistributedError", "ExportError",
            "NothingToPruneError", "RewriteError", "TargetError", "VerificationError", *_LAZY]

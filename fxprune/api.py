@@ -54,18 +54,19 @@ def prune(model: nn.Module, example_inputs, method: str = "l1", *, amount: float
     """Prune and return the full result (slim model, slim graph, decisions, costs, report). See ``compile``."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    job = begin(model, example_inputs, method, _method(method, training=False), amount=amount,
-                target_flops=target_flops, target_params=target_params, round_to=round_to, ignore=ignore,
-                amounts=amounts, calib=calib, calib_samples=calib_samples, reconstruct=reconstruct, recalibrate_bn=recalibrate_bn,
-                verify=verify, verify_inputs=verify_inputs, inplace=inplace, progress=progress,
-                method_options=method_options, target_latency=target_latency, latency_batch=latency_batch,
-                latency_threads=latency_threads, latency_timer=latency_timer, latency_cache=latency_cache,
-                strict=strict)
-    if target_latency is not None:
-        from .latency_target import prune_to_latency
-        return prune_to_latency(job)
-    return finish(job, job.decide(job.ctx, **job.method_options),
-                  redecide=lambda: job.decide(job.ctx, **job.method_options))
+    with distributed.scope("fxprune.prune"):  # under torchrun: a failure on one rank is an error on every rank
+        job = begin(model, example_inputs, method, _method(method, training=False), amount=amount,
+                    target_flops=target_flops, target_params=target_params, round_to=round_to, ignore=ignore,
+                    amounts=amounts, calib=calib, calib_samples=calib_samples, reconstruct=reconstruct,
+                    recalibrate_bn=recalibrate_bn, verify=verify, verify_inputs=verify_inputs, inplace=inplace,
+                    progress=progress, method_options=method_options, target_latency=target_latency,
+                    latency_batch=latency_batch, latency_threads=latency_threads, latency_timer=latency_timer,
+                    latency_cache=latency_cache, strict=strict)
+        if target_latency is not None:
+            from .latency_target import prune_to_latency
+            return prune_to_latency(job)
+        return finish(job, job.decide(job.ctx, **job.method_options),
+                      redecide=lambda: job.decide(job.ctx, **job.method_options))
 
 
 def compile(model: nn.Module, example_inputs, method: str = "l1", **options) -> nn.Module:  # noqa: A001
@@ -114,14 +115,15 @@ def prepare(model: nn.Module, example_inputs, method: str = "csgd", *, optimizer
     inner = unwrap(model)
     method_cls = _method(method, training=True)
     check_optimizer(inner, optimizer)
-    job = begin(inner, example_inputs, method, method_cls, amount=amount, target_flops=target_flops,
-                target_params=target_params, round_to=round_to, ignore=ignore, amounts=amounts, calib=calib,
-                calib_samples=calib_samples, reconstruct=reconstruct, recalibrate_bn=recalibrate_bn,
-                verify=verify, verify_inputs=verify_inputs, progress=progress and distributed.rank() == 0,
-                method_options=method_options, target_latency=target_latency, latency_batch=latency_batch,
-                latency_threads=latency_threads, latency_timer=latency_timer, latency_cache=latency_cache,
-                strict=strict)
-    return Pruner(job, inner, optimizer, int(steps), method_cls, job.method_options)
+    with distributed.scope("fxprune.prepare"):
+        job = begin(inner, example_inputs, method, method_cls, amount=amount, target_flops=target_flops,
+                    target_params=target_params, round_to=round_to, ignore=ignore, amounts=amounts, calib=calib,
+                    calib_samples=calib_samples, reconstruct=reconstruct, recalibrate_bn=recalibrate_bn,
+                    verify=verify, verify_inputs=verify_inputs, progress=progress and distributed.rank() == 0,
+                    method_options=method_options, target_latency=target_latency, latency_batch=latency_batch,
+                    latency_threads=latency_threads, latency_timer=latency_timer, latency_cache=latency_cache,
+                    strict=strict)
+        return Pruner(job, inner, optimizer, int(steps), method_cls, job.method_options)
 
 
 def groups(model: nn.Module, example_inputs) -> list:

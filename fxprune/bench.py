@@ -27,8 +27,8 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 from torch import nn
-from tqdm.auto import tqdm
 
+from .console import progress_bar
 from .cost import Inputs, as_input_tuple, count_flops, count_params
 from .errors import ConfigError
 from .report import fmt_count
@@ -124,7 +124,8 @@ def benchmark(
         inputs = as_input_tuple(example_inputs)
 
     rows, threads_seen = [], None
-    bar = tqdm(total=len(entries) * len(batch_sizes), desc="benchmark", file=sys.stderr, disable=not progress)
+    bar = progress_bar(total=len(entries) * len(batch_sizes), desc="benchmark", file=sys.stderr,
+                       disable=not progress)
     try:
         with tempfile.TemporaryDirectory(prefix="fxprune-bench-") as tmp:
             for index, (name, model) in enumerate(entries):
@@ -139,7 +140,7 @@ def benchmark(
                 session, used = _session(ort, path, threads)
                 threads_seen = threads_seen if threads_seen is not None else used
                 if progress and index == 0:
-                    tqdm.write(f"onnxruntime {ort.__version__}: {_threads_text(used)}", file=sys.stderr)
+                    bar.write(f"onnxruntime {ort.__version__}: {_threads_text(used)}", file=sys.stderr)
                 try:
                     for batch in batch_sizes:
                         bar.set_postfix_str(f"{name}: batch {batch}")

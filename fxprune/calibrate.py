@@ -14,12 +14,11 @@ import math
 from typing import Iterator
 
 import torch
-from tqdm.auto import tqdm
 
+from .console import progress_bar
 from .errors import DataError
 import numpy as np
 
-from .gram import GramAccumulator
 from .rewrite import Plan, segments
 from .reference import HookedInterpreter
 
@@ -85,7 +84,7 @@ def stream(an, calib, nodes, decisions=None, example: tuple = (), max_samples: i
     """Yield {node name: activation} for each calibration batch, run as the (partly) pruned model."""
     plan = Plan(an, decisions or {})
     total = math.ceil(min(max_samples, len(calib)) / BATCH) if isinstance(calib, torch.Tensor) else None
-    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="batch")
+    bar = progress_bar(total=total, desc=desc, disable=not progress, leave=False, unit="batch")
     try:
         interp = HookedInterpreter(an.gm, plan, capture=set(nodes))
         for xs in batches(calib, example, max_samples):
@@ -120,24 +119,3 @@ def as_rows(act: torch.Tensor, dim: int, P: np.ndarray) -> torch.Tensor:
         return a
     a = a.reshape(-1, a.shape[-1])[:, torch.as_tensor(P.reshape(-1), device=a.device)]
     return a.reshape(-1, P.shape[1])
-
-
-def source_grams(ctx, groups, decisions=None, samples: int = DEFAULT_SAMPLES, desc: str = "calibrating"):
-    """{group: {source node: float64 Gram Z_j^T Z_j}} of every source of the given groups, streamed over the
-    calibration data as the (partly) pruned model computes them; summed over processes under torch.distributed."""
-    an = ctx.analysis
-    where = {}
-    for g in groups:
-        for src in an.groups[g].sources:
-            cols = group_columns(an, src, g)
-            if cols is not None:
-                where[(g, src)] = cols
-    accs = {key: GramAccumulator(an.groups[key[0]].width) for key in where}
-    nodes = sorted({src for _, src in where})
-    for acts in stream(an, ctx.calib, nodes, decisions, ctx.example_inputs, samples, ctx.progress, desc):
-        for (g, src), (dim, P) in where.items():
-            accs[(g, src)].update(as_rows(acts[src], dim, P), channel_dim=-1)
-    out: dict[int, dict[str, np.ndarray]] = {}
-    for (g, src), acc in accs.items():
-        out.setdefault(g, {})[src] = acc.allreduce().G
-    return out

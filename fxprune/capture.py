@@ -56,7 +56,7 @@ def capture(model: nn.Module, example_inputs) -> torch.fx.GraphModule:
             else:
                 failure = None
     if failure is not None:
-        raise _capture_error(model, args, failure) from failure
+        raise _capture_error(model, args, failure) from None  # err.cause keeps torch's (long) traceback
     return ep.module()
 
 
@@ -91,7 +91,7 @@ def _check_dtypes(model: nn.Module, args: tuple) -> None:
         raise CaptureError(
             f"example input {i} is {name} but {type(model).__name__}'s parameters are "
             f"{str(want).replace('torch.', '')} ({_first_line(exc, 120)}); pass inputs of the model's dtype "
-            f"(x.to({want})) or convert the model (model.to({got}))") from exc
+            f"(x.to({want})) or convert the model (model.to({got}))", cause=exc) from None
 
 
 def _capture_error(model: nn.Module, args: tuple, exc: BaseException) -> CaptureError:
@@ -100,12 +100,13 @@ def _capture_error(model: nn.Module, args: tuple, exc: BaseException) -> Capture
     if cache:
         return CaptureError(
             f"{head}: its output holds a {cache.group(1).rsplit('.', 1)[-1]} (a key/value cache); build the model "
-            "with use_cache=False (or set model.config.use_cache = False) so that forward returns tensors only")
+            "with use_cache=False (or set model.config.use_cache = False) so that forward returns tensors only",
+            cause=exc)
     return CaptureError(
         f"{head}: {_first_line(exc)}. "
         "What to try: check that example_inputs have the shape and dtype the model's forward expects (a batch of "
         "2 avoids batch-size-1 specialization); data-dependent Python control flow (if on tensor values) must be "
-        "rewritten with torch.cond or moved out of forward.")
+        "rewritten with torch.cond or moved out of forward.", cause=exc)
 
 
 def node_module_path(node: torch.fx.Node) -> str:

@@ -301,6 +301,39 @@ def _with_int8(args, tmp: str) -> dict:
     return out
 
 
+def cmd_sweep(args, parser) -> int:
+    from . import passes
+    from .sweeps import reconstruction_error, sweep
+
+    for m in args.method:
+        if m not in passes.names():
+            parser.error(f"argument --method: unknown method {m!r}; registered: {', '.join(passes.names())}")
+    _need_shape(args, parser)
+    check_writable(os.path.join(args.out, "sweep.json"), "sweep JSON")
+    model, shape, _ = build_model(args.model, args.input_shape)
+    if args.weights:
+        load_weights(model, args.weights, args.model)
+    calib = load_calib(args.calib, args.calib_samples, shape, args.data_dir) if args.calib else None
+    if args.metric == "accuracy":
+        from .data import load_fashion_mnist
+        from .finetune import evaluate
+        test = load_fashion_mnist("test", data_dir=args.data_dir)
+        if tuple(test[0].shape[1:]) != tuple(shape):
+            raise CLIError(f"--metric accuracy evaluates on Fashion-MNIST (1x28x28) but the model takes {list(shape)}")
+        test = (test[0][:args.test_samples], test[1][:args.test_samples])
+        metric, name, higher = (lambda m: evaluate(m, test)), "test accuracy", True
+    else:
+        data = calib[:256] if calib is not None else torch.randn(64, *shape, generator=torch.Generator().manual_seed(0))
+        metric, name, higher = reconstruction_error(model, data), "output error", False
+    res = sweep(model, example_input(shape), args.method, args.targets, metric=metric, metric_name=name,
+                higher_is_better=higher, kind=args.kind, calib=calib, latency_batch=args.latency_batch,
+                latency_threads=args.latency_threads, out=args.out, round_to=_round_to(args.round_to),
+                progress=True)
+    print(res.table())
+    print(f"points: {res.files[0]}\nplot: {res.files[1]}")
+    return 0
+
+
 def _write_text(path: str, text: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
@@ -312,7 +345,8 @@ def cmd_demo(args, parser) -> int:
     run_demo(target_flops=args.target_flops, methods=args.methods, epochs=args.epochs,
              finetune_epochs=args.finetune_epochs, train_samples=args.train_samples, test_samples=args.test_samples,
              out=args.out, data_dir=args.data_dir, quick=args.quick, model=args.model, distill=args.distill,
-             threads=args.threads, seed=args.seed, calib_samples=args.calib_samples, round_to=_round_to(args.round_to))
+             threads=args.threads, seed=args.seed, calib_samples=args.calib_samples, round_to=_round_to(args.round_to),
+             latency=False if args.no_latency else None)
     return 0
 
 
@@ -384,6 +418,12 @@ examples:
   fxprune bench base.onnx slim.onnx                  # batch 1 and 64; ratios against base.onnx
   fxprune bench base.onnx slim.onnx --batch 1 8 64 --threads 1 --json latency.json
   fxprune bench slim.onnx --int8 fashion-mnist      # each file beside its int8 (static QDQ) version
+"""
+SWEEP_EXAMPLES = """\
+examples:
+  fxprune sweep resnet20 --method l1 id --targets 0.7 0.5 0.3 --calib calib.pt --latency-threads 1
+  fxprune sweep vgg-small --input-shape 1,28,28 --weights base.pt --method id --targets 0.6 0.4 \\
+      --calib fashion-mnist --metric accuracy --out sweep/
 """
 DEMO_EXAMPLES = """\
 examples:
@@ -498,6 +538,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", metavar="DIR", help="Fashion-MNIST folder for --int8 fashion-mnist")
     p.set_defaults(func=cmd_bench, command_parser=p)
 
+    p = add("sweep", "Prune to a series of latency (or FLOPs) targets with one or more methods; time and score "
+                     "every slim model; write a JSON file, a plot (score vs measured latency, Pareto front) and a "
+                     "table.", SWEEP_EXAMPLES)
+    p.add_argument("model", metavar="MODEL", help="a zoo name or package.module:callable")
+    p.add_argument("--method", nargs="+", required=True, metavar="NAME", help="methods, one series each")
+    p.add_argument("--targets", nargs="+", required=True, type=_fraction(True, False, "fraction kept"),
+                   metavar="T", help="targets, e.g. 0.7 0.5 0.3")
+    p.add_argument("--kind", choices=("latency", "flops"), default="latency",
+                   help="what the targets are fractions of (default: measured latency)")
+    p.add_argument("--metric", choices=("accuracy", "reconstruction"), default="reconstruction",
+                   help="accuracy: Fashion-MNIST test accuracy; reconstruction: relative output error on the "
+                        "calibration data (default)")
+    p.add_argument("--test-samples", type=_positive_int, default=10000, metavar="N",
+                   help="test images for --metric accuracy")
+    p.add_argument("--calib", metavar="SRC", help="calibration data: fashion-mnist or a .pt tensor file")
+    p.add_argument("--calib-samples", type=_positive_int, default=1000, metavar="N")
+    p.add_argument("--weights", metavar="CKPT", help="a state_dict checkpoint (weights_only)")
+    p.add_argument("--input-shape", type=parse_shape, metavar="C,H,W",
+                   help="one input's shape without the batch (default: the zoo entry's)")
+    p.add_argument("--round-to", type=_positive_int, metavar="N", help="width rounding (default 16)")
+    p.add_argument("--latency-batch", type=_positive_int, default=1, metavar="B")
+    p.add_argument("--latency-threads", type=_positive_int, metavar="N")
+    p.add_argument("--data-dir", metavar="DIR", help="Fashion-MNIST folder")
+    p.add_argument("--out", default="fxprune-sweep", metavar="DIR", help="folder for sweep.json and sweep.png")
+    p.set_defaults(func=cmd_sweep, command_parser=p)
+
     p = add("demo", "Train a small CNN on Fashion-MNIST, prune it with every method to the same FLOPs, fine-tune, "
                     "export and time: one table, a JSON file and a plot.", DEMO_EXAMPLES)
     p.add_argument("--target-flops", type=_fraction(True, False, "fraction of FLOPs kept"), default=0.5,
@@ -520,6 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "reaches the core count: waiting threads then cost more than they bring)")
     p.add_argument("--seed", type=int, default=0, help="seed of the base model's initialization and shuffling")
     p.add_argument("--out", default="fxprune-demo", metavar="DIR", help="folder for the table, plot and ONNX files")
+    p.add_argument("--no-latency", action="store_true", help="skip the target_latency row and the INT8 row (on by "
+                   "default except with --quick)")
     p.add_argument("--data-dir", metavar="DIR", help="Fashion-MNIST folder (default: $FXPRUNE_DATA_DIR or the "
                    "Debian package's /usr/share/datasets/fashion-mnist)")
     p.add_argument("--quick", action="store_true",
@@ -551,6 +619,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     except (FxPruneError, OSError) as e:
         if debug:
+            if getattr(e, "cause", None) is not None:  # the caught torch error fxprune does not chain
+                traceback.print_exception(e.cause)
             traceback.print_exc()
         msg = _one_line(e)
         if isinstance(e, OSError) and not isinstance(e, FxPruneError) and e.filename:

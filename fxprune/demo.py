@@ -17,6 +17,10 @@ Steps:
 4. ONNX export of the base and every fine-tuned slim model (out/onnx/), then fxprune.benchmark at batch 1 and 64
    with the base as the baseline.
 5. One table on stdout; demo_results.json and demo_accuracy_vs_flops.png in ``out``, each written atomically.
+Unless ``quick`` (or latency=False): after step 3 one more row, ID (or the first one-shot method) pruned with
+target_latency to the same fraction of the base's measured ORT latency at batch 64; after step 4 the INT8 version
+(ORT static quantization) of the row with the best final accuracy, timed with the rest; and
+demo_accuracy_vs_latency.png (fxprune/demo_latency.py).
 
 Example::
 
@@ -48,6 +52,7 @@ BATCH_SIZES = (1, 64)
 COLUMNS = ["method", "schedule", "params", "flops", "flops_kept", "acc_base", "acc_pruned", "acc_finetuned",
            "latency_b1_ms", "latency_b64_ms", "speedup_b64"]
 RESULTS_JSON, PLOT_PNG = "demo_results.json", "demo_accuracy_vs_flops.png"
+LATENCY_PNG = "demo_accuracy_vs_latency.png"
 QUICK = {"train_samples": 2000, "test_samples": 500, "calib_samples": 500}
 
 
@@ -159,8 +164,9 @@ def run_demo(target_flops: float = 0.5, methods: Optional[Sequence[str]] = None,
              out="fxprune-demo", data_dir=None, quick: bool = False, model: str = "vgg-small-half",
              distill: bool = False, threads: Optional[int] = None, seed: int = 0,
              calib_samples: Optional[int] = None, round_to: Optional[int] = DEFAULT_ROUND_TO,
-             progress: bool = True) -> dict:
-    """Run the whole demo (see the module docstring) and return the results written to demo_results.json."""
+             progress: bool = True, latency: Optional[bool] = None) -> dict:
+    """Run the whole demo (see the module docstring) and return the results written to demo_results.json.
+    ``latency`` (default: on unless ``quick``): add the target_latency row and the INT8 row of the best one."""
     from . import passes
     from .fileio import check_writable
 
@@ -193,12 +199,13 @@ def run_demo(target_flops: float = 0.5, methods: Optional[Sequence[str]] = None,
     threads = threads or _auto_threads()  # for torch and ONNX Runtime alike
     with _torch_threads(threads):
         results = _run(target_flops, methods, epochs, finetune_epochs, train_samples, test_samples, out, data_dir,
-                       quick, model, distill, threads, seed, calib_samples, round_to, progress, started)
+                       quick, model, distill, threads, seed, calib_samples, round_to, progress, started,
+                       (not quick) if latency is None else bool(latency))
     return results
 
 
 def _run(target_flops, methods, epochs, finetune_epochs, train_samples, test_samples, out, data_dir, quick,
-         model_name, distill, threads, seed, calib_samples, round_to, progress, started) -> dict:
+         model_name, distill, threads, seed, calib_samples, round_to, progress, started, latency) -> dict:
     import onnxruntime
 
     from . import __version__
@@ -284,6 +291,22 @@ def _run(target_flops, methods, epochs, finetune_epochs, train_samples, test_sam
         rows.append(row)
         timings[f"{method}_s"] = time.perf_counter() - t
 
+    if latency:  # one more row: pruned to the FLOPs target's fraction of the measured latency
+        from . import demo_latency
+        t = time.perf_counter()
+        lat_method = "id" if "id" in methods else next((m for m in methods if m not in training), None)
+        if lat_method is not None:
+            _say(f"[3/{steps}] method {lat_method} pruned to {target_flops:.0%} of the measured latency (ONNX "
+                 f"Runtime, batch {demo_latency.LATENCY_BATCH}), evaluate, fine-tune ...")
+            row, model = demo_latency.latency_row(
+                base, example, train, test, calib_x, method=lat_method, target=target_flops, threads=threads,
+                finetune_epochs=finetune_epochs, seed=seed, lr=FINETUNE_LR, batch_size=BATCH, round_to=round_to,
+                progress=progress, quick=quick, columns=COLUMNS)
+            rows.append(row)
+            if model is not None:
+                slim[row["method"]] = model
+        timings["latency_row_s"] = time.perf_counter() - t
+
     t = time.perf_counter()
     _say(f"[4/{steps}] exporting ONNX to {out / 'onnx'} ...")
     onnx_dir = out / "onnx"
@@ -292,6 +315,13 @@ def _run(target_flops, methods, epochs, finetune_epochs, train_samples, test_sam
     for method, model in [("base", base), *slim.items()]:
         paths[method] = str(onnx_dir / f"{_safe(method)}.onnx")
         export_onnx(model, example, paths[method])
+    best = demo_latency.best_row(rows) if latency else None
+    if best is not None:  # the INT8 version of the best row, timed with the rest
+        row = demo_latency.int8_row(best, slim[best["method"]], example, calib_x, test,
+                                    str(onnx_dir / demo_latency.onnx_name({"method": best["method"] + " int8"})),
+                                    COLUMNS)
+        rows.append(row)
+        paths[row["method"]] = str(onnx_dir / demo_latency.onnx_name(row))
     timings["export_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -310,7 +340,7 @@ def _run(target_flops, methods, epochs, finetune_epochs, train_samples, test_sam
     results = {
         "columns": COLUMNS,
         "rows": rows,
-        "config": {"model": model_name, "target_flops": target_flops, "methods": list(methods), "epochs": epochs,
+        "config": {"model": model_name, "target_flops": target_flops, "latency_rows": latency, "methods": list(methods), "epochs": epochs,
                    "finetune_epochs": finetune_epochs, "distill": distill, "round_to": round_to,
                    "train_samples": len(train_x),
                    "test_samples": len(test_x), "calib_samples": len(calib_x), "seed": seed, "quick": quick,
@@ -400,6 +430,9 @@ def _write_results(out: Path, results: dict) -> None:
 
     atomic_write(out / RESULTS_JSON, write_json, ".json")
     atomic_write(out / PLOT_PNG, lambda tmp: plot(results, tmp), ".png")
+    if any(r.get("schedule") == "int8" or "latency" in str(r.get("method")) for r in results["rows"]):
+        from .demo_latency import plot_accuracy_latency
+        atomic_write(out / LATENCY_PNG, lambda tmp: plot_accuracy_latency(results, tmp), ".png")
 
 
 def plot(results: dict, path) -> None:
@@ -417,7 +450,7 @@ def plot(results: dict, path) -> None:
     markers = ["o", "s", "^", "D", "v", "P", "X", "<"]  # methods land on nearly the same FLOPs: tell them apart
     c = results["config"]
     ax.axvline(c["target_flops"] * base["flops"] / 1e6, color="grey", ls="--", lw=0.8, label="FLOPs target")
-    for i, r in enumerate(r for r in results["rows"][1:] if not r.get("error")):
+    for i, r in enumerate(r for r in results["rows"][1:] if not r.get("error") and r.get("acc_pruned") is not None):
         color, marker = colors[i % len(colors)], markers[i % len(markers)]
         x = r["flops"] / 1e6
         y0, y1 = 100 * r["acc_pruned"], 100 * r["acc_finetuned"]

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 
 class FxPruneError(Exception):
-    """Base class of every error fxprune raises on purpose."""
+    """Base class of every error fxprune raises on purpose.
+
+    ``cause``: the exception fxprune caught and turned into this error (torch.export's, the ONNX exporter's, a
+    graph that failed to run), or None. It is deliberately not chained (the error is raised ``from None``): those
+    tracebacks run to hundreds of lines and would bury the message, which already names the cause's type and
+    first line. Print it with ``traceback.print_exception(err.cause)``.
+    """
+
+    def __init__(self, *args, cause: BaseException | None = None):
+        super().__init__(*args)
+        self.cause = cause
 
 
 class CaptureError(FxPruneError):
@@ -33,11 +43,14 @@ class VerificationError(FxPruneError):
     Structured for callers that act on it (stages.finish freezes and retries): ``kind`` is "graph" (the slim
     graph against the reference: an fxprune bug), "eager" (the user's slimmed module against the slim graph: its
     forward reads a width the rewrite did not change) or "inputs" (nothing finite to compare); ``module`` names
-    the module that failed or disagreed first (None when unknown); ``cause`` is the underlying error text."""
+    the module that failed or disagreed first (None when unknown, '' for the model itself); ``detail`` is the
+    underlying error in one line ("RuntimeError: shape ... is invalid", "relative difference 0.3")."""
 
-    def __init__(self, message: str, *, kind: str = "graph", module: str | None = None, cause: str = ""):
-        super().__init__(message)
-        self.kind, self.module, self.cause = kind, module, cause
+    def __init__(self, message: str, *, kind: str = "graph", module: str | None = None, detail: str = "",
+                 cause: BaseException | None = None):
+        super().__init__(message, cause=cause)
+        self.kind, self.module = kind, module
+        self.detail = detail or ("" if cause is None else f"{type(cause).__name__}: {cause}")
 
 
 class DataError(FxPruneError):
@@ -50,3 +63,8 @@ class ExportError(FxPruneError):
 
 class CheckpointError(FxPruneError):
     """A checkpoint or slim-model file is missing, corrupt, not an fxprune file, or does not fit the model."""
+
+
+class DistributedError(FxPruneError):
+    """Under torch.distributed the ranks disagree (on a decision, on the data they hold) or one of them failed;
+    every rank raises it with the same message, which names the ranks."""

@@ -115,7 +115,7 @@ def export_onnx(
                         continue
                 break
             else:
-                raise _failure(path, attempts) from attempts[0][1]
+                raise _failure(path, attempts) from None  # .cause: the first exporter's exception
         _remove(tmp + ".data")  # external_data=False should write none; never leave one behind
         try:
             mask = os.umask(0)
@@ -158,7 +158,7 @@ def _check_outputs(model: nn.Module, inputs: tuple) -> None:
     except Exception as e:  # noqa: BLE001 - the user's forward
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise ExportError(f"{name} fails on the example inputs ({type(e).__name__}: {first}); check their "
-                          "shapes and dtypes") from e
+                          "shapes and dtypes", cause=e) from None
     leaves = torch.utils._pytree.tree_leaves(out)
     if not leaves:
         raise ExportError(f"{name}'s forward returned no tensors ({type(out).__name__}); there is nothing to export")
@@ -280,7 +280,7 @@ def _failure(path: str, attempts) -> ExportError:
     if log:
         tail = "\n".join(_plain(log).splitlines()[-40:])
         lines.append("Exporter output (last lines):\n" + tail)
-    return ExportError("\n".join(lines))
+    return ExportError("\n".join(lines), cause=attempts[0][1])
 
 
 def _summary(err: Exception) -> str:

@@ -23,8 +23,8 @@ from typing import Callable, Iterable, Iterator, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from .console import progress_bar
 from .cost import eval_mode
 from .errors import ConfigError, DataError, FxPruneError
 
@@ -84,7 +84,7 @@ def finetune(
         teacher.eval()
 
     step = 0
-    bar = tqdm(total=total, desc=desc, file=sys.stderr, disable=not progress)
+    bar = progress_bar(total=total, desc=desc, file=sys.stderr, disable=not progress)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -140,13 +140,17 @@ class GramAccumulator:
         if self._reduced:
             raise RuntimeError("GramAccumulator.allreduce called twice: G would be summed twice")
         G = self._ensure(self._device or torch.device("cpu"))
-        dev = G.device
-        if dist.get_backend(group) == "nccl" and dev.type != "cuda":
-            dev = torch.device("cuda", torch.cuda.current_device())
-        buf = torch.empty(self.n * self.n + 1, dtype=torch.float64, device=dev)
-        buf[:-1] = G.reshape(-1).to(dev)
+        buf = torch.empty(self.n * self.n + 1, dtype=torch.float64, device=G.device)
+        buf[:-1] = G.reshape(-1)
         buf[-1] = float(self.rows)
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+        if group is None:  # the checked collective: ranks about to sum other sizes raise a clear error
+            from . import distributed
+            buf = distributed.allreduce_sum(buf, "a Gram matrix")
+        else:
+            dev = torch.device("cuda", torch.cuda.current_device()) \
+                if dist.get_backend(group) == "nccl" and buf.device.type != "cuda" else buf.device
+            buf = buf.to(dev)
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
         G.copy_(buf[:-1].reshape(self.n, self.n).to(G.device))
         self.rows = round(float(buf[-1].item()))
         self._reduced = True

@@ -30,9 +30,9 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import distributed
+from .console import progress_bar
 from .errors import ConfigError
 from .fileio import atomic_write_text
 from .ops import node_handler
@@ -151,7 +151,7 @@ class LatencyModel:
         base_ms = float(self.timer.models_ms([model], example, self.batch)[0])
         layers = list(self._layers())
         terms = []
-        bar = tqdm(total=len(layers), desc="latency table", disable=not progress, leave=False)
+        bar = progress_bar(total=len(layers), desc="latency table", disable=not progress, leave=False)
         try:
             for sig, fin, fout, gin, gout in layers:
                 terms.append(self._measure(sig, fin, fout, gin, gout))

@@ -19,7 +19,9 @@ Either way a method reads the model and calibration data and returns decisions; 
 from __future__ import annotations
 
 from . import distributed
-from .calibrate import batches, source_grams
+from .blockwise import group_grams
+from .calibrate import batches
+from .console import progress_bar
 from .context import PruneContext, Target, top_k
 from .errors import ConfigError, DataError, FxPruneError
 from .gram import CalibrationDataError, GramAccumulator, rows_of
@@ -35,6 +37,6 @@ __all__ = [
     "CalibrationDataError", "ConfigError", "ConsumerInput", "DataError", "Decision", "FxPruneError", "GramAccumulator",
     "HookedInterpreter", "Plan", "PruneContext", "Pruner", "Target", "TrainingMethod", "batches",
     "can_measure", "check_reachable", "consumer_inputs", "consumer_partial_output", "distributed", "fill", "fit_global",
-    "flat_tensors", "least_squares", "output_probe", "round_width", "rows_of", "source_grams", "tighten",
+    "flat_tensors", "group_grams", "least_squares", "output_probe", "progress_bar", "round_width", "rows_of", "tighten",
     "top_k", "width_step",
 ]

@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.linalg as sla
 import torch
-from tqdm.auto import tqdm
 
 from . import distributed
 from .calibrate import as_rows, batches, group_columns
+from .console import progress_bar
 from .ops import bn_stat_args
 from .reference import consumer_hooks, hooked_args
 from .errors import RewriteError
@@ -89,7 +89,8 @@ def calibrate(plan: Plan, calib, example: tuple, *, reconstruct: bool = True, re
     pruned, orig = _Env(gm, chunks), _Env(gm, chunks) if fit else None
     masked = _mask_plan(an, zeroed, notes) if fit and zeroed else None
     mask_hooks = consumer_hooks(masked) if masked is not None else {}
-    for i, node in enumerate(tqdm(list(gm.graph.nodes), desc="reconstructing", disable=not progress, leave=False)):
+    nodes = progress_bar(list(gm.graph.nodes), desc="reconstructing", disable=not progress, leave=False)
+    for i, node in enumerate(nodes):
         if orig is not None and i <= last_fit:
             if node.name in mask_hooks:  # the original as it was trained: masked channels read as zero
                 orig.run(node, hook=lambda args: hooked_args(masked, node, mask_hooks[node.name], args))
@@ -163,7 +164,7 @@ def _fit(plan: Plan, g: int, src: str, pruned: list, orig: list, ridge: float,
         A += X.T @ X
         B += X.T @ Y
         energy += Y.square().sum()
-    A, B, energy = (distributed.allreduce_sum(t) for t in (A, B, energy))
+    A, B, energy = (distributed.allreduce_sum(t, f"reconstruction sums of {src}") for t in (A, B, energy))
     An, Bn, e = A.numpy(), B.numpy(), float(energy)
     T = least_squares(An, Bn, ridge)
     resid = e - 2 * float(np.sum(T * Bn)) + float(np.sum(T * (An @ T)))
@@ -179,7 +180,7 @@ def _bn_stats(chunks: list) -> tuple[torch.Tensor, torch.Tensor]:
         acc[0] += xd.sum(1, dtype=torch.float64)
         acc[1] += xd.square().sum(1, dtype=torch.float64)
         acc[2] += xd.shape[1]
-    acc = distributed.allreduce_sum(acc)
+    acc = distributed.allreduce_sum(acc, "BatchNorm statistics")
     mean = acc[0] / acc[2]
     var = (acc[1] / acc[2] - mean.square()).clamp_min(0.0)
     dtype = chunks[0].dtype

@@ -72,7 +72,7 @@ def next_step(retry: Retry, exc, plan, old_gm, slim_gm, work: nn.Module) -> str 
         return None
     label = name or type(work).__name__
     for g in gids:
-        retry.frozen[g] = f"module {label} reads a stored width: {exc.cause}"
+        retry.frozen[g] = f"module {label} reads a stored width: {exc.detail}"
     retry.rounds += 1
     return "freeze"
 

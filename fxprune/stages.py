@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed
 from . import verify as _verify
 from .analysis import Analysis, analyze
 from .capture import as_tuple, capture, eval_mode
@@ -37,6 +38,9 @@ from .rewrite import Decision, Plan
 from .targets import DEFAULT_ROUND_TO
 
 DEFAULT_CALIB_SAMPLES = 1000
+_SAME_WEIGHTS = ("Under torchrun every rank must prune the same model: load the same checkpoint on every rank, or "
+                 "broadcast rank 0's (for t in model.state_dict().values(): torch.distributed.broadcast(t, 0)); "
+                 "after DistributedDataParallel training BatchNorm statistics are each rank's own until then")
 
 
 @dataclass
@@ -124,6 +128,8 @@ def begin(model: nn.Module, example_inputs, method: str, decide, *, amount=None,
         raise DataError(f"method '{method}' needs calibration data: pass calib= (e.g. 1000 held-out training "
                         "images as a tensor, or a DataLoader); on the command line use --calib")
     _check_finite(model)
+    if not getattr(decide, "training", False):  # training checks what it trained at finalize (DDP broadcasts at wrap)
+        distributed.same_tensors("weights (parameters or buffers)", model.state_dict(), _SAME_WEIGHTS)
     example = as_tuple(example_inputs)
     opts.calib = calib = _replayable(calib, example, opts.calib_samples)
     opts.verify_inputs = None if verify_inputs is None else _check_verify_inputs(verify_inputs, example)
@@ -189,6 +195,8 @@ def finish(job: Job, decisions: dict[int, Decision], zeroed: dict[int, np.ndarra
 
 def _finish_once(job: Job, decisions, zeroed, retry: Retry) -> PruneResult:
     ctx, opts = job.ctx, job.opts
+    distributed.agree("the decisions (kept channels and T per group)", (decisions, zeroed),
+                      shown={g: len(d.keep) for g, d in decisions.items()})
     _note_rounding(ctx, decisions)
     plan = Plan(ctx.analysis, decisions)
     _check_target(ctx, plan, loose=bool(retry.frozen))
@@ -217,12 +225,18 @@ def _finish_once(job: Job, decisions, zeroed, retry: Retry) -> PruneResult:
         except VerificationError as exc:
             exc.fxprune_attempt = (plan, job.gm, slim_gm, work)  # what freeze-and-retry inspects
             raise
+    samples = cal.samples if cal is not None else 0
+    if distributed.active():  # each rank verified on its own calibration samples: report the worst, the total
+        # (a rank whose verification raised is reported at this first collective, on every rank)
+        diff = None if diff is None else distributed.allreduce_max(diff, "the verified difference")
+        samples = int(distributed.allreduce_sum(torch.tensor(samples), "the calibration sample count"))
+        distributed.same_tensors("slim models", work.state_dict(), "Every rank must build the same slim model "
+                                 "from the same decisions: this is a bug in fxprune, please report it")
     one = tuple(a[:1] if isinstance(a, torch.Tensor) and a.dim() > 0 else a for a in job.example)  # per sample
     result = PruneResult(model=work, graph=slim_gm, analysis=ctx.analysis, decisions=plan.decisions,
                          flops=(count_flops(job.model, one), count_flops(work, one)),
                          params=(count_params(job.model), count_params(work)), method=job.method,
-                         notes=ctx.notes, verified=diff, recalibrated_bn=recalibrated,
-                         calib_samples=cal.samples if cal is not None else 0)
+                         notes=ctx.notes, verified=diff, recalibrated_bn=recalibrated, calib_samples=samples)
     if opts.inplace:
         from .transplant import transplant
         transplant(work, job.model)

@@ -58,11 +58,12 @@ def _median_ms(session, feeds, min_runs: int, min_time_s: float, warmup: int = 2
 class OrtTimer:
     """``latency.Timer`` on ONNX Runtime's CPU provider. ``threads`` None: ORT's default intra-op threads."""
 
-    def __init__(self, threads: int | None = None, *, layer_time_s: float = 0.04, model_time_s: float = 1.0,
-                 repeats: int = 5):
+    def __init__(self, threads: int | None = None, *, layer_time_s: float = 0.04, model_time_s: float = 1.5,
+                 repeats: int = 7):
         self.threads, self.layer_time_s, self.model_time_s, self.repeats = threads, layer_time_s, model_time_s, \
             repeats
         self._overhead: float | None = None
+        self._first = None  # (model, folder, exported file) of the last first model timed
 
     def machine_key(self) -> dict:
         import onnxruntime as ort
@@ -89,21 +90,40 @@ class OrtTimer:
 
     # ---- whole models -----------------------------------------------------------------------------------
     def models_ms(self, models: list, example: tuple, batch: int) -> list[float]:
+        """The first model (the original, timed again every round) is exported once per timer and kept."""
         from .export import export_onnx, resize_batch
         with tempfile.TemporaryDirectory(prefix="fxprune-latency-") as tmp:
-            paths = [m if isinstance(m, str) else export_onnx(m, example, os.path.join(tmp, f"{i}.onnx")).path
-                     for i, m in enumerate(models)]
+            paths = []
+            for i, m in enumerate(models):
+                if i == 0 and self._first is not None and self._first[0] is m:
+                    paths.append(self._first[2])
+                    continue
+                path = os.path.join(tmp, f"{i}.onnx")
+                export_onnx(m, example, path)
+                if i == 0:
+                    keep = tempfile.mkdtemp(prefix="fxprune-latency-")
+                    self._first = (m, keep, os.path.join(keep, "original.onnx"))
+                    os.replace(path, self._first[2])
+                    path = self._first[2]
+                paths.append(path)
             return self.files_ms(paths, resize_batch(example, batch))
+
+    def __del__(self):
+        if getattr(self, "_first", None) is not None:
+            import shutil
+            shutil.rmtree(self._first[1], ignore_errors=True)
 
     def files_ms(self, paths: list[str], inputs: tuple) -> list[float]:
         """Each ONNX file's median, timed in ``repeats`` alternating blocks (slow drifts of a shared machine hit
         every file alike)."""
         sessions = [_session(p, self.threads) for p in paths]
         feeds = [{i.name: t.detach().cpu().numpy() for i, t in zip(s.get_inputs(), inputs)} for s in sessions]
+        for s, f in zip(sessions, feeds):
+            _median_ms(s, f, 1, 0.0, warmup=1)
         blocks = [[] for _ in paths]
         for _ in range(self.repeats):
             for j, (s, f) in enumerate(zip(sessions, feeds)):
-                blocks[j].append(_median_ms(s, f, 3, self.model_time_s / self.repeats))
+                blocks[j].append(_median_ms(s, f, 1, self.model_time_s / self.repeats, warmup=0))
         return [float(np.median(b)) for b in blocks]
 
 

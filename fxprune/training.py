@@ -169,14 +169,28 @@ class Pruner:
     def finalize(self) -> PruneResult:
         """Decisions from the method's state -> the one rewrite, reconstruction and verification. The user's
         model is not changed; every hook comes off."""
-        decisions = self.method.decisions()
-        if distributed.active():  # every rank must build the same slim model
-            decisions = distributed.broadcast_object(decisions)
-        # the model was trained with these channels reading as zero: that masked model is what reconstruction
-        # must reproduce, not the unmasked one whose consumers' stale weights for them were never trained
-        zeroed = {g: ~m for g, m in self._masks.items()}
-        self.remove()
-        return finish(self.job, decisions, zeroed=zeroed)
+        with distributed.scope("Pruner.finalize"):
+            self._synchronize()
+            decisions = self.method.decisions()
+            # the model was trained with these channels reading as zero: that masked model is what reconstruction
+            # must reproduce, not the unmasked one whose consumers' stale weights for them were never trained
+            zeroed = {g: ~m for g, m in self._masks.items()}
+            self.remove()
+            return finish(self.job, decisions, zeroed=zeroed)
+
+    def _synchronize(self):
+        """Under torchrun, make every rank finalize rank 0's model. DistributedDataParallel keeps the parameters
+        identical, but each rank's forward updates its own buffers (BatchNorm running statistics); DDP itself
+        treats rank 0's as the model's (it broadcasts them before every forward, and a checkpoint is saved from
+        rank 0), so rank 0's buffers are copied into every rank's model here. (All-reducing the statistics would
+        change only the last step's share of the running average: the history is rank 0's either way.) The
+        parameters must already agree: a rank that trained other weights is an error, not silently replaced."""
+        if not distributed.active():
+            return
+        distributed.broadcast_into({k: b for k, b in self.model.named_buffers()}, 0, "the model's buffers")
+        distributed.same_tensors("trained parameters", dict(self.model.named_parameters()),
+                                 "Train under DistributedDataParallel (it all-reduces the gradients), with the same "
+                                 "optimizer settings on every rank")
 
     def remove(self):
         """Take every hook off; the model keeps its current weights."""

@@ -91,7 +91,7 @@ def check_against_reference(plan: Plan, original_gm: GraphModule, slim_gm: Graph
         groups = ", ".join(f"{g} ({'/'.join(plan.an.groups[g].modules)})" for g in plan.decisions)
         raise VerificationError(f"the slim graph fails to run ({type(exc).__name__}: {exc}). Pruned groups: "
                                 f"{groups}. This is a bug in fxprune's analysis or rewrite; please report it.",
-                                kind="graph", cause=f"{type(exc).__name__}: {exc}") from exc
+                                kind="graph", cause=exc) from None
     diff = rel_diff(got, ref)
     scale = max((t.abs().max().item() for t in flat_tensors(ref) if t.numel()), default=0.0)
     if notes is not None and scale < 1e-12:
@@ -103,7 +103,7 @@ def check_against_reference(plan: Plan, original_gm: GraphModule, slim_gm: Graph
             f"the slim graph disagrees with the masked reference: relative difference {diff:.3g} > {rtol:g}. "
             f"Pruned groups: {groups}. This is a bug in fxprune's analysis or rewrite; please report it with "
             "the model. Pass verify=False to get the unverified result anyway.", kind="graph",
-            cause=f"relative difference {diff:.3g}")
+            detail=f"relative difference {diff:.3g}")
     return diff
 
 
@@ -121,7 +121,7 @@ def check_eager_matches_graph(slim_model: nn.Module, slim_gm: GraphModule, input
             f"the slimmed model's forward fails in module '{where or type(slim_model).__name__}': "
             f"{type(exc).__name__}: {exc}. Its forward probably hard-codes a channel count; compute it from the "
             "tensor (x.size(1), x.flatten(1)) or exclude that module with ignore=[...].",
-            kind="eager", module=where, cause=f"{type(exc).__name__}: {exc}") from exc
+            kind="eager", module=where, cause=exc) from None
     finally:
         recorder.remove()
     ref = slim_gm(*inputs)
@@ -132,7 +132,7 @@ def check_eager_matches_graph(slim_model: nn.Module, slim_gm: GraphModule, input
             f"the slimmed eager model disagrees with the slim graph (relative difference {diff:.3g})"
             + (f", first in module '{where}'" if where else "") + ". Its forward probably slices or splits "
             "channels at hard-coded offsets; exclude those modules with ignore=[...].",
-            kind="eager", module=where, cause=f"relative difference {diff:.3g}")
+            kind="eager", module=where, detail=f"relative difference {diff:.3g}")
     return diff
 
 

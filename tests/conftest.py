@@ -15,6 +15,20 @@ import torch
 from torch import nn
 
 
+# Tolerances of model-level comparisons (rel_err: max |difference| / max |reference|), from the float error of
+# float32 evaluation. A float32 sum of K products rounds to about sqrt(K) * EPS32 relative (rounding errors add
+# like a random walk whatever order or blocking the kernel uses; the worst case K * EPS32 needs every rounding to
+# go the same way), and the errors of the L layers on a path add up: about L * sqrt(K) * EPS32. So the same
+# comparison may land anywhere in that range on another instruction set or thread count, and each constant
+# leaves room to the bound, not to one machine's result (CI reruns these modules under AVX2 and one thread).
+EPS32 = float(torch.finfo(torch.float32).eps)  # 1.2e-7
+# the small hand-built models of these tests (<= ~4 layers on a path, fan-in K <= ~300): 4 * 17 * EPS32 = 8e-6
+F32_SMALL = 1e-5
+# fxprune's own certificate (fxprune.verify.RTOL): deeper zoo models, and random T whose norm multiplies the
+# error (the fuzz: T entries ~ N(0, 1), ||T|| up to ~10 at width 16); a result below it is what prune returns
+F32_VERIFY = 1e-4
+
+
 @torch.no_grad()
 def warm_bn(model: nn.Module, x: torch.Tensor, passes: int = 3) -> nn.Module:
     """Give every BatchNorm real running statistics (exact averages over a few random batches), then eval."""

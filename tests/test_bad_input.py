@@ -3,6 +3,8 @@ bit-identical afterwards (every state_dict tensor, the tensor objects themselves
 requires_grad flags and size attributes). Also the good-but-unusual inputs: frozen parameters, a model in
 train mode, inplace=True."""
 
+import traceback
+
 import numpy as np
 import pytest
 import torch
@@ -72,6 +74,22 @@ def test_wrong_input_shape_is_a_capture_error():
     model, _ = lenet()
     msg = raises_and_unchanged(model, torch.randn(2, 3, 28, 28), CaptureError, "LeNet5", method="l1", amount=0.5)
     assert "shape" in msg
+
+
+def test_capture_error_keeps_its_cause_without_printing_it():
+    """torch.export's traceback for a wrong input size runs to hundreds of lines: the error is raised from None,
+    so the default traceback shows fxprune's message, and err.cause keeps torch's exception."""
+    model, _ = lenet()
+    with pytest.raises(CaptureError) as info:
+        fxprune.prune(model, torch.randn(2, 3, 28, 28), method="l1", amount=0.5, round_to=None)
+    err = info.value
+    shown = "".join(traceback.format_exception(err))
+    assert err.__cause__ is None and err.__suppress_context__
+    assert len(shown.splitlines()) < 40, shown
+    assert isinstance(err.cause, Exception) and not isinstance(err.cause, FxPruneError)
+    hidden = "".join(traceback.format_exception(err.cause))
+    assert len(hidden.splitlines()) > len(shown.splitlines())  # what the chain would have printed
+    assert type(err.cause).__name__ in str(err)  # the message names the cause
 
 
 def test_example_inputs_of_the_wrong_type():

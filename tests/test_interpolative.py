@@ -7,6 +7,7 @@ interpreter), torch's FlopCounterMode on the slim model, and state-dict snapshot
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 from pathlib import Path
@@ -27,7 +28,9 @@ except ImportError:  # not installed: import from the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from passes import _id_math as idm
 
-from conftest import assert_unchanged, snapshot, warm_bn
+from conftest import F32_VERIFY, assert_unchanged, snapshot, warm_bn
+
+pytestmark = pytest.mark.numerics  # float tolerances: CI reruns this module under AVX2 kernels, one thread
 
 ZOO_E2E = ["mlp", "lenet5", "vgg-small", "resnet20", "mobilenetv2", "densenet"]
 # streaming vs dense on hooked Z: every model whose folded groups' Z sit at a leaf module's output; mobilenetv2
@@ -211,8 +214,30 @@ def _hooked_Z(model, calib, where: dict[int, tuple[str, int]], max_samples: int)
     return {g: torch.cat(c) for g, c in chunks.items()}
 
 
+def _norm2(A: np.ndarray) -> float:
+    """Spectral norm from the small side's Gram matrix (rows >> columns here; no SVD of the tall matrix)."""
+    return float(np.sqrt(max(np.linalg.eigvalsh(A.T @ A)[-1], 0.0)))
+
+
+def _cond(A: np.ndarray) -> float:
+    ev = np.linalg.eigvalsh(A.T @ A)
+    return float(np.sqrt(ev[-1] / max(ev[0], 1e-300)))
+
+
+EPS64 = np.finfo(np.float64).eps
+
+
 @pytest.mark.parametrize("name", ZOO_STREAM)
 def test_streaming_equals_dense_on_model_activations(name):
+    """The pass's T against the dense QR of the full Z, with tolerances from the float error of each route.
+
+    Z is float32 wherever it is computed, and the pass's graph and the eager model may use different float32
+    kernels (which ones depends on the CPU's instruction set and the thread count), so the pass's Z and the hooked
+    Z differ by float32 rounding; T = R11^-1 R12 amplifies that by cond(Z[:, keep]). The tolerances therefore
+    come from the measured rounding of the activations (float32 eager Z against a float64 copy of the model) and
+    the data's conditioning, and the pass is compared where that error is bounded: the reconstruction
+    Z[:, keep] @ T, not T entry by entry.
+    """
     model, _, calib, res = _zoo_run(name)
     an = res.analysis
     where, columns = {}, {}
@@ -228,26 +253,45 @@ def test_streaming_equals_dense_on_model_activations(name):
             columns[gid] = cols
     assert where, "no folded group with a hookable Z"
     Zs = _hooked_Z(model, calib, where, 1000)
+    Z64s = _hooked_Z(copy.deepcopy(model).double(), calib.double(), where, 1000)  # the exact-ish activations
     checked = 0
     for gid, Z in Zs.items():
         g, d = an.groups[gid], res.decisions[gid]
         T = d.T_for(*g.sources)
-        Z = Z[:, torch.as_tensor(columns[gid])]  # conv maps: channels are dim 1 as well
-        k = len(d.keep)
+        cols = torch.as_tensor(columns[gid])  # conv maps: channels are dim 1 as well
+        Z, Z64 = Z[:, cols], Z64s[gid][:, cols]
+        k, n = len(d.keep), g.width
         dense = idm.id_dense(Z, k)
         assert dense.rank > k, f"group {gid}: Z has only {dense.rank} rows for k = {k}"
-        # the same Z through the Gram kernel directly: the pass's plumbing must not change anything
-        acc = idm.GramAccumulator(g.width)
+        acc = idm.GramAccumulator(n)  # the hooked Z through the Gram kernel, in the pass's batches
         for i in range(0, len(Z), CALIB_BATCH):
             acc.update(Z[i:i + CALIB_BATCH])
         gram = idm.id_from_gram(acc, k=k)
-        assert np.array_equal(gram.keep, d.keep), f"group {gid}: pass and Gram kernel on hooked Z disagree"
-        np.testing.assert_allclose(T, gram.T, rtol=0, atol=1e-9 * np.abs(gram.T).max())
-        # and against the dense pivoted QR
+        Zd, Zx = idm._rows_np(Z), idm._rows_np(Z64)
+        kappa = _cond(Zd[:, dense.keep])
+
+        # 1. Gram route == dense QR on the same float32-rounded Z, both in float64: forming G = Z^T Z squares the
+        # condition number, so T agrees to about n * cond^2 * eps64 (mlp: measured 3e-13 against a bound 2e-8)
+        assert np.array_equal(gram.keep, dense.keep), f"group {gid}: Gram kernel and dense QR pick other pivots"
+        t_err = np.linalg.norm(gram.T - dense.T) / np.linalg.norm(dense.T)
+        assert t_err <= 10 * n * kappa ** 2 * EPS64, f"group {gid}: Gram and dense T differ by {t_err:.2e}"
+
+        # 2. the pass: its Z are another float32 evaluation of the same graph (same reduction lengths), whose
+        # rounding is about that of the eager Z, eps = ||Z32 - Z64|| / ||Z64||. First-order least-squares
+        # perturbation: the fitted Z[:, keep] @ T moves by at most eps * (1 + ||T|| + cond * rel_error) relative
+        # to ||Z||; x2 for the pass's own rounding, x2 for the neglected higher-order terms (mlp: measured 8e-8
+        # against a bound 4e-6; a plumbing bug such as a wrong batch or column order gives ~1e-2).
+        nz = _norm2(Zx)
+        eps = max(_norm2(Zd - Zx) / nz, EPS64)
+        bound = 4 * eps * (1 + _norm2(dense.T) + kappa * dense.rel_error)
+        # the pivots agree: mlp's smallest relative gap between a chosen pivot's Schur diagonal and the runner-up
+        # is 1.7e-5, far above what a float32 perturbation of Z moves them (~eps * cond)
         assert np.array_equal(d.keep, dense.keep), f"group {gid} ({g.modules}): kept channels differ from dense QR"
-        t_err = np.linalg.norm(T - dense.T) / np.linalg.norm(dense.T)
-        assert t_err <= 1e-6, f"group {gid} ({g.modules}): T differs from dense QR by {t_err:.2e} (relative)"
-        assert d.info["id_error"] == pytest.approx(dense.rel_error, rel=1e-4, abs=1e-7)
+        fit = _norm2(Zx[:, d.keep] @ T - Zx[:, dense.keep] @ dense.T) / nz
+        assert fit <= bound, f"group {gid} ({g.modules}): Z[:, keep] @ T differs from dense QR's by {fit:.2e} " \
+                             f"(relative; float32 bound {bound:.2e}, cond {kappa:.3g}, eps {eps:.2e})"
+        # the residual norm moves by at most the fit's change, plus the Gram route's resolution (module docstring)
+        assert abs(d.info["id_error"] - dense.rel_error) <= bound + np.sqrt(n * EPS64), gid
         checked += 1
     assert checked == len(where)
 
@@ -279,7 +323,7 @@ def test_streaming_equals_dense_on_random_rows():
 @pytest.mark.parametrize("name", ZOO_E2E)
 def test_zoo_end_to_end_verified(name):
     _model, x, _, res = _zoo_run(name)
-    assert res.verified is not None and res.verified <= 1e-5, res.verified
+    assert res.verified is not None and res.verified <= F32_VERIFY, res.verified  # deep zoo models (densenet, mobilenetv2)
     assert res.decisions and res.flops[1] < res.flops[0]
     for gid, d in res.decisions.items():
         if "id_error" in d.info:  # (blocked groups, kept equal per block, report pivots only)
@@ -324,7 +368,7 @@ def test_flops_target(name, target, round_to):
     res = fxprune.prune(model, x, "id", target_flops=target, calib=calib, round_to=round_to, progress=False)
     ratio = count_flops(res.model, x) / count_flops(model, x)
     assert target - 0.02 <= ratio <= target, ratio
-    assert res.verified <= 1e-5
+    assert res.verified <= F32_VERIFY
     if round_to:
         assert all(len(d.keep) % round_to == 0 or len(d.keep) == res.analysis.groups[g].width
                    for g, d in res.decisions.items())
@@ -405,7 +449,7 @@ def test_id_never_empties_a_producer_of_part_of_a_group():
         model.a.bias.zero_()
     res = fxprune.prune(model, torch.randn(2, 3, 8, 8), "id", amount=0.7, calib=torch.randn(64, 3, 8, 8),
                         round_to=None, progress=False)
-    assert res.verified < 1e-4
+    assert res.verified < F32_VERIFY
     assert res.model.a.out_channels == 1 and res.model.a.out_channels + res.model.b.out_channels < 7
 
 
@@ -430,4 +474,4 @@ def test_id_on_a_group_that_is_zero_on_the_calibration_data_keeps_by_magnitude_a
     g = next(g for g, d in res.decisions.items() if "a" in res.analysis.groups[g].modules)
     assert res.decisions[g].keep.tolist() == [0, 1, 2, 3]
     assert any("zero on the calibration data" in n for n in res.notes)
-    assert res.verified < 1e-4
+    assert res.verified < F32_VERIFY

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxprune
-from conftest import consumer_reference, group_with, rel_err
+from conftest import F32_SMALL, consumer_reference, group_with, rel_err
 from fxprune import rules
 from fxprune.analysis import analyze
 from fxprune.capture import capture
@@ -17,6 +17,8 @@ from fxprune.context import top_k
 from fxprune.errors import RewriteError, VerificationError
 from fxprune.rewrite import Decision, Plan
 from fxprune.targets import width_step
+
+pytestmark = pytest.mark.numerics  # float tolerances: CI reruns this module under AVX2 kernels, one thread
 
 HD, D, T = 4, 16, 6
 X = torch.randn(2, T, D)
@@ -95,7 +97,7 @@ def check_against_reference(model, res):
     ref = consumer_reference(model, res.analysis, res.decisions)
     x = torch.randn(3, T, D)
     with torch.no_grad():
-        assert rel_err(res.model(x), ref(x)) < 1e-5
+        assert rel_err(res.model(x), ref(x)) < F32_SMALL
 
 
 # ------------------------------------------------------------------------------------- split, move, merge
@@ -365,5 +367,5 @@ def test_training_methods_leave_heads_whole_and_say_why(method):
     res = pruner.finalize()
     assert res.model.attn.v.out_features == model.attn.v.out_features == 4 * HD
     assert res.model.up.out_features < 32
-    assert res.verified is not None and res.verified < 1e-5
+    assert res.verified is not None and res.verified < F32_SMALL
     assert "attention heads are kept or removed whole" in res.report

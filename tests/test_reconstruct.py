@@ -12,13 +12,15 @@ import torch
 from torch import nn
 
 import fxprune
-from conftest import assert_unchanged, group_with, randomize_bn, rel_err, snapshot, warm_bn
+from conftest import F32_SMALL, F32_VERIFY, assert_unchanged, group_with, randomize_bn, rel_err, snapshot, warm_bn
 from fxprune import zoo
 from fxprune.analysis import analyze
 from fxprune.capture import capture
 from fxprune.errors import VerificationError
 from fxprune.rewrite import Decision, Plan
 from fxprune.verify import check_against_reference, random_like
+
+pytestmark = pytest.mark.numerics  # float tolerances: CI reruns this module under AVX2 kernels, one thread
 
 
 class RankStream(nn.Module):
@@ -58,7 +60,7 @@ def test_residual_stream_of_rank_r_is_rebuilt_exactly_at_every_consumer():
     assert len(g.sources) == 3 and all(d.T_for(s) is not None for s in g.sources)
     with torch.no_grad():
         want = copy.deepcopy(model).double()(test.double())  # dense float64 original
-        assert rel_err(res.model(test), want) < 1e-5
+        assert rel_err(res.model(test), want) < F32_SMALL
         # the same keep without reconstruction loses the stream (so the check above can fail)
         plain = fxprune.prune(model, calib[:2], "l1", calib=calib, reconstruct=False, **opts)
         assert rel_err(plain.model(test), want) > 0.1
@@ -212,7 +214,7 @@ def test_every_zoo_model_verifies_with_reconstruction_and_leaves_the_model_alone
     x, calib = zoo.example_input(name), zoo.example_input(name, batch=24)
     snap = snapshot(model)
     res = fxprune.prune(model, x, "l1", amount=0.5, calib=calib, round_to=None, progress=False)
-    assert res.verified is not None and res.verified < 1e-4
+    assert res.verified is not None and res.verified < F32_VERIFY
     folded = [s for g, d in res.decisions.items() for s in res.analysis.groups[g].sources if d.T_for(s) is not None]
     assert folded, "reconstruction folded nothing"
     assert_unchanged(model, snap)
@@ -230,7 +232,7 @@ def test_a_deep_untrained_resnet_with_calibration_is_verified_as_returned():
     model, x = zoo.build("resnet56").eval(), torch.randn(2, 3, 32, 32)
     snap = snapshot(model)
     res = fxprune.prune(model, x, "l1", target_flops=0.5, calib=torch.randn(64, 3, 32, 32), progress=False)
-    assert res.verified is not None and res.verified < 1e-4 and res.recalibrated_bn
+    assert res.verified is not None and res.verified < F32_VERIFY and res.recalibrated_bn
     with torch.no_grad():
         assert torch.isfinite(res.model(torch.randn(4, 3, 32, 32))).all()
     assert_unchanged(model, snap)

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from fxprune.method import HookedInterpreter, Plan, fill, flat_tensors, tighten, width_step
+from fxprune.method import (HookedInterpreter, Plan, distributed, fill, flat_tensors, progress_bar, tighten,
+                            width_step)
 
 PROBES = (0.75, 0.5, 0.25)
 
@@ -56,9 +56,13 @@ class OutputProbe:
         return self._error(out)
 
     def _error(self, out) -> float:
+        """Under torchrun each rank holds its own probe samples: the sums of squares are all-reduced, so every
+        rank measures the error of one process holding all of them (and takes the same decisions)."""
         out = flat_tensors(out)
         num = sum(float((a - b).square().sum()) for a, b in zip(out, self.base))
-        return num / max(sum(float(b.square().sum()) for b in self.base), 1e-300)
+        den = sum(float(b.square().sum()) for b in self.base)
+        num, den = distributed.allreduce_sum(torch.tensor([num, den], dtype=torch.float64), "ID's probe error")
+        return float(num) / max(float(den), 1e-300)
 
 
 def _downstream(an, gid: int) -> set[str]:
@@ -101,7 +105,7 @@ def allocate(ctx, widths: np.ndarray, curves: dict[int, np.ndarray], target: flo
     cost, r = ctx.cost, ctx.target.round_to
     upper = widths.copy()
     frac = cost.fraction(widths, metric)
-    bar = tqdm(total=round(max(frac - target, 0) * 1000), desc="allocating widths", disable=not ctx.progress,
+    bar = progress_bar(total=round(max(frac - target, 0) * 1000), desc="allocating widths", disable=not ctx.progress,
                leave=False)
     while frac > target:
         best = None

@@ -42,8 +42,9 @@ stages), rounded to ``round_to``. At a stage's end its weak channels are masked 
 exactly zero at every consumer), so the rest of the budget trains the model as it will be; the last stage
 meets the target. finalize() keeps the unmasked channels: a plain selection, the slim model equals the masked
 model (with calib=, the core's reconstruction and BatchNorm statistics as for every method). Ranks: the
-regularization reads only parameters and running statistics (identical on every DDP rank); each stage's weak
-sets are decided on rank 0 and broadcast.
+regularization reads parameters (identical on every DDP rank) and BatchNorm running statistics (each rank's
+own), so its coefficients are rank 0's, broadcast before every step; each stage's weak sets are decided on rank 0
+and broadcast.
 """
 
 from __future__ import annotations
@@ -189,10 +190,25 @@ class ABFP(TrainingMethod):
         length = max(1, self.ends[self.stage] - start)
         return math.log(1.0 / self.shrink) * (1.0 - mom) / (lr * length) if lr > 0 else 0.0
 
+    def _shared_coefficients(self) -> dict[int, np.ndarray]:
+        """c of every group with weak channels, rank 0's under torchrun: the magnitudes read the BatchNorm running
+        variance, which each rank's forward updates on its own batch, so the ranks' c differ slightly and the
+        gradients they add (after DDP's all-reduce) would make their weights drift apart."""
+        cs = {g: self.coefficients(g) for g in self.weak}
+        if distributed.active() and cs:
+            flat = distributed.broadcast(torch.as_tensor(np.concatenate(list(cs.values()))), 0,
+                                         "Auto-Balanced's coefficients")
+            at = 0
+            for g, c in cs.items():
+                cs[g] = flat[at:at + len(c)].numpy()
+                at += len(c)
+        return cs
+
     @torch.no_grad()
     def before_step(self):
+        cs = self._shared_coefficients()
         for gid in self.weak:
-            c = None
+            c = cs[gid]
             for s, pos, chan in self.slots[gid]:
                 p = self.pruner.tensor(s.fqn)
                 if not isinstance(p, torch.nn.Parameter) or p.grad is None:
@@ -200,8 +216,6 @@ class ABFP(TrainingMethod):
                 lr, mom, _ = self.pruner.learning_rate(p)
                 if lr <= 0:
                     continue
-                if c is None:
-                    c = self.coefficients(gid)
                 self.strength = self._strength(lr, mom)
                 coef = np.clip(self.strength * c[chan], -1.0 / lr, 1.0 / lr)
                 index = torch.as_tensor(pos, device=p.device)

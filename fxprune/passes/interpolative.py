@@ -25,10 +25,9 @@ cannot absorb T (grouped convs, partial reads) take ID's pivots as a plain selec
 from __future__ import annotations
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from fxprune.method import (ConfigError, Decision, batches, check_reachable, least_squares, source_grams, top_k,
-                            width_step)
+from fxprune.method import (ConfigError, Decision, batches, check_reachable, distributed, group_grams, least_squares,
+                            top_k, width_step)
 
 from . import register
 from ._id_allocate import PROBES, OutputProbe, allocate, calibrated_curve
@@ -51,7 +50,8 @@ def decide(ctx, tol: float | None = None, rounds: int = 3, probe_samples: int = 
         # round_to=16 lost 1.1 points to the widths a global magnitude ranking picks). So ID also runs at those
         # widths, both complete results are measured at the model output, and the better one is kept.
         other = _run(ctx, [None], None, None, widths=ctx.widths(magnitude_scores(ctx)), quiet=True)
-        errors = [probe.out.set_current(d) for d in (best, other)]
+        errors = distributed.agree("ID's output errors of the greedy and the magnitude-width candidates",
+                                   [probe.out.set_current(d) for d in (best, other)])
         if errors[1] < errors[0]:
             best = other
             ctx.notes.append(f"id: widths of the global magnitude ranking measured a smaller output error than "
@@ -66,33 +66,48 @@ def decide(ctx, tol: float | None = None, rounds: int = 3, probe_samples: int = 
 
 def _run(ctx, stages, tol, probe, widths: dict | None = None, quiet: bool = False) -> dict[int, Decision]:
     """ID's rounds: measure the Gram matrices of the partly pruned model, choose widths (``widths`` if given, the
-    tolerance, the uniform amounts, or the calibrated greedy toward each stage's target), shrink."""
+    tolerance, the uniform amounts, or the calibrated greedy toward each stage's target), shrink. The Grams stream
+    block by block (fxprune/blockwise.py): each group is measured, used and freed before later blocks run, so a
+    width known up front shrinks the group in the same pass; the greedy takes a first pass for every group's error
+    curve and a second, over the groups it cuts, to shrink them."""
     prunable = ctx.prunable
     kept = {g: np.arange(ctx.groups[g].width) for g in prunable}     # current keep, original numbering
     trans = {g: {} for g in prunable}                                # current T per source (k x n)
     info: dict[int, dict] = {}
+    chunks = list(batches(ctx.calib, ctx.example_inputs, ctx.calib_samples))
     for i, stage in enumerate(stages):
         decisions = _decisions(ctx, kept, trans)
-        grams = source_grams(ctx, prunable, decisions, ctx.calib_samples, f"ID calibration {i + 1}/{len(stages)}")
-        sub = {g: {src: G[np.ix_(kept[g], kept[g])] for src, G in by_src.items()} for g, by_src in grams.items()}
-        pooled = {g: _pooled(by_src) for g, by_src in sub.items()}
-        if widths is not None:
-            new_k = widths
-        elif stage is None and tol is not None:
-            new_k = {g: id_from_gram(G, tol=tol).k for g, G in pooled.items()}
-        elif stage is None:
-            new_k = ctx.widths()
-        else:
-            curves = {g: _error_curve(sub[g], _order(ctx, g, kept[g], G)) for g, G in pooled.items()}
+        desc = f"ID calibration {i + 1}/{len(stages)}"
+        if stage is None:
+            fixed = widths if widths is not None else None if tol is not None else ctx.widths()
+            for g, sub, G in _measured(ctx, chunks, prunable, decisions, kept, desc):
+                k = int(fixed[g]) if fixed is not None else id_from_gram(G, tol=tol).k
+                k = distributed.agree(f"ID's width of group {g} in round {i + 1}", k)
+                if k < len(kept[g]):
+                    kept[g], trans[g], info[g] = _shrink(ctx, g, kept[g], trans[g], sub, G, k, quiet)
+            continue
+        if probe is not None:
+            probe.begin(decisions)
+        curves = {}
+        for g, sub, G in _measured(ctx, chunks, prunable, decisions, kept, desc):
+            curves[g] = _error_curve(sub, _order(ctx, g, kept[g], G))
             if probe is not None:
-                curves = probe.calibrate(curves, kept, trans, sub, pooled, f"ID probes {i + 1}/{len(stages)}")
-            now = np.array([len(kept[g]) if g in kept else ctx.groups[g].width for g in range(len(ctx.groups))])
-            new_k = allocate(ctx, now, curves, stage, ctx.target.metric)
-        for g, G in pooled.items():
-            k = int(new_k[g])
-            if k < len(kept[g]):
-                kept[g], trans[g], info[g] = _shrink(ctx, g, kept[g], trans[g], sub[g], G, k, quiet)
+                curves[g] = probe.calibrate(g, curves[g], kept, trans, sub, G)
+        now = np.array([len(kept[g]) if g in kept else ctx.groups[g].width for g in range(len(ctx.groups))])
+        new_k = allocate(ctx, now, {g: curves[g] for g in prunable if g in curves}, stage, ctx.target.metric)
+        new_k = distributed.agree(f"ID's widths in round {i + 1}", {g: int(new_k[g]) for g in curves})
+        cut = [g for g in prunable if g in curves and int(new_k[g]) < len(kept[g])]
+        for g, sub, G in _measured(ctx, chunks, cut, decisions, kept, f"ID shrink {i + 1}/{len(stages)}"):
+            kept[g], trans[g], info[g] = _shrink(ctx, g, kept[g], trans[g], sub, G, int(new_k[g]), quiet)
     return _decisions(ctx, kept, trans, info)
+
+
+def _measured(ctx, chunks, groups, decisions, kept, desc):
+    """(group, its Grams per source restricted to its kept channels, their pooled Gram), group by group as the
+    calibration data streams through the partly pruned model."""
+    for g, by_src in group_grams(ctx.analysis, chunks, groups, decisions, progress=ctx.progress, desc=desc):
+        sub = {src: G[np.ix_(kept[g], kept[g])] for src, G in by_src.items()}
+        yield g, sub, _pooled(sub)
 
 
 decide.needs_calib = True
@@ -140,21 +155,22 @@ class _Probe:
         self.ctx = ctx
         self.out = OutputProbe(ctx.analysis, next(iter(batches(ctx.calib, ctx.example_inputs, samples, samples))))
 
-    def calibrate(self, curves, kept, trans, sub, pooled, desc):
+    def begin(self, decisions: dict):
+        """The current decisions, which every probe of this round changes in one group."""
+        self.now = self.out.set_current(decisions)
+
+    def calibrate(self, g, curve, kept, trans, sub, pooled):
+        """Group g's error curve calibrated at the model output by cutting it alone to the probe widths."""
         ctx = self.ctx
-        now = self.out.set_current(_decisions(ctx, kept, trans))
-        out = {}
-        for g in tqdm(list(curves), desc=desc, disable=not ctx.progress, leave=False):
-            w, u = len(kept[g]), width_step(ctx.groups[g], ctx.target.round_to)
-            probes = {}
-            for k in sorted({max(u, int(round(w * f / u)) * u) for f in PROBES}):
-                if k >= w:
-                    continue
-                kk, tt, _ = _shrink(ctx, g, kept[g], trans[g], sub[g], pooled[g], k, quiet=True)
-                trial = _decisions(ctx, {**kept, g: kk}, {**trans, g: tt})
-                probes[k] = self.out.error(trial, g) - now
-            out[g] = calibrated_curve(curves[g], w, probes) if probes else curves[g]
-        return out
+        w, u = len(kept[g]), width_step(ctx.groups[g], ctx.target.round_to)
+        probes = {}
+        for k in sorted({max(u, int(round(w * f / u)) * u) for f in PROBES}):
+            if k >= w:
+                continue
+            kk, tt, _ = _shrink(ctx, g, kept[g], trans[g], sub, pooled, k, quiet=True)
+            trial = _decisions(ctx, {**kept, g: kk}, {**trans, g: tt})
+            probes[k] = self.out.error(trial, g) - self.now
+        return calibrated_curve(curve, w, probes) if probes else curve
 
 
 def _check_options(tol, rounds, probe_samples):
