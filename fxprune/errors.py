@@ -38,18 +38,19 @@ class RewriteError(FxPruneError):
 
 
 class VerificationError(FxPruneError):
-    """The slim model does not agree with its reference; the message names the group or module.
+    """The slim model does not agree with its reference; the message names the group or module. The fields say
+    where, for code that acts on it (freeze and retry, stages.finish): ``kind`` ("graph": the slim graph against
+    the reference, an fxprune bug; "eager": the user's slimmed module against the slim graph, its forward reads a
+    width the rewrite did not change; "inputs": nothing finite to compare), ``node`` (graph node name of the first
+    tensor where slim and reference part, or of the op that failed), ``module`` (its module path, '' for the root;
+    None when unknown), ``groups`` (the pruned groups it reads), ``diff`` (the relative difference) and ``detail``
+    (the underlying error in one line); None where not known."""
 
-    Structured for callers that act on it (stages.finish freezes and retries): ``kind`` is "graph" (the slim
-    graph against the reference: an fxprune bug), "eager" (the user's slimmed module against the slim graph: its
-    forward reads a width the rewrite did not change) or "inputs" (nothing finite to compare); ``module`` names
-    the module that failed or disagreed first (None when unknown, '' for the model itself); ``detail`` is the
-    underlying error in one line ("RuntimeError: shape ... is invalid", "relative difference 0.3")."""
-
-    def __init__(self, message: str, *, kind: str = "graph", module: str | None = None, detail: str = "",
+    def __init__(self, message: str, *, kind: str = "graph", node: str | None = None, module: str | None = None,
+                 groups: tuple[int, ...] = (), diff: float | None = None, detail: str = "",
                  cause: BaseException | None = None):
         super().__init__(message, cause=cause)
-        self.kind, self.module = kind, module
+        self.kind, self.node, self.module, self.groups, self.diff = kind, node, module, tuple(groups), diff
         self.detail = detail or ("" if cause is None else f"{type(cause).__name__}: {cause}")
 
 

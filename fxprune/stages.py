@@ -53,7 +53,8 @@ class PruneResult:
     params: tuple[int, int]
     method: str
     notes: list[str] = field(default_factory=list)
-    verified: float | None = None     # relative difference to the reference, when verified
+    verified: float | None = None     # the worst relative difference to the reference, when verified
+    verification: list = field(default_factory=list)  # every compared tensor (compare.Check), in graph order
     recalibrated_bn: list[str] = field(default_factory=list)  # BatchNorm modules whose statistics were re-estimated
     calib_samples: int = 0            # samples the reconstruction / BatchNorm pass used (0: none)
     frozen_by_verification: dict[int, str] = field(default_factory=dict)  # group -> why (freeze and retry)
@@ -217,14 +218,15 @@ def _finish_once(job: Job, decisions, zeroed, retry: Retry) -> PruneResult:
         plan.replace_tensors(work, cal.bn)
         reference_gm = _with_tensors(job.gm, ctx.analysis, cal.bn)
         recalibrated = sorted({k.rsplit(".", 1)[0] for k in cal.bn})
-    diff = None
+    checks = []
     if opts.verify:
         try:
-            diff = _verify.verify(plan, reference_gm, slim_gm, work, job.example, opts.verify_inputs, opts.calib,
-                                  ctx.notes)
+            checks = _verify.verify(plan, reference_gm, slim_gm, work, job.example, opts.verify_inputs, opts.calib,
+                                    ctx.notes)
         except VerificationError as exc:
             exc.fxprune_attempt = (plan, job.gm, slim_gm, work)  # what freeze-and-retry inspects
             raise
+    diff = max((c.certified for c in checks), default=0.0) if opts.verify else None
     samples = cal.samples if cal is not None else 0
     if distributed.active():  # each rank verified on its own calibration samples: report the worst, the total
         # (a rank whose verification raised is reported at this first collective, on every rank)
@@ -236,7 +238,8 @@ def _finish_once(job: Job, decisions, zeroed, retry: Retry) -> PruneResult:
     result = PruneResult(model=work, graph=slim_gm, analysis=ctx.analysis, decisions=plan.decisions,
                          flops=(count_flops(job.model, one), count_flops(work, one)),
                          params=(count_params(job.model), count_params(work)), method=job.method,
-                         notes=ctx.notes, verified=diff, recalibrated_bn=recalibrated, calib_samples=samples)
+                         notes=ctx.notes, verified=diff, verification=checks, recalibrated_bn=recalibrated,
+                         calib_samples=samples)
     if opts.inplace:
         from .transplant import transplant
         transplant(work, job.model)
