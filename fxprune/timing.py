@@ -44,31 +44,43 @@ def _session(path_or_bytes, threads):
     return ort.InferenceSession(path_or_bytes, opts, providers=["CPUExecutionProvider"])
 
 
-def _median_ms(session, feeds, min_runs: int, min_time_s: float, warmup: int = 2) -> float:
+def _median_ms(session, feeds, min_runs: int, min_time_s: float, warmup: int = 2, clock=time.perf_counter) -> float:
     for _ in range(warmup):
         session.run(None, feeds)
     times, start = [], time.perf_counter()
     while len(times) < min_runs or time.perf_counter() - start < min_time_s:
-        t0 = time.perf_counter()
+        t0 = clock()
         session.run(None, feeds)
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return float(np.median(times)) * 1e3
 
 
 class OrtTimer:
-    """``latency.Timer`` on ONNX Runtime's CPU provider. ``threads`` None: ORT's default intra-op threads."""
+    """``latency.Timer`` on ONNX Runtime's CPU provider. ``threads`` None: ORT's default intra-op threads.
+
+    ``clock``: "wall" (perf_counter), or "cpu": the CPU time of the calling thread, which with ``threads=1`` is
+    the thread that runs every op (ORT has no pool then). On a shared machine wall time measures the scheduler's
+    share as much as the model (measured here under a load of 20 on 2 cores: the same file 3.5 ms and 34-48 ms at
+    batch 64 in different minutes); the one thread's CPU time is what the model costs when it has the core.
+    "auto" (default): "cpu" with threads=1, else "wall"."""
 
     def __init__(self, threads: int | None = None, *, layer_time_s: float = 0.04, model_time_s: float = 1.5,
-                 repeats: int = 7):
+                 repeats: int = 7, clock: str = "auto"):
         self.threads, self.layer_time_s, self.model_time_s, self.repeats = threads, layer_time_s, model_time_s, \
             repeats
+        if clock not in ("auto", "wall", "cpu"):
+            raise ValueError(f"clock must be 'auto', 'wall' or 'cpu', got {clock!r}")
+        self.clock_name = ("cpu" if threads == 1 else "wall") if clock == "auto" else clock
+        if self.clock_name == "cpu" and threads != 1:
+            raise ValueError("clock='cpu' measures one thread: use it with threads=1")
+        self.clock = time.thread_time if self.clock_name == "cpu" else time.perf_counter
         self._overhead: float | None = None
         self._first = None  # (model, folder, exported file) of the last first model timed
 
     def machine_key(self) -> dict:
         import onnxruntime as ort
         return {"machine": f"{cpu_model()} x{os.cpu_count()}", "ort": ort.__version__,
-                "threads": self.threads or "default"}
+                "threads": self.threads or "default", "clock": self.clock_name}
 
     # ---- layers -----------------------------------------------------------------------------------------
     def overhead_ms(self) -> float:
@@ -79,13 +91,13 @@ class OrtTimer:
                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])])
             s = _session(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(),
                          self.threads)
-            self._overhead = _median_ms(s, {"x": np.zeros((1, 8), np.float32)}, 50, 0.05)
+            self._overhead = _median_ms(s, {"x": np.zeros((1, 8), np.float32)}, 50, 0.05, clock=self.clock)
         return self._overhead
 
     def layer_ms(self, sig: LayerSig, c_in: int, c_out: int, batch: int) -> float:
         model, feeds = _layer_graph(sig, c_in, c_out, batch)
         s = _session(model.SerializeToString(), self.threads)
-        t = _median_ms(s, feeds, 5, self.layer_time_s)
+        t = _median_ms(s, feeds, 5, self.layer_time_s, clock=self.clock)
         return max(t - self.overhead_ms(), 0.05 * t)
 
     # ---- whole models -----------------------------------------------------------------------------------
@@ -123,7 +135,7 @@ class OrtTimer:
         blocks = [[] for _ in paths]
         for _ in range(self.repeats):
             for j, (s, f) in enumerate(zip(sessions, feeds)):
-                blocks[j].append(_median_ms(s, f, 1, self.model_time_s / self.repeats, warmup=0))
+                blocks[j].append(_median_ms(s, f, 1, self.model_time_s / self.repeats, warmup=0, clock=self.clock))
         return [float(np.median(b)) for b in blocks]
 
 
