@@ -63,17 +63,48 @@ def child(size: str, route: str, amount: float, seqs: int, tokens: int) -> dict:
     calib = torch.randint(0, 32000, (seqs, tokens))
     model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     blockwise.ROUTE = route
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current resident size
     before = _rss_kb("VmRSS")
+    phases = _watch_phases(before)
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current resident size
     t0 = time.perf_counter()
     res = fxprune.prune(model, x, "id", amount=amount, calib=calib, calib_samples=seqs, progress=False)
     seconds = time.perf_counter() - t0
-    peak = _rss_kb("VmHWM")
+    peak = max([_rss_kb("VmHWM")] + [max(p["peak_kb"], p["before_peak_kb"]) for p in phases.values()])
     slim_mb = sum(p.numel() * p.element_size() for p in res.model.parameters()) / 2**20
     extra = (peak - before) / 1024
     return {"size": size, "route": route, "amount": amount, "calib": f"{seqs} x {tokens}", "seconds": seconds,
             "model_mb": model_mb, "slim_mb": slim_mb, "extra_peak_mb": extra, "extra_over_model": extra / model_mb,
-            "target_mb": slim_mb + 0.35 * model_mb, "verified": res.verified}
+            "target_mb": slim_mb + 0.35 * model_mb, "verified": res.verified,
+            "phases": {k: {"seconds": v["seconds"], "extra_peak_mb": (v["peak_kb"] - before) / 1024,
+                           "extra_after_mb": (v["after_kb"] - before) / 1024} for k, v in phases.items()}}
+
+
+def _watch_phases(before_kb: int) -> dict:
+    """Wrap the stages of a prune so each records its seconds and the process's peak memory while it ran (the
+    peak counter is reset at each stage's start, so the overall peak is the largest of them)."""
+    from fxprune import reconstruct, rewrite, stages, verify
+    from fxprune.passes import interpolative
+
+    phases: dict = {}
+
+    def wrap(owner, name, label):
+        fn = getattr(owner, name)
+
+        def run(*a, **k):
+            hwm = _rss_kb("VmHWM")
+            Path("/proc/self/clear_refs").write_text("5")
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            phases[label] = {"seconds": time.perf_counter() - t, "peak_kb": _rss_kb("VmHWM"),
+                             "after_kb": _rss_kb("VmRSS"), "before_peak_kb": hwm}
+            return out
+        setattr(owner, name, run)
+
+    wrap(interpolative, "_run", "id decide")
+    wrap(reconstruct, "calibrate", "reconstruct + BN")
+    wrap(rewrite.Plan, "slim", "slim")
+    wrap(verify, "verify", "verify")
+    return phases
 
 
 def main():
@@ -83,12 +114,13 @@ def main():
     ap.add_argument("--amount", type=float, default=0.3)
     ap.add_argument("--seqs", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--child", nargs=2, metavar=("SIZE", "ROUTE"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         print(json.dumps(child(a.child[0], a.child[1], a.amount, a.seqs, a.tokens)))
         return
-    rows = json.loads(OUT.read_text())["rows"] if OUT.exists() else []
+    rows = json.loads(a.out.read_text())["rows"] if a.out.exists() else []
     for size in a.sizes:
         for route in a.routes:
             cmd = [sys.executable, __file__, "--child", size, route, "--amount", str(a.amount), "--seqs",
@@ -101,7 +133,10 @@ def main():
             row["commit"] = git_commit()
             rows = [r for r in rows if (r["size"], r["route"], r["calib"], r["amount"])
                     != (row["size"], row["route"], row["calib"], row["amount"])] + [row]
-            write_json_atomic(OUT, {"rows": rows})
+            write_json_atomic(a.out, {"rows": rows})
+            for k, v in row["phases"].items():
+                print(f"      {k:>18}: {v['seconds']:7.1f} s  extra peak {v['extra_peak_mb']:7.0f} MB  after "
+                      f"{v['extra_after_mb']:7.0f} MB")
             print(f"{row['size']:>5} {row['route']:>5} {row['calib']:>9}  {row['seconds']:7.1f} s  model "
                   f"{row['model_mb']:7.0f} MB  slim {row['slim_mb']:7.0f} MB  extra peak {row['extra_peak_mb']:7.0f}"
                   f" MB = {row['extra_over_model']:.2f}x the model  (target {row['target_mb']:.0f} MB)", flush=True)

@@ -27,13 +27,22 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from . import distributed
 from .calibrate import as_rows, group_columns
+from .console import progress_bar
 from .console import progress_bar
 from .gram import GramAccumulator
 from .reference import consumer_hooks, hooked_args
 from .rewrite import Plan
 
 ROUTE = "auto"   # how group_grams cuts the graph by default: "auto", "one" or "layer" (see plan_segments)
+
+
+def example_batch(gm) -> int:
+    """The batch size the graph was captured with (1 when it is symbolic: then shapes count it as 1)."""
+    return max((n.meta["val"].shape[0] for n in gm.graph.nodes if n.op == "placeholder"
+                and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() > 0
+                and isinstance(n.meta["val"].shape[0], int)), default=1)
 
 
 def _tensor_bytes(node, batch: int) -> float:
@@ -65,7 +74,7 @@ def plan_segments(gm, stop: int, samples: int, gram_bytes: dict[int, tuple[int, 
     than at the median node; "one": the whole graph; "auto": the one whose estimated peak is smaller."""
     nodes = list(gm.graph.nodes)[:stop + 1]
     one = Segments(nodes, [stop])
-    live = _live_after(nodes, one.last_use, batch)
+    live = live_after(nodes, one.last_use, batch)
     threshold = float(np.median(live)) if live else 0.0
     layered = Segments(nodes, [i for i, b in enumerate(live) if b <= threshold] + [stop])
     if how != "auto":
@@ -78,7 +87,7 @@ def plan_segments(gm, stop: int, samples: int, gram_bytes: dict[int, tuple[int, 
     return layered if boundary + open_grams < whole else one
 
 
-def _live_after(nodes: list, last_use: dict, batch: int) -> list[float]:
+def live_after(nodes: list, last_use: dict, batch: int) -> list[float]:
     """Bytes per sample of the input-dependent values alive after each node (parameters are not counted)."""
     live, out, alive = 0.0, [], {}
     for i, n in enumerate(nodes):
@@ -91,26 +100,30 @@ def _live_after(nodes: list, last_use: dict, batch: int) -> list[float]:
     return out
 
 
-class _Run:
-    """Values of one segment-major run: per node, a list with one entry per chunk (None once freed)."""
+class Stream:
+    """Values of one segment-major run of the graph: per node, a list with one entry per chunk (None once freed).
+    ``hook(node)`` may return a function that rewrites the node's positional args (a consumer reading its
+    reconstruction, a BatchNorm taking new statistics); it is asked once per node and segment."""
 
-    def __init__(self, gm, chunks: list[tuple], plan: Plan):
-        self.gm, self.chunks, self.plan = gm, chunks, plan
-        self.hooks = consumer_hooks(plan)
+    def __init__(self, gm, chunks: list[tuple], hook=lambda node: None):
+        self.gm, self.chunks, self.hook = gm, chunks, hook
         self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.vals: dict = {}
 
-    def segment(self, seg: Segments, span: tuple[int, int], on_value):
-        """Run nodes span[0]..span[1] on every chunk; ``on_value(node, chunk, value)`` sees each value once."""
+    def value(self, node) -> list:
+        return self.vals[node]
+
+    def segment(self, seg: Segments, span: tuple[int, int], on_value=None):
+        """Run nodes span[0]..span[1] on every chunk; ``on_value(node, chunk, value)`` sees each value once.
+        Afterwards only the values a later node reads are kept (all chunks)."""
         a, b = span
-        nodes = seg.nodes[a:b + 1]
+        nodes = [(j, n, self.hook(n)) for j, n in enumerate(seg.nodes[a:b + 1], start=a) if n.op != "output"]
         for c in range(len(self.chunks)):
-            for j, node in enumerate(nodes, start=a):
-                if node.op == "output":
-                    continue
-                v = self._run(node, c)
+            for j, node, hook in nodes:
+                v = self._run(node, c, hook)
                 self.vals.setdefault(node, [None] * len(self.chunks))[c] = v
-                on_value(node, c, v)
+                if on_value is not None:
+                    on_value(node, c, v)
                 for inp in node.all_input_nodes:  # this chunk's inputs read for the last time
                     if seg.last_use[inp] == j and inp in self.vals:
                         self.vals[inp][c] = None
@@ -119,7 +132,7 @@ class _Run:
         for n in [n for n, vs in self.vals.items() if all(v is None for v in vs)]:
             del self.vals[n]
 
-    def _run(self, node, c: int):
+    def _run(self, node, c: int, hook):
         if node.op == "placeholder":
             return self.chunks[c][self.placeholders.index(node)]
         if node.op == "get_attr":
@@ -128,9 +141,19 @@ class _Run:
         pick = lambda n: self.vals[n][c]  # noqa: E731
         args = tuple(torch.fx.node.map_arg(node.args, pick))
         kwargs = torch.fx.node.map_arg(node.kwargs, pick)
-        if node.name in self.hooks:
-            args = hooked_args(self.plan, node, self.hooks[node.name], args)
+        if hook is not None:
+            args = hook(args)
         return fn(*args, **kwargs)
+
+
+def plan_hook(plan: Plan):
+    """Stream hook: consumers of decided groups read Z_j[:, keep] @ T_j (T as the plan holds it when run)."""
+    hooks = consumer_hooks(plan)
+
+    def hook(node):
+        entries = hooks.get(node.name)
+        return None if entries is None else lambda args: hooked_args(plan, node, entries, args)
+    return hook
 
 
 def fetch_attr(gm, target: str):
@@ -165,14 +188,12 @@ def group_grams(an, chunks: list[tuple], groups, decisions: dict | None = None, 
     for g, srcs in order.items():
         done_at.setdefault(max(index[s] for s in srcs), []).append(g)
     stop = max(done_at)
-    batch = max((n.meta["val"].shape[0] for n in nodes if n.op == "placeholder"
-                 and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() > 0
-                 and isinstance(n.meta["val"].shape[0], int)), default=1)
+    batch = example_batch(gm)
     spans = {g: (min(index[s] for s in srcs), max(index[s] for s in srcs),
                  8 * an.groups[g].width ** 2 * len(srcs)) for g, srcs in order.items()}
     samples = sum(c[0].shape[0] for c in chunks)
     seg = plan_segments(gm, stop, samples, spans, batch, segments or ROUTE)
-    run = _Run(gm, chunks, Plan(an, decisions or {}))
+    run = Stream(gm, chunks, plan_hook(Plan(an, decisions or {})))
     accs: dict[tuple[int, str], GramAccumulator] = {}
     grams: dict[int, dict[str, np.ndarray]] = {}
 
@@ -186,7 +207,8 @@ def group_grams(an, chunks: list[tuple], groups, decisions: dict | None = None, 
         run.segment(seg, (a, b), on_value)
         for i in range(a, b + 1):  # Grams complete: reduce in graph order, hand on finished groups
             for g, _, _ in where.get(nodes[i].name, ()):
-                grams.setdefault(g, {})[nodes[i].name] = accs.pop((g, nodes[i].name)).allreduce().G
+                G = torch.from_numpy(accs.pop((g, nodes[i].name)).G)
+                grams.setdefault(g, {})[nodes[i].name] = distributed.allreduce_sum(G).numpy()
             for g in done_at.get(i, ()):
                 by_src = grams.pop(g)
                 yield g, {s: by_src[s] for s in order[g]}

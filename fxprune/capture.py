@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .console import CapturedOutput
-from .cost import as_input_tuple as as_tuple, eval_mode
+from .cost import as_input_tuple as as_tuple, eval_mode, untouched
 from .errors import CaptureError
 
 
@@ -34,14 +34,16 @@ def _batch_dims(args: tuple):
 def capture(model: nn.Module, example_inputs) -> torch.fx.GraphModule:
     """torch.export the model in eval mode and return the unlifted ATen GraphModule.
 
-    The model is not changed: its training flags are restored and no parameter is touched. torch's own console
-    output is kept out of the terminal; a failure is one CaptureError saying what to try.
+    The model is not changed: its training flags are restored, and every module attribute the traced forward
+    assigns (a cache such as RT-DETR's anchors, which tracing would leave as a FakeTensor) is put back as it was,
+    on success and on failure (cost.untouched). torch's own console output is kept out of the terminal; a
+    failure is one CaptureError saying what to try.
     """
     args = as_tuple(example_inputs)
     # a batch of 1 would be specialized (0/1 specialization) and larger calibration batches would then fail
     args = tuple(a.expand(2, *a.shape[1:]).clone() if isinstance(a, torch.Tensor) and a.dim() > 0
                  and a.shape[0] == 1 else a for a in args)
-    with eval_mode(model):
+    with untouched(model), eval_mode(model):
         _check_dtypes(model, args)
         with CapturedOutput():
             try:

@@ -58,6 +58,50 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = flag
 
 
+_MISSING = object()
+
+
+class _ModuleState:
+    """One module's attributes by identity: its __dict__ entries and the contents of its parameter, buffer,
+    submodule and non-persistent-buffer tables."""
+
+    def __init__(self, mod: nn.Module):
+        self.mod = mod
+        self.attrs = dict(vars(mod))
+        self.tables = [(t, dict(t)) for t in (mod._parameters, mod._buffers, mod._modules)]
+        self.non_persistent = set(mod._non_persistent_buffers_set)
+
+    def restore(self):
+        live = vars(self.mod)
+        for key in [k for k in live if k not in self.attrs]:
+            del live[key]
+        for key, value in self.attrs.items():
+            if live.get(key, _MISSING) is not value:
+                live[key] = value
+        for table, saved in self.tables:
+            if table.keys() != saved.keys() or any(table[k] is not v for k, v in saved.items()):
+                table.clear()
+                table.update(saved)
+        if self.mod._non_persistent_buffers_set != self.non_persistent:
+            self.mod._non_persistent_buffers_set.clear()
+            self.mod._non_persistent_buffers_set.update(self.non_persistent)
+
+
+@contextlib.contextmanager
+def untouched(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the user's forward (tracing it, counting its FLOPs) without keeping anything it assigns: every
+    module attribute the forward sets, adds or replaces (a cached anchor grid, a new buffer; under torch.export
+    these are fake tensors that would break deepcopy and pickling of the user's model) is put back as it was,
+    also when the block raises. Tensors are restored by identity; the block must not write into them in place
+    (eval-mode forwards under tracing do not)."""
+    states = [_ModuleState(m) for m in model.modules()]
+    try:
+        yield model
+    finally:
+        for state in states:
+            state.restore()
+
+
 def flop_counter() -> FlopCounterMode:
     """FlopCounterMode with the formulas torch lacks (ops.extra_flop_formulas)."""
     from .ops import extra_flop_formulas
@@ -67,7 +111,7 @@ def flop_counter() -> FlopCounterMode:
 def count_flops(model: nn.Module, example_inputs: Inputs) -> int:
     """FLOPs of one forward pass on ``example_inputs`` (eval mode, no grad), as FlopCounterMode counts them."""
     inputs = as_input_tuple(example_inputs)
-    with eval_mode(model), torch.no_grad():
+    with untouched(model), eval_mode(model), torch.no_grad():
         counter = flop_counter()
         with counter:
             model(*inputs)

@@ -24,6 +24,9 @@ An ``OpHandler`` says, for the ops it is registered under in ``HANDLERS``:
     bn_tuple        training methods that apply the layer's normalization themselves (training.output_probe)
     heads           its rule understands head maps (a channel dim split into (heads, head_dim), cmap.py); any
                     other op that a head map reaches is a barrier
+    selects         its result depends on the order of values (top-k, sort, arg-max indices): float rounding can
+                    flip a near-tie, so verification compares the values it selects from and then gives the slim
+                    graph the reference's result (compare.py)
     mixes_channels  a barrier that mixes the channels it freezes (a normalization): the report names it first
                     for a frozen stream
     elementwise     a function of each element alone (training.output_probe applies it to a layer's output)
@@ -77,6 +80,7 @@ class OpHandler:
     bn_eps_arg: int | None = None
     bn_tuple: bool = False
     heads: bool = False
+    selects: bool = False
     mixes_channels: bool = False
     elementwise: bool = False
     reads_data: bool = True
@@ -164,8 +168,8 @@ GETITEM = OpHandler("getitem", rules.getitem, heads=True, takes_part=True)
 IGNORE = OpHandler("ignore", rules.nothing, heads=True, reads_data=False)  # no tensor flows (asserts, sizes)
 
 
-def _barrier(why: str, has_flops: bool = False, mixes_channels: bool = False) -> OpHandler:
-    return OpHandler("barrier", barrier=why, has_flops=has_flops, mixes_channels=mixes_channels)
+def _barrier(why: str, has_flops: bool = False, mixes_channels: bool = False, selects: bool = False) -> OpHandler:
+    return OpHandler("barrier", barrier=why, has_flops=has_flops, mixes_channels=mixes_channels, selects=selects)
 
 
 HANDLERS: dict[str, OpHandler] = {
@@ -214,7 +218,7 @@ HANDLERS: dict[str, OpHandler] = {
     **dict.fromkeys(("aten.amax", "aten.amin"), REDUCE),
     **dict.fromkeys(("aten.view", "aten.reshape", "aten._unsafe_view"), VIEW),
     **dict.fromkeys(("aten.flatten", "aten.squeeze", "aten.unsqueeze"), RESHAPE),
-    **dict.fromkeys(("aten.permute", "aten.transpose", "aten.t"), PERMUTE),
+    **dict.fromkeys(("aten.permute", "aten.transpose", "aten.t", "aten.numpy_T"), PERMUTE),  # numpy_T: x.T
     **dict.fromkeys(("aten.cat", "aten.concat", "aten.concatenate"), CAT),
     **dict.fromkeys(("aten.split", "aten.split_with_sizes", "aten.chunk", "aten.tensor_split"), SPLIT),
     **dict.fromkeys(("aten.slice", "aten.narrow"), SLICE),
@@ -233,7 +237,9 @@ HANDLERS: dict[str, OpHandler] = {
     "aten.einsum": _barrier("is an einsum (a product over named dims)", has_flops=True),
     "aten.embedding": _barrier("looks up rows of its weight by index"),
     "aten.index_select": _barrier("reorders channels by data"),
-    "aten.sort": _barrier("reorders by value"),
+    **dict.fromkeys(("aten.sort", "aten.argsort"), _barrier("reorders by value", selects=True)),
+    **dict.fromkeys(("aten.topk", "aten.kthvalue"), _barrier("selects by value", selects=True)),
+    **dict.fromkeys(("aten.argmax", "aten.argmin"), _barrier("returns indices chosen by value", selects=True)),
 }
 
 UNKNOWN = _barrier("is not in fxprune's op table")

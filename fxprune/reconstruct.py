@@ -12,9 +12,13 @@ is the interpolative decomposition's T for the same keep). In the same pass, eve
 pruning changed gets running statistics measured on the pruned model: the mean and the population variance of
 its input over the calibration data, the values its eval-mode normalization then applies exactly.
 
-The pass is layer-major: each node runs on every calibration chunk before the next node, so a statistic over the
-whole calibration set is known before any later node uses it. It holds the live activations of all samples at
-once (two copies: original and pruned); ``calibrate`` lowers the sample count to fit MEMORY_BUDGET and says so.
+The pass is sequential, block by block (fxprune/blockwise.py, as SparseGPT-style tools move calibration data): each
+segment of the graph runs on every calibration chunk before the next one starts, with a cut after every fitted
+source and before every re-estimated BatchNorm, so a statistic over the whole calibration set is known before any
+later node uses it, and the next block runs on the PRUNED outputs. It holds, for all samples, only the values that
+cross the current cut (two copies: original and pruned), plus one chunk's activations inside the block; it stops
+at the last node it needs (a language model's logits are never computed). ``calibrate`` lowers the sample count to
+fit MEMORY_BUDGET and says so.
 
 Example::
 
@@ -33,6 +37,7 @@ import scipy.linalg as sla
 import torch
 
 from . import distributed
+from .blockwise import Segments, Stream, example_batch, live_after, plan_hook
 from .calibrate import as_rows, batches, group_columns
 from .console import progress_bar
 from .ops import bn_stat_args
@@ -41,8 +46,8 @@ from .errors import RewriteError
 from .rewrite import Decision, Plan
 
 RIDGE = 1e-8
-CHUNK = 100                      # samples per op call inside the layer-major pass
-MEMORY_BUDGET = 4 * 2**30        # bytes of live activations the pass may hold (original + pruned)
+CHUNK = 8                        # samples per op call: inside a block only one chunk's activations are alive
+MEMORY_BUDGET = 4 * 2**30        # bytes of block-boundary values the pass may hold (original + pruned)
 
 
 def least_squares(A: np.ndarray, B: np.ndarray, ridge: float = RIDGE) -> np.ndarray:
@@ -72,7 +77,7 @@ def calibrate(plan: Plan, calib, example: tuple, *, reconstruct: bool = True, re
               samples: int = 1000, ridge: float = RIDGE, progress: bool = True,
               notes: list | None = None, zeroed: dict[int, np.ndarray] | None = None) -> Calibration:
     """Fit T_j for every foldable source of every decided group (``reconstruct``) and re-estimate the BatchNorms
-    downstream of a change (``recalibrate_bn``), in one layer-major pass over the calibration data. The fitted T_j
+    downstream of a change (``recalibrate_bn``), in one sequential pass over the calibration data. The fitted T_j
     replace the method's own T (or selection) in ``plan.decisions``, with their errors in each Decision's info.
     ``zeroed`` (group -> boolean per channel): channels the model reads as zero (a training-time method's masks);
     their columns of the original Z_j are zero in the fit, so T reproduces the masked model."""
@@ -82,37 +87,54 @@ def calibrate(plan: Plan, calib, example: tuple, *, reconstruct: bool = True, re
     hooks = consumer_hooks(plan)
     changed = _downstream(gm, set(hooks)) if recalibrate_bn else set()
     bns = {n.name: bn_stat_args(n) for n in gm.graph.nodes if n.name in changed and bn_stat_args(n) is not None}
-    samples = _fit_memory(gm, samples, copies=2 if fit else 1, notes=notes)
+    seg, last_fit = _segments(gm, fit, bns)
+    samples = _fit_memory(gm, seg, samples, copies=2 if fit else 1, notes=notes)
     chunks = [xs for xs in batches(calib, example, samples, CHUNK)]
     cal = Calibration(samples=sum(c[0].shape[0] for c in chunks))
-    last_fit = max((i for i, n in enumerate(gm.graph.nodes) if n.name in fit), default=-1)
-    pruned, orig = _Env(gm, chunks), _Env(gm, chunks) if fit else None
     masked = _mask_plan(an, zeroed, notes) if fit and zeroed else None
-    mask_hooks = consumer_hooks(masked) if masked is not None else {}
-    nodes = progress_bar(list(gm.graph.nodes), desc="reconstructing", disable=not progress, leave=False)
-    for i, node in enumerate(nodes):
-        if orig is not None and i <= last_fit:
-            if node.name in mask_hooks:  # the original as it was trained: masked channels read as zero
-                orig.run(node, hook=lambda args: hooked_args(masked, node, mask_hooks[node.name], args))
-            else:
-                orig.run(node)
-        if node.name in bns:
-            (i, j), stats = bns[node.name], _bn_stats(pruned.args(node)[0])
-            cal.bn[node.args[i].target], cal.bn[node.args[j].target] = stats
-            pruned.run(node, override={i: stats[0], j: stats[1]})
-        elif node.name in hooks:
-            pruned.run(node, hook=lambda args: hooked_args(plan, node, hooks[node.name], args))
-        else:
-            pruned.run(node)
-        for g, src in fit.get(node.name, []):
-            T, err = _fit(plan, g, src, pruned.value(node), orig.value(node), ridge, (zeroed or {}).get(g))
+    stats: dict[str, tuple] = {}
+    pruned = Stream(gm, chunks, _pruned_hook(plan, hooks, bns, stats))
+    orig = Stream(gm, chunks, plan_hook(masked) if masked is not None else lambda n: None) if fit else None
+    for a, b in progress_bar(seg.spans, desc="reconstructing", disable=not progress, leave=False, unit="block"):
+        first, last = seg.nodes[a], seg.nodes[b]
+        if first.name in bns:  # a BatchNorm starts its segment: its input is known on every chunk
+            (i, j), stats[first.name] = bns[first.name], _bn_stats(pruned.value(first.args[0]))
+            cal.bn[first.args[i].target], cal.bn[first.args[j].target] = stats[first.name]
+        if orig is not None:  # the original (as it was trained: masked channels read as zero)
+            orig.segment(seg, (a, b))
+        pruned.segment(seg, (a, b))
+        for g, src in fit.get(last.name, []):  # a fitted source ends its segment: T before any consumer runs
+            T, err = _fit(plan, g, src, pruned.value(last), orig.value(last), ridge, (zeroed or {}).get(g))
             cal.T.setdefault(g, {})[src] = T
             cal.errors.setdefault(g, {})[src] = err
             _set_T(plan, g, src, T, err)  # later consumers of this source read the reconstruction
-        pruned.free_after(node)
-        if orig is not None:
-            orig.free_after(node)
+        if orig is not None and b >= last_fit:
+            orig = None
     return cal
+
+
+def _segments(gm, fit: dict, bns: dict):
+    """The cut for the sequential pass, and the index of the last fitted source. Forced cuts: after each fitted
+    source (its T is solved before a consumer reads it) and before each re-estimated BatchNorm (its statistics
+    are measured on every chunk first); the pass ends at the last node it needs."""
+    nodes = list(gm.graph.nodes)
+    index = {n.name: i for i, n in enumerate(nodes)}
+    last_fit = max((index[s] for s in fit), default=-1)
+    stop = max([last_fit, 0] + [index[b] for b in bns])
+    cuts = [index[s] for s in fit] + [index[b] - 1 for b in bns if index[b] > 0] + [stop]
+    return Segments(nodes[:stop + 1], cuts), last_fit
+
+
+def _pruned_hook(plan: Plan, hooks: dict, bns: dict, stats: dict):
+    """Stream hook of the pruned model: consumers read their reconstruction, BatchNorms their new statistics."""
+    def hook(node):
+        if node.name in bns:
+            (i, j), (mean, var) = bns[node.name], stats[node.name]
+            return lambda args: tuple(mean if k == i else var if k == j else a for k, a in enumerate(args))
+        if node.name in hooks:
+            return lambda args: hooked_args(plan, node, hooks[node.name], args)
+        return None
+    return hook
 
 
 def _mask_plan(an, zeroed: dict[int, np.ndarray], notes: list | None) -> Plan | None:
@@ -198,87 +220,21 @@ def _downstream(gm, starts: set[str]) -> set[str]:
     return out
 
 
-def _fit_memory(gm, samples: int, copies: int, notes: list | None) -> int:
-    """The largest sample count (<= samples) whose live activations fit MEMORY_BUDGET."""
-    per_sample = _peak_bytes_per_sample(gm) * copies
+def _fit_memory(gm, seg: Segments, samples: int, copies: int, notes: list | None) -> int:
+    """The largest sample count (<= samples) whose values crossing the segments' cuts fit MEMORY_BUDGET."""
+    per_sample = _boundary_bytes_per_sample(gm, seg) * copies
     fits = max(1, int(MEMORY_BUDGET // max(per_sample, 1)))
     if fits < samples:
         if notes is not None:
             notes.append(f"reconstruction and BatchNorm re-estimation used {fits} of {samples} calibration samples "
-                         f"(the layer-major pass holds every sample's live activations: "
+                         f"(the sequential pass holds every sample's values at a block boundary: "
                          f"{per_sample / 2**20:.1f} MiB each, budget {MEMORY_BUDGET / 2**30:.0f} GiB)")
         return fits
     return samples
 
 
-def _peak_bytes_per_sample(gm) -> int:
-    nodes = list(gm.graph.nodes)
-    last = {}
-    for i, n in enumerate(nodes):
-        for a in n.all_input_nodes:
-            last[a] = i
-    live, peak = {}, 0
-    for i, n in enumerate(nodes):
-        val = n.meta.get("val")
-        if isinstance(val, torch.Tensor) and n.op == "call_function" and val.dim() > 0:
-            live[n] = math.prod(s if isinstance(s, int) else 1 for s in val.shape) * val.element_size()
-        peak = max(peak, sum(live.values()))
-        for a in [a for a in live if last.get(a, -1) <= i]:
-            del live[a]
-    return peak
+def _boundary_bytes_per_sample(gm, seg: Segments) -> float:
+    live = live_after(seg.nodes, seg.last_use, example_batch(gm))
+    return max((live[b] for _, b in seg.spans), default=0.0)
 
 
-class _Env:
-    """Values of one run of the graph, a list per node with one entry per calibration chunk."""
-
-    def __init__(self, gm, chunks: list[tuple]):
-        self.gm = gm
-        self.chunks = chunks
-        self.vals: dict = {}
-        self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        self.last_use = {}
-        for n in gm.graph.nodes:
-            for a in n.all_input_nodes:
-                self.last_use[a] = n
-
-    def value(self, node) -> list:
-        return self.vals[node]
-
-    def args(self, node) -> tuple:
-        """The node's args per position, each a list over chunks for tensor-valued inputs."""
-        return tuple(self._per_chunk(a) for a in node.args)
-
-    def _per_chunk(self, a):
-        return self.vals[a] if isinstance(a, torch.fx.Node) else a
-
-    def run(self, node, override: dict | None = None, hook=None):
-        if node.op == "placeholder":
-            i = self.placeholders.index(node)
-            self.vals[node] = [c[i] for c in self.chunks]
-        elif node.op == "get_attr":
-            self.vals[node] = [_fetch_attr(self.gm, node.target)] * len(self.chunks)
-        elif node.op in ("call_function", "call_module"):
-            fn = node.target if node.op == "call_function" else self.gm.get_submodule(node.target)
-            outs = []
-            for i in range(len(self.chunks)):
-                pick = lambda a, i=i: self.vals[a][i]  # noqa: E731
-                args = list(torch.fx.node.map_arg(node.args, pick))
-                kwargs = torch.fx.node.map_arg(node.kwargs, pick)
-                for pos, v in (override or {}).items():
-                    args[pos] = v
-                if hook is not None:
-                    args = list(hook(tuple(args)))
-                outs.append(fn(*args, **kwargs))
-            self.vals[node] = outs
-
-    def free_after(self, node):
-        for a in node.all_input_nodes:
-            if self.last_use.get(a) is node:
-                self.vals.pop(a, None)
-
-
-def _fetch_attr(gm, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj

@@ -21,7 +21,7 @@ def format_report(res) -> str:
         f"  params            {fmt_count(p0)} -> {fmt_count(p1)}  ({p1 / max(p0, 1):.3f} kept)",
     ]
     if res.verified is not None:
-        lines.append(f"  verified against the masked reference: relative difference {res.verified:.2e}")
+        lines += _verification(res)
     if res.calib_samples:
         lines.append(f"  calibration: {res.calib_samples} samples; BatchNorm statistics re-estimated in "
                      f"{len(res.recalibrated_bn)} module(s)")
@@ -45,6 +45,34 @@ def format_report(res) -> str:
     for note in res.notes:
         lines.append(f"  note: {note}")
     return "\n".join(lines)
+
+
+LISTED = 12  # verification lines shown; the rest are in PruneResult.verification
+
+
+def _verification(res) -> list[str]:
+    """The certificate: the worst relative difference (model outputs and each consumer's own op), then the compared
+    tensors (the ones that matter most when there are many): the accumulated difference, the consumer's own op's
+    difference and the scale; a ~0 reference is marked as proving nothing."""
+    checks = res.verification
+    if not checks:
+        return [f"  verified against the masked reference: relative difference {res.verified:.2e}"]
+    outputs = sum(c.is_output for c in checks)
+    lines = [f"  verified against the masked reference at {len(checks)} tensors ({len(checks) - outputs} pruned "
+             f"consumers' outputs, {outputs} model output{'s' if outputs != 1 else ''}): worst relative difference "
+             f"{res.verified:.2e}"]
+    shown = checks
+    if len(checks) > LISTED:
+        top = set(sorted(range(len(checks)), key=lambda i: (not checks[i].vacuous, -checks[i].certified))[:LISTED])
+        shown = [c for i, c in enumerate(checks) if i in top]
+    lines.append(f"    {'tensor':<24}  {'module':<28}  {'rel diff':>9}  {'own op':>9}  {'max|ref|':>9}")
+    for c in shown:
+        flag = "  reference ~0: proves nothing" if c.vacuous else ""
+        own = "-" if c.local is None else f"{c.local:.2e}"
+        lines.append(f"    {c.name:<24}  {c.module or '-':<28}  {c.diff:>9.2e}  {own:>9}  {c.scale:>9.2e}{flag}")
+    if len(shown) < len(checks):
+        lines.append(f"    ... {len(checks) - len(shown)} more (PruneResult.verification)")
+    return lines
 
 
 def _recon(g, d) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .retry import STORED
+
 _PLAIN = (int, float, bool, str, tuple, list, type(None), torch.Tensor)
 
 
@@ -22,6 +24,8 @@ def transplant(src: nn.Module, dst: nn.Module):
         for k in list(mod._buffers):
             mod._buffers[k] = new._buffers[k]
         for k, v in vars(new).items():
+            if k == STORED:  # the stored widths freeze-and-retry updated (a checkpoint records them)
+                mod.__dict__[k] = v
             if k.startswith("_") or k == "training":
                 continue
             if isinstance(v, _PLAIN) or hasattr(v, "to_dict"):

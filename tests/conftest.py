@@ -27,6 +27,18 @@ F32_SMALL = 1e-5
 # fxprune's own certificate (fxprune.verify.RTOL): deeper zoo models, and random T whose norm multiplies the
 # error (the fuzz: T entries ~ N(0, 1), ||T|| up to ~10 at width 16); a result below it is what prune returns
 F32_VERIFY = 1e-4
+EPS64 = float(np.finfo(np.float64).eps)
+
+
+def norm2(A: np.ndarray) -> float:
+    """Spectral norm of a tall (rows >> columns) matrix, from its small Gram matrix (no SVD of the tall one)."""
+    return float(np.sqrt(max(np.linalg.eigvalsh(A.T @ A)[-1], 0.0)))
+
+
+def cond(A: np.ndarray) -> float:
+    """2-norm condition number of a tall matrix of full column rank (float64; fine up to cond ~1e7)."""
+    ev = np.linalg.eigvalsh(A.T @ A)
+    return float(np.sqrt(ev[-1] / max(ev[0], 1e-300)))
 
 
 @torch.no_grad()

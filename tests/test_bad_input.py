@@ -186,16 +186,28 @@ def hard_coded_split():
     return model
 
 
-def test_forward_that_hard_codes_a_width_is_a_verification_error():
+def test_forward_that_hard_codes_a_width_is_a_verification_error_when_strict():
     msg = raises_and_unchanged(hard_coded_split(), X, VerificationError, "hard-codes", method="l1",
-                               amount=0.5)
+                               amount=0.5, strict=True)
     assert "ignore=" in msg
 
 
 def test_hard_coded_width_error_blames_the_right_module():
     with pytest.raises(VerificationError) as err:
-        fxprune.prune(hard_coded_split(), X, "l1", round_to=None, amount=0.5)
+        fxprune.prune(hard_coded_split(), X, "l1", round_to=None, amount=0.5, strict=True)
     assert "module 'a'" not in str(err.value) and "HardCodedSplit" in str(err.value)
+    assert err.value.kind == "eager" and err.value.module == ""  # the model's own forward
+
+
+def test_hard_coded_width_freezes_the_groups_it_reads_and_prunes_the_rest():
+    """Without strict: the groups the forward's hard-coded split reads are frozen with the reason, the rest
+    pruned and verified; the user's model is unchanged."""
+    model = hard_coded_split()
+    res = fxprune.prune(model, X, "l1", round_to=None, amount=0.5)
+    assert res.frozen_by_verification and all(w.startswith("module HardCodedSplit reads a stored width")
+                                              for w in res.frozen_by_verification.values())
+    assert res.decisions and res.verified < 1e-4
+    assert model.a.out_channels == 8
 
 
 def test_pow_of_two_groups_couples_them_and_prunes():
@@ -206,18 +218,29 @@ def test_pow_of_two_groups_couples_them_and_prunes():
 
 
 def test_slim_graph_that_fails_to_run_is_a_verification_error(monkeypatch):
-    """A slim graph that cannot run is reported as a VerificationError naming the groups, not a raw error."""
+    """A slim graph that cannot run is reported as a VerificationError naming the node and its module, not a raw
+    error."""
     from fxprune import verify
 
-    class Broken(torch.nn.Module):
-        def forward(self, *a):
-            raise RuntimeError("size mismatch")
+    def size_mismatch(*args, **kwargs):
+        raise RuntimeError("size mismatch")
 
-    real = verify.check_against_reference
-    monkeypatch.setattr(verify, "check_against_reference",
-                        lambda plan, gm, slim, inputs, **kw: real(plan, gm, Broken(), inputs, **kw))
-    with pytest.raises(fxprune.VerificationError, match="fails to run"):
+    broken = []
+    real = verify.compare_with_reference
+
+    def with_a_broken_op(plan, gm, slim, inputs):
+        node = next(n for n in slim.graph.nodes if n.op == "call_function" and "conv" in str(n.target)
+                    and n.meta.get("nn_module_stack") and list(n.meta["nn_module_stack"].values())[-1][0] == "c")
+        node.target = size_mismatch
+        slim.recompile()
+        broken.append(node.name)
+        return real(plan, gm, slim, inputs)
+
+    monkeypatch.setattr(verify, "compare_with_reference", with_a_broken_op)
+    with pytest.raises(fxprune.VerificationError, match="fails to run at node") as err:
         fxprune.prune(PowTensor().eval(), X, "l1", round_to=None, amount=0.5)
+    assert err.value.node == broken[0] and err.value.module == "c" and "size mismatch" in str(err.value)
+    assert isinstance(err.value.cause, RuntimeError) and err.value.__cause__ is None
 
 
 def test_per_module_amounts_keyed_by_module_object():

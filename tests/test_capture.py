@@ -114,3 +114,74 @@ def test_kv_cache_output_suggests_use_cache_false(kind):
     assert "DynamicCache" in msg and "use_cache=False" in msg and "\n" not in msg, msg
     text = fxprune.describe_groups(tiny_causal_lm(kind, use_cache=False), ids)  # the advice works
     assert text.splitlines()[0].endswith("frozen")
+
+
+class CachesAnchors(nn.Module):
+    """Caches a tensor computed in forward on itself when absent or stale (RT-DETR's decoder caches its anchor
+    grid this way); under torch.export the cached value would be a FakeTensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = torch.relu(self.c2(torch.relu(self.c1(x))))
+        if getattr(self, "anchors", None) is None or self.anchors.shape[0] != y.shape[-1]:
+            self.anchors = torch.arange(y.shape[-1], dtype=y.dtype)
+            self.calls = getattr(self, "calls", 0) + 1
+        return self.fc((y * self.anchors).mean((2, 3)))
+
+
+def _state(model: nn.Module) -> dict:
+    """Every module's __dict__ (tensors by value), parameters and buffers."""
+    out = {}
+    for name, mod in model.named_modules():
+        for k, v in vars(mod).items():
+            if k in ("_parameters", "_buffers", "_modules"):
+                v = {kk: (vv.detach().clone() if isinstance(vv, torch.Tensor) else type(vv)) for kk, vv in v.items()}
+            elif isinstance(v, torch.Tensor):
+                v = ("tensor", type(v), v.detach().clone())
+            elif not isinstance(v, (int, float, str, bool, type(None))):
+                continue  # hooks dicts etc.: compared by key below
+            out[(name, k)] = v
+    return out
+
+
+def _assert_same_state(before: dict, after: dict):
+    assert before.keys() == after.keys()
+    for key, v in before.items():
+        w = after[key]
+        if isinstance(v, dict):
+            assert v.keys() == w.keys(), key
+            for kk in v:
+                assert (torch.equal(v[kk], w[kk]) and type(v[kk]) is type(w[kk])) if isinstance(v[kk], torch.Tensor) \
+                    else v[kk] == w[kk], (key, kk)
+        elif isinstance(v, tuple):
+            assert w[1] is v[1] is torch.Tensor and torch.equal(v[2], w[2]), key
+        else:
+            assert v == w, key
+
+
+@pytest.mark.parametrize("forward_first", [False, True])
+def test_a_module_that_caches_a_tensor_in_forward_is_left_as_it_was(forward_first):
+    """Capture restores what the traced forward assigned: after a successful prune and after a failing one the
+    user's model holds no FakeTensor, equals its state before, deep-copies; the pruned model runs and caches its
+    own anchors."""
+    import copy
+    from torch._subclasses.fake_tensor import FakeTensor
+    torch.manual_seed(0)
+    model, x = CachesAnchors().eval(), torch.randn(2, 3, 10, 10)
+    if forward_first:
+        model(x)
+    before = _state(model)
+    res = fxprune.prune(model, x, "l1", amount=0.5, round_to=None, progress=False)
+    _assert_same_state(before, _state(model))
+    assert not any(isinstance(v, FakeTensor) for m in model.modules() for v in vars(m).values())
+    copy.deepcopy(model)
+    assert res.model.c1.out_channels == 4 and res.verified < 1e-4
+    with torch.no_grad():
+        assert res.model(torch.randn(2, 3, 12, 12)).shape == (2, 2)  # a new size recomputes the slim model's cache
+    with pytest.raises(fxprune.CaptureError):  # fails inside torch.export, after the forward assigned
+        fxprune.prune(model, torch.randn(2, 3, 2, 2), "l1", amount=0.5, round_to=None, progress=False)
+    _assert_same_state(before, _state(model))
+    copy.deepcopy(model)

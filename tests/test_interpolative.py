@@ -28,7 +28,7 @@ except ImportError:  # not installed: import from the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from passes import _id_math as idm
 
-from conftest import F32_VERIFY, assert_unchanged, snapshot, warm_bn
+from conftest import EPS64, F32_VERIFY, assert_unchanged, cond, norm2, snapshot, warm_bn
 
 pytestmark = pytest.mark.numerics  # float tolerances: CI reruns this module under AVX2 kernels, one thread
 
@@ -214,19 +214,6 @@ def _hooked_Z(model, calib, where: dict[int, tuple[str, int]], max_samples: int)
     return {g: torch.cat(c) for g, c in chunks.items()}
 
 
-def _norm2(A: np.ndarray) -> float:
-    """Spectral norm from the small side's Gram matrix (rows >> columns here; no SVD of the tall matrix)."""
-    return float(np.sqrt(max(np.linalg.eigvalsh(A.T @ A)[-1], 0.0)))
-
-
-def _cond(A: np.ndarray) -> float:
-    ev = np.linalg.eigvalsh(A.T @ A)
-    return float(np.sqrt(ev[-1] / max(ev[0], 1e-300)))
-
-
-EPS64 = np.finfo(np.float64).eps
-
-
 @pytest.mark.parametrize("name", ZOO_STREAM)
 def test_streaming_equals_dense_on_model_activations(name):
     """The pass's T against the dense QR of the full Z, with tolerances from the float error of each route.
@@ -268,7 +255,7 @@ def test_streaming_equals_dense_on_model_activations(name):
             acc.update(Z[i:i + CALIB_BATCH])
         gram = idm.id_from_gram(acc, k=k)
         Zd, Zx = idm._rows_np(Z), idm._rows_np(Z64)
-        kappa = _cond(Zd[:, dense.keep])
+        kappa = cond(Zd[:, dense.keep])
 
         # 1. Gram route == dense QR on the same float32-rounded Z, both in float64: forming G = Z^T Z squares the
         # condition number, so T agrees to about n * cond^2 * eps64 (mlp: measured 3e-13 against a bound 2e-8)
@@ -281,13 +268,13 @@ def test_streaming_equals_dense_on_model_activations(name):
         # perturbation: the fitted Z[:, keep] @ T moves by at most eps * (1 + ||T|| + cond * rel_error) relative
         # to ||Z||; x2 for the pass's own rounding, x2 for the neglected higher-order terms (mlp: measured 8e-8
         # against a bound 4e-6; a plumbing bug such as a wrong batch or column order gives ~1e-2).
-        nz = _norm2(Zx)
-        eps = max(_norm2(Zd - Zx) / nz, EPS64)
-        bound = 4 * eps * (1 + _norm2(dense.T) + kappa * dense.rel_error)
+        nz = norm2(Zx)
+        eps = max(norm2(Zd - Zx) / nz, EPS64)
+        bound = 4 * eps * (1 + norm2(dense.T) + kappa * dense.rel_error)
         # the pivots agree: mlp's smallest relative gap between a chosen pivot's Schur diagonal and the runner-up
         # is 1.7e-5, far above what a float32 perturbation of Z moves them (~eps * cond)
         assert np.array_equal(d.keep, dense.keep), f"group {gid} ({g.modules}): kept channels differ from dense QR"
-        fit = _norm2(Zx[:, d.keep] @ T - Zx[:, dense.keep] @ dense.T) / nz
+        fit = norm2(Zx[:, d.keep] @ T - Zx[:, dense.keep] @ dense.T) / nz
         assert fit <= bound, f"group {gid} ({g.modules}): Z[:, keep] @ T differs from dense QR's by {fit:.2e} " \
                              f"(relative; float32 bound {bound:.2e}, cond {kappa:.3g}, eps {eps:.2e})"
         # the residual norm moves by at most the fit's change, plus the Gram route's resolution (module docstring)

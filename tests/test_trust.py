@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import fxprune
-from conftest import assert_unchanged, rel_err, snapshot
+from conftest import F32_SMALL, assert_unchanged, rel_err, snapshot
 from fxprune.errors import ConfigError, DataError, RewriteError, VerificationError
 
 X = torch.randn(2, 3, 8, 8)
@@ -90,7 +90,7 @@ def test_inplace_moves_plain_tensor_attributes_and_the_users_model_runs():
     assert res.model is model and model.scale.shape == (1, 4, 1, 1) and model.c1.out_channels == 4
     xs = torch.randn(5, 3, 8, 8)
     with torch.no_grad():  # the user's own object now equals the verified slim graph
-        assert rel_err(model(xs), res.graph(xs)) < 1e-6
+        assert rel_err(model(xs), res.graph(xs)) < F32_SMALL  # eager and graph may run other float32 kernels
         assert model(xs).shape == ref(xs).shape
 
 
