@@ -184,7 +184,7 @@ class Analysis:
         self.barrier_nodes: list[Node] = []
         self.barriers: list[Barrier] = []
         self.param_users: dict[str, list[Node]] = {}
-        self.block_constraints: list[tuple[np.ndarray, int, str]] = []  # (ids in order, blocks, where)
+        self.block_constraints: list[tuple] = []  # (ids in order, blocks, where[, soft: skip what cannot be met])
         self.unit_constraints: list[tuple[np.ndarray, str]] = []  # (ids as (units, unit size), where)
         self.slot_source: dict[tuple[str, int, int], str] = {}  # (consumer fqn, dim, group) -> source node
         self.aliases = _aliases(gm)  # canonical name -> every name of the same tensor (tied weights)
@@ -466,8 +466,8 @@ class Analysis:
         for g in self.groups:
             self._find_sources(g)
             self._whole_sources(g, nodes)
-        for ids, blocks, where in self.block_constraints:
-            self._apply_blocks(ids, blocks, where)
+        for ids, blocks, where, *soft in self.block_constraints:
+            self._apply_blocks(ids, blocks, where, soft=bool(soft and soft[0]))
         self._apply_units()
 
     def positions(self, slot_or_cmap) -> tuple[np.ndarray, np.ndarray]:
@@ -483,13 +483,17 @@ class Analysis:
         gi = self._elem_group[slot_or_cmap.ids]
         return gi[:, 0], gi[:, 1]
 
-    def _apply_blocks(self, ids: np.ndarray, blocks: int, where: str):
-        """Positions split into ``blocks`` equal runs must keep equal counts per run: record it on the group."""
+    def _apply_blocks(self, ids: np.ndarray, blocks: int, where: str, soft: bool = False):
+        """Positions split into ``blocks`` equal runs must keep equal counts per run: record it on the group.
+        A soft constraint that cannot be met (several groups, blocks that disagree) is dropped, not frozen."""
         gid, idx = self.positions(CMap(0, ids, ids))
         tracked = sorted(set(gid.tolist()) - {-1})
         if not tracked:
             return
         g = self.groups[tracked[0]]
+        if len(tracked) == 1 and not (gid < 0).any() and len(ids) == blocks * g.width and all(
+                len(set(run.tolist())) == g.width for run in idx.reshape(blocks, -1)):
+            return  # every piece holds the whole group (a fused gate|up chunk, gate_i * up_i): equal by itself
         if len(tracked) > 1 or (gid < 0).any() or len(set(idx.tolist())) != g.width or len(ids) != g.width:
             why = f"{where} splits channels of several groups (or fixed ones) into blocks; not supported"
         else:
@@ -499,6 +503,8 @@ class Analysis:
                 g.block_of = block_of if g.block_of is None else _finer(g.block_of, block_of)
                 return
             why = f"{where} needs blocks that disagree with another grouped op on the same channels"
+        if soft:
+            return
         for gg in tracked:
             self.groups[gg].frozen = self.groups[gg].frozen or why
 

@@ -6,8 +6,7 @@ the graph -> verification against the hooked full-width original and of the eage
 -> FLOPs/params before and after.
 
 The user's model is never left half-pruned: the slim model is a copy (each pruned tensor sliced once, shared with the
-slim graph); with ``inplace=True`` no copy is made: the slim graph is verified first, then the user's modules are
-slimmed tensor by tensor.
+slim graph); with ``inplace=True`` the verified result is transplanted into the user's modules at the very end.
 
 Example::
 
@@ -49,7 +48,7 @@ def prune(model: nn.Module, example_inputs, method: str = "l1", *, amount: float
           round_to: int | None = DEFAULT_ROUND_TO, ignore=(), amounts: dict | None = None, calib=None,
           calib_samples: int = DEFAULT_CALIB_SAMPLES, reconstruct: bool | None = None,
           recalibrate_bn: bool | None = None, verify: bool = True, verify_inputs=None, inplace: bool = False,
-          progress: bool = True, target_latency: float | None = None, latency_batch: int = 1,
+          progress: bool = True, strict: bool = False, target_latency: float | None = None, latency_batch: int = 1,
           latency_threads: int | None = None, latency_timer=None, latency_cache: str | None = None,
           **method_options) -> PruneResult:
     """Prune and return the full result (slim model, slim graph, decisions, costs, report). See ``compile``."""
@@ -62,11 +61,12 @@ def prune(model: nn.Module, example_inputs, method: str = "l1", *, amount: float
                     recalibrate_bn=recalibrate_bn, verify=verify, verify_inputs=verify_inputs, inplace=inplace,
                     progress=progress, method_options=method_options, target_latency=target_latency,
                     latency_batch=latency_batch, latency_threads=latency_threads, latency_timer=latency_timer,
-                    latency_cache=latency_cache)
+                    latency_cache=latency_cache, strict=strict)
         if target_latency is not None:
             from .latency_target import prune_to_latency
             return prune_to_latency(job)
-        return finish(job, job.decide(job.ctx, **job.method_options))
+        return finish(job, job.decide(job.ctx, **job.method_options),
+                      redecide=lambda: job.decide(job.ctx, **job.method_options))
 
 
 def compile(model: nn.Module, example_inputs, method: str = "l1", **options) -> nn.Module:  # noqa: A001
@@ -83,7 +83,9 @@ def compile(model: nn.Module, example_inputs, method: str = "l1", **options) -> 
     method gets least-squares reconstruction of the consumers' inputs (reconstruct=False turns it off) and
     re-estimated BatchNorm statistics (recalibrate_bn=False turns it off). verify: check against the masked
     reference (default True; verify_inputs= to verify on your own inputs). inplace: slim the user's model object
-    itself (after verification) instead of returning a copy. Method options (e.g. ID's tol=) pass through; an
+    itself (after verification) instead of returning a copy. strict: when the model's own forward cannot follow a
+    pruned width (a module stores it), refuse (True) instead of freezing the groups that reach that module and
+    pruning the rest (False, the default; the report lists each frozen group and why). Method options (e.g. ID's tol=) pass through; an
     option no one takes is an error.
     """
     return prune(model, example_inputs, method, **options).model
@@ -94,9 +96,9 @@ def prepare(model: nn.Module, example_inputs, method: str = "csgd", *, optimizer
             target_params: float | None = None, round_to: int | None = DEFAULT_ROUND_TO, ignore=(),
             amounts: dict | None = None, calib=None, calib_samples: int = DEFAULT_CALIB_SAMPLES,
             reconstruct: bool | None = None, recalibrate_bn: bool | None = None, verify: bool = True,
-            verify_inputs=None, progress: bool = True, target_latency: float | None = None, latency_batch: int = 1,
-            latency_threads: int | None = None, latency_timer=None, latency_cache: str | None = None,
-            **method_options) -> Pruner:
+            verify_inputs=None, progress: bool = True, strict: bool = False, target_latency: float | None = None,
+            latency_batch: int = 1, latency_threads: int | None = None, latency_timer=None,
+            latency_cache: str | None = None, **method_options) -> Pruner:
     """Analyse the model once and hook a training-time method ("csgd", "aofp", "abfp") into its optimizer.
 
     Takes fxprune.prune's targets and options, plus the optimizer the user steps and the number of optimizer
@@ -119,7 +121,8 @@ def prepare(model: nn.Module, example_inputs, method: str = "csgd", *, optimizer
                     calib_samples=calib_samples, reconstruct=reconstruct, recalibrate_bn=recalibrate_bn,
                     verify=verify, verify_inputs=verify_inputs, progress=progress and distributed.rank() == 0,
                     method_options=method_options, target_latency=target_latency, latency_batch=latency_batch,
-                    latency_threads=latency_threads, latency_timer=latency_timer, latency_cache=latency_cache)
+                    latency_threads=latency_threads, latency_timer=latency_timer, latency_cache=latency_cache,
+                    strict=strict)
         return Pruner(job, inner, optimizer, int(steps), method_cls, job.method_options)
 
 

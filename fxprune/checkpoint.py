@@ -38,6 +38,7 @@ from torch import nn
 from .errors import CheckpointError, ConfigError
 from .fileio import atomic_write
 from .modules import width_attributes
+from .retry import STORED  # per module: the user's own width attributes that freeze-and-retry updated
 
 FORMAT = "fxprune-slim"
 VERSION = 2
@@ -101,8 +102,9 @@ def _copy(t: torch.Tensor) -> torch.Tensor:
 
 def _describe(mod: nn.Module) -> dict:
     # the size attributes that follow the tensors when channels, features, groups or heads are removed (the
-    # module table's, fxprune/modules.py, with those of registered user modules)
-    width_attrs = width_attributes()
+    # module table's, fxprune/modules.py, with those of registered user modules), and the user's own stored
+    # widths that freeze-and-retry updated
+    width_attrs = tuple(width_attributes()) + tuple(vars(mod).get(STORED, ()))
     widths = {a: _plain(getattr(mod, a)) for a in width_attrs if a in vars(mod) and _is_width(getattr(mod, a))}
     config = {}
     if _is_torch_nn(mod):

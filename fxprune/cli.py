@@ -202,7 +202,8 @@ def cmd_prune(args, parser) -> int:
     res = prune(model, x, args.method, amount=args.amount, target_flops=args.target_flops,
                 target_params=args.target_params, round_to=_round_to(args.round_to), ignore=args.ignore or (),
                 calib=calib, target_latency=args.target_latency, latency_batch=args.latency_batch,
-                latency_threads=args.latency_threads, verify=not args.no_verify, progress=True, **options)
+                latency_threads=args.latency_threads, verify=not args.no_verify, strict=args.strict, progress=True,
+                **options)
     print(res.report)  # FLOPs there are per sample
 
     created, temps = [], {}
@@ -508,6 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="write the slim model here (.pt, weights_only-loadable)")
     p.add_argument("--onnx", metavar="FILE", help="export the slim model to this ONNX file (verified in ORT)")
     p.add_argument("--no-verify", action="store_true", help="skip checking the slim model against the reference")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse when the model's own forward cannot follow a pruned width, instead of freezing the "
+                        "groups that reach that module and pruning the rest")
     p.add_argument("-O", "--method-option", type=_parse_option, action="append", metavar="KEY=VALUE",
                    help="an extra option for the method, e.g. -O tol=0.05 -O rounds=5 (id)")
     p.set_defaults(func=cmd_prune, command_parser=p)

@@ -79,35 +79,69 @@ class PruneContext:
         return {g: int(w[g]) for g in self.prunable}
 
     def select_top(self, scores: dict[int, np.ndarray], widths: dict[int, int] | None = None) -> dict[int, Decision]:
-        """Keep the highest-scoring channels of each group (ties: lower index first)."""
+        """Keep the highest-scoring channels of each group (ties: lower index first), never emptying a tensor
+        that reads or writes part of a group (keep_best)."""
         widths = widths or self.widths(scores)
         out = {}
         for g, s in scores.items():
             k = widths[g]
             if k >= len(s):
                 continue
-            grp = self.groups[g]
-            keep = self.every_producer_kept(g, top_k(np.asarray(s, dtype=np.float64), k, grp.block_of,
-                                                      grp.unit_of), np.asarray(s, dtype=np.float64))
+            keep = self.keep_best(g, s, k)
             out[g] = Decision(keep=keep, info={"score_kept": float(np.sum(np.asarray(s)[keep]))})
         return out
 
+    def keep_best(self, gid: int, scores, k: int) -> np.ndarray:
+        """The k best channels of a group (sorted), with every part that one tensor reads or writes alone (a
+        split chunk read by its own conv, a producer of part of a concat) keeping its best channel or head:
+        torch has no 0-channel conv or linear. Where the k best already reach every part this is top_k; else
+        each part's best channel is kept first and the rest filled by score (k grows only when there are more
+        parts than k). Blocks (grouped convs, equal chunks) keep k / blocks each, as top_k does."""
+        grp = self.groups[gid]
+        s = np.asarray(scores, dtype=np.float64)
+        keep = top_k(s, k, grp.block_of, grp.unit_of)
+        if grp.block_of is not None:
+            return keep
+        missing = [p for p in self.parts(gid) if not np.isin(p, keep).any()]
+        if not missing:
+            return keep
+        unit = np.arange(len(s)) if grp.unit_of is None else grp.unit_of
+        us = np.bincount(unit, weights=s, minlength=int(unit.max()) + 1)
+        must = {int(max(set(unit[p].tolist()), key=lambda u: (us[u], -u))) for p in self.parts(gid)}
+        rest = [u for u in np.lexsort((np.arange(len(us)), -us)).tolist() if u not in must]
+        units = sorted(must) + rest[:max(0, k // max(1, grp.unit_size) - len(must))]
+        return np.flatnonzero(np.isin(unit, units))
 
-    def every_producer_kept(self, gid: int, keep: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        """A producer that mints only part of a group (a cat joined to a residual) keeps its best channel (torch has
-        no 0-channel conv): ``keep`` plus, for each producer left with nothing, its highest-scoring channel."""
+    def every_reader_kept(self, gid: int, keep: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """``keep`` plus, for each part a tensor reads or writes alone that was left with nothing, its
+        highest-scoring channel (or head): for methods that choose the kept set themselves (ID's pivots)."""
         grp = self.groups[gid]
         if grp.block_of is not None:
             return keep
-        for s in self.analysis.slots.values():
-            if s.role == "out":
-                g, idx = self.analysis.positions(s)
-                mine = idx[g == gid]
-                if len(mine) and not np.isin(mine, keep).any():
-                    best = mine[np.argmax(scores[mine])]
-                    keep = np.union1d(keep, [best] if grp.unit_of is None
-                                      else np.flatnonzero(grp.unit_of == grp.unit_of[best]))
+        for mine in self.parts(gid):
+            if not np.isin(mine, keep).any():
+                best = mine[np.argmax(scores[mine])]
+                keep = np.union1d(keep, [best] if grp.unit_of is None
+                                  else np.flatnonzero(grp.unit_of == grp.unit_of[best]))
         return keep
+
+    def parts(self, gid: int) -> list[np.ndarray]:
+        """The channel indices of the group that each producer / consumer tensor holds, where that is not the
+        whole group (distinct sets only)."""
+        cache = self.__dict__.setdefault("_parts", {})
+        if gid not in cache:
+            seen, out, width = set(), [], self.groups[gid].width
+            for sl in self.analysis.slots.values():
+                if sl.role not in ("out", "in", "grouped_in"):
+                    continue
+                g, idx = self.analysis.positions(sl)
+                mine = np.unique(idx[g == gid])
+                key = mine.tobytes()
+                if 0 < len(mine) < width and key not in seen:
+                    seen.add(key)
+                    out.append(mine)
+            cache[gid] = out
+        return cache[gid]
 
 
 def top_k(scores: np.ndarray, k: int, block_of: np.ndarray | None = None,

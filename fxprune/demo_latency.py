@@ -93,7 +93,7 @@ def plot_accuracy_latency(results: dict, path) -> None:
                     "latency": r["latency_b64_ms"] / base["latency_b64_ms"], "score": 100 * r["acc_finetuned"]})
     res = SweepResult(pts, {"score": 100 * base["acc_base"], "latency_ms": base["latency_b64_ms"]}, "rows",
                       "final test accuracy (%)", True)
-    plot(res, path, f"{results['config']['model']} on Fashion-MNIST: accuracy vs measured ORT latency (batch 64)",
+    plot(res, path, f"{results['config']['model']}, Fashion-MNIST: accuracy vs ORT latency at batch 64",
          lines=False, labels=True)
 
 

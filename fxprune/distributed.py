@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import zlib
 
 import numpy as np
 import torch
@@ -59,9 +60,9 @@ def _feed(h, v):
     if isinstance(v, torch.Tensor):
         v = v.detach().cpu()
         v = (v.view(torch.int16) if v.dtype == torch.bfloat16 else v).numpy()
-    if isinstance(v, np.ndarray):
+    if isinstance(v, np.ndarray):  # bytes by CRC-32 (3x blake2b's speed: whole models are checked)
         h.update(f"a{v.dtype.str}{v.shape}".encode())
-        h.update(np.ascontiguousarray(v).tobytes())
+        h.update(zlib.crc32(np.ascontiguousarray(v).view(np.uint8) if v.size else b"").to_bytes(4, "little"))
     elif isinstance(v, dict):
         h.update(b"d")
         for k in sorted(v, key=repr):

@@ -1,5 +1,7 @@
 """The exceptions fxprune raises. Every message says what is wrong and what to do about it."""
 
+from __future__ import annotations
+
 
 class FxPruneError(Exception):
     """Base class of every error fxprune raises on purpose.
@@ -37,14 +39,19 @@ class RewriteError(FxPruneError):
 
 class VerificationError(FxPruneError):
     """The slim model does not agree with its reference; the message names the group or module. The fields say
-    where, for code that acts on it (freeze and retry): ``node`` (graph node name of the first tensor where slim
-    and reference part, or of the op that failed), ``module`` (its module path, '' for the root or unknown),
-    ``groups`` (the pruned groups it reads) and ``diff`` (the relative difference); None where not known."""
+    where, for code that acts on it (freeze and retry, stages.finish): ``kind`` ("graph": the slim graph against
+    the reference, an fxprune bug; "eager": the user's slimmed module against the slim graph, its forward reads a
+    width the rewrite did not change; "inputs": nothing finite to compare), ``node`` (graph node name of the first
+    tensor where slim and reference part, or of the op that failed), ``module`` (its module path, '' for the root;
+    None when unknown), ``groups`` (the pruned groups it reads), ``diff`` (the relative difference) and ``detail``
+    (the underlying error in one line); None where not known."""
 
-    def __init__(self, message: str, *, node: str | None = None, module: str | None = None,
-                 groups: tuple[int, ...] = (), diff: float | None = None, cause: BaseException | None = None):
+    def __init__(self, message: str, *, kind: str = "graph", node: str | None = None, module: str | None = None,
+                 groups: tuple[int, ...] = (), diff: float | None = None, detail: str = "",
+                 cause: BaseException | None = None):
         super().__init__(message, cause=cause)
-        self.node, self.module, self.groups, self.diff = node, module, tuple(groups), diff
+        self.kind, self.node, self.module, self.groups, self.diff = kind, node, module, tuple(groups), diff
+        self.detail = detail or ("" if cause is None else f"{type(cause).__name__}: {cause}")
 
 
 class DataError(FxPruneError):

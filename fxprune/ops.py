@@ -218,7 +218,7 @@ HANDLERS: dict[str, OpHandler] = {
     **dict.fromkeys(("aten.amax", "aten.amin"), REDUCE),
     **dict.fromkeys(("aten.view", "aten.reshape", "aten._unsafe_view"), VIEW),
     **dict.fromkeys(("aten.flatten", "aten.squeeze", "aten.unsqueeze"), RESHAPE),
-    **dict.fromkeys(("aten.permute", "aten.transpose", "aten.t"), PERMUTE),
+    **dict.fromkeys(("aten.permute", "aten.transpose", "aten.t", "aten.numpy_T"), PERMUTE),  # numpy_T: x.T
     **dict.fromkeys(("aten.cat", "aten.concat", "aten.concatenate"), CAT),
     **dict.fromkeys(("aten.split", "aten.split_with_sizes", "aten.chunk", "aten.tensor_split"), SPLIT),
     **dict.fromkeys(("aten.slice", "aten.narrow"), SLICE),

@@ -253,14 +253,6 @@ class Plan:
         self.fix_graph(slim_gm)
         return slim_gm, eager, values
 
-    def graph_only(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-        """The slim graph's structure (shape constants rewritten) holding the ORIGINAL tensors, none copied: for
-        inplace=True, verified with each touched tensor slimmed as it is read (verify(..., lazy=True)), then
-        given the slim tensors one by one (transplant.slim_in_place)."""
-        slim_gm = copy_structure(gm, lambda name, t: t)
-        self.fix_graph(slim_gm)
-        return slim_gm
-
     # ---- graph constants ----------------------------------------------------------------------------------
     def fix_graph(self, gm: torch.fx.GraphModule):
         """Rewrite shape constants that carry a pruned width (each op handler's fix_shape), then recompile.

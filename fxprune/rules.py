@@ -328,6 +328,8 @@ def permuted_dims(node, rank: int) -> list[int] | None:
     """For each output dim of a permute / transpose / t, the input dim it shows (None: t of a 1-D tensor...)."""
     if node.target is torch.ops.aten.permute.default:
         return [_norm(p, rank) for p in node.args[1]]
+    if node.target is torch.ops.aten.numpy_T.default:  # x.T reverses every dim (Falcon's x @ self.weight.T)
+        return list(range(rank))[::-1]
     if len(node.args) >= 3:
         d0, d1 = _norm(node.args[1], rank), _norm(node.args[2], rank)
     elif rank == 2:  # t
@@ -399,6 +401,11 @@ def split(an, node):
     if node.target is torch.ops.aten.chunk.default and len(cm.ids) % len(pieces) == 0:
         # equal chunks stay equal only if every chunk keeps the same count (the eager code re-chunks)
         an.block_constraints.append((cm.ids, len(pieces), f"chunk '{node.name}'"))
+    elif node.target is torch.ops.aten.split.Tensor and len({int(p.shape[d]) for p in pieces}) == 1:
+        # x.split(n) into equal pieces: the eager code splits by one size (often a stored int, Res2Net's
+        # self.width, a CSP stage's expand_chs // 2), which can follow the slim model only if the pieces stay
+        # equal; soft: where the pieces span several groups it is left to verification (freeze and retry)
+        an.block_constraints.append((cm.ids, len(pieces), f"split '{node.name}'", True))
     out, start = [], 0
     for p in pieces:
         n = int(p.shape[d])

@@ -30,9 +30,10 @@ from .analysis import Analysis, analyze
 from .capture import as_tuple, capture, dynamic_dims, eval_mode
 from .context import PruneContext, Target
 from .cost import count_flops, count_params
-from .errors import ConfigError, DataError, NothingToPruneError, TargetError
+from .errors import ConfigError, DataError, NothingToPruneError, TargetError, VerificationError
 from .latency import check_latency_options
 from .matching import group_amounts, match_modules, under
+from .retry import Retry, apply_updates, next_step
 from .rewrite import Decision, Plan
 from .targets import DEFAULT_ROUND_TO
 
@@ -56,6 +57,8 @@ class PruneResult:
     verification: list = field(default_factory=list)  # every compared tensor (compare.Check), in graph order
     recalibrated_bn: list[str] = field(default_factory=list)  # BatchNorm modules whose statistics were re-estimated
     calib_samples: int = 0            # samples the reconstruction / BatchNorm pass used (0: none)
+    frozen_by_verification: dict[int, str] = field(default_factory=dict)  # group -> why (freeze and retry)
+    retry_rounds: int = 0             # verification rounds after the first (stored widths updated, groups frozen)
     latency: dict | None = None       # target_latency: measured / predicted latency per round (latency_target)
 
     @property
@@ -76,6 +79,7 @@ class Options:
     verify_inputs: tuple | None = None
     inplace: bool = False
     progress: bool = True
+    strict: bool = False              # refuse (raise) when the eager forward cannot follow, instead of retrying
 
 
 @dataclass
@@ -99,7 +103,7 @@ def begin(model: nn.Module, example_inputs, method: str, decide, *, amount=None,
           target_params=None, round_to=DEFAULT_ROUND_TO, ignore=(), amounts=None, calib=None,
           calib_samples=DEFAULT_CALIB_SAMPLES, reconstruct=None, recalibrate_bn=None, verify=True, verify_inputs=None,
           inplace=False, progress=True, method_options=None, target_latency=None, latency_batch=1,
-          latency_threads=None, latency_timer=None, latency_cache=None) -> Job:
+          latency_threads=None, latency_timer=None, latency_cache=None, strict=False) -> Job:
     """Validate every option, capture and analyse the model, and fix the target. Changes nothing. ``decide``:
     the method object (a decide function or a TrainingMethod class) that the entry point looked ``method`` up as."""
     if not isinstance(model, nn.Module):
@@ -111,11 +115,14 @@ def begin(model: nn.Module, example_inputs, method: str, decide, *, amount=None,
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, numbers.Integral)
                                  or round_to < 1):
         raise ConfigError(f"round_to must be a positive int (e.g. 8) or None, got {round_to!r}")
+    if not isinstance(strict, bool):
+        raise ConfigError(f"strict must be True (refuse when the model's forward cannot follow a pruned width) or "
+                          f"False (freeze those groups and prune the rest), got {strict!r}")
     if isinstance(calib_samples, bool) or not isinstance(calib_samples, numbers.Integral) or calib_samples < 1:
         raise ConfigError(f"calib_samples must be a positive int, got {calib_samples!r}")
     opts = Options(round_to=None if round_to is None else int(round_to), calib=calib,
                    calib_samples=int(calib_samples), verify=bool(verify), inplace=bool(inplace),
-                   progress=bool(progress))
+                   progress=bool(progress), strict=bool(strict))
     opts.reconstruct = _flag("reconstruct", reconstruct, calib)
     opts.recalibrate_bn = _flag("recalibrate_bn", recalibrate_bn, calib)
     if getattr(decide, "needs_calib", False) and calib is None:
@@ -143,6 +150,7 @@ def begin(model: nn.Module, example_inputs, method: str, decide, *, amount=None,
             f"{type(model).__name__} has no prunable channel group"
             + (f" (every group is frozen: {'; '.join(reasons[:3])})" if reasons else " (it has no conv or linear "
                "layer whose output channels could shrink)")
+            + _barrier_text(an)
             + ". See fxprune.describe_groups(model, example_inputs) for every group and why.")
     target = _target(an, prunable, amount, target_flops, target_params, amounts, per_module, opts.round_to)
     ctx = PruneContext(analysis=an, target=target, example_inputs=example, calib=calib,
@@ -156,16 +164,44 @@ def begin(model: nn.Module, example_inputs, method: str, decide, *, amount=None,
     return Job(model, example, method, decide, method_options, gm, ctx, opts)
 
 
-def finish(job: Job, decisions: dict[int, Decision], zeroed: dict[int, np.ndarray] | None = None) -> PruneResult:
+def finish(job: Job, decisions: dict[int, Decision], zeroed: dict[int, np.ndarray] | None = None,
+           redecide=None) -> PruneResult:
     """Apply a method's decisions: reconstruct, rewrite, verify, re-estimate BatchNorms, count. The user's model
     is untouched unless inplace=True, and then only after everything passed. ``zeroed``: per group, the channels
-    the model already reads as zero (masked while training); reconstruction fits the model as it ran that way."""
+    the model already reads as zero (masked while training); reconstruction fits the model as it ran that way.
+
+    When the user's eager forward cannot follow a pruned width (a module stores it), the module's stored widths
+    are updated where unambiguous, else the groups reaching it are frozen and ``redecide()`` (the method run
+    again; None: the other decisions stand) decides the rest: retry.py. ``strict=True`` refuses instead."""
+    ctx, opts, retry = job.ctx, job.opts, Retry()
+    notes0 = list(ctx.notes)  # the method's; each round adds its own
+    while True:
+        try:
+            result = _finish_once(job, decisions, zeroed, retry)
+            break
+        except VerificationError as exc:
+            attempt = getattr(exc, "fxprune_attempt", None)
+            step = None if opts.strict or attempt is None else next_step(retry, exc, *attempt)
+            if step is None:
+                raise
+            ctx.notes[:] = notes0
+            if step == "freeze":
+                decisions = _redecide(job, decisions, retry, redecide)
+                if zeroed:  # a frozen group keeps every channel, the ones its training-time mask zeroed too
+                    zeroed = {g: z for g, z in zeroed.items() if g not in retry.frozen}
+                ctx.notes[:] = notes0 = list(dict.fromkeys(ctx.notes))  # the method ran again: its notes once
+    _retry_notes(job, retry, result)
+    result.frozen_by_verification, result.retry_rounds = dict(retry.frozen), retry.rounds
+    return result
+
+
+def _finish_once(job: Job, decisions, zeroed, retry: Retry) -> PruneResult:
     ctx, opts = job.ctx, job.opts
     distributed.agree("the decisions (kept channels and T per group)", (decisions, zeroed),
                       shown={g: len(d.keep) for g, d in decisions.items()})
     _note_rounding(ctx, decisions)
     plan = Plan(ctx.analysis, decisions)
-    _check_target(ctx, plan)
+    _check_target(ctx, plan, loose=bool(retry.frozen))
     cal = None
     if opts.reconstruct or opts.recalibrate_bn:
         from .reconstruct import calibrate
@@ -173,41 +209,81 @@ def finish(job: Job, decisions: dict[int, Decision], zeroed: dict[int, np.ndarra
                         recalibrate_bn=opts.recalibrate_bn, samples=opts.calib_samples, progress=opts.progress,
                         notes=ctx.notes, zeroed=zeroed)
         plan = Plan(ctx.analysis, plan.decisions)
-    bn = cal.bn if cal is not None else {}
-    # The T_j were fitted with the re-estimated statistics in place, so the model returned is verified as it is,
-    # against a reference with the same statistics (old statistics + new T can overflow a deep net).
-    reference_gm = _with_tensors(job.gm, bn) if bn else job.gm
-    recalibrated = sorted({k.rsplit(".", 1)[0] for k in bn})
-    one = tuple(a[:1] if isinstance(a, torch.Tensor) and a.dim() > 0 else a for a in job.example)  # per sample
-    before = count_flops(job.model, one), count_params(job.model)
+    slim_gm, work, _ = plan.build(job.gm, job.model)  # each pruned tensor sliced once, shared with the graph
+    retry.updated = apply_updates(retry, plan, job.gm, slim_gm, work)
+    reference_gm, recalibrated = job.gm, []
+    if cal is not None and cal.bn:
+        # The T_j were fitted with the re-estimated statistics in place, so the model returned is verified as it
+        # is, against a reference with the same statistics (old statistics + new T can overflow a deep net).
+        plan.replace_tensors(work, cal.bn)  # the slim graph shares the slim model's tensors
+        reference_gm = _with_tensors(job.gm, cal.bn)  # shares every other tensor
+        recalibrated = sorted({k.rsplit(".", 1)[0] for k in cal.bn})
     checks = []
+    if opts.verify:
+        try:
+            checks = _verify.verify(plan, reference_gm, slim_gm, work, job.example, opts.verify_inputs, opts.calib,
+                                    ctx.notes)
+        except VerificationError as exc:
+            exc.fxprune_attempt = (plan, job.gm, slim_gm, work)  # what freeze-and-retry inspects
+            raise
+    diff = max((c.certified for c in checks), default=0.0) if opts.verify else None
+    samples = cal.samples if cal is not None else 0
+    if distributed.active():  # each rank verified on its own calibration samples: report the worst, the total
+        # (a rank whose verification raised is reported at this first collective, on every rank)
+        diff = None if diff is None else distributed.allreduce_max(diff, "the verified difference")
+        samples = int(distributed.allreduce_sum(torch.tensor(samples), "the calibration sample count"))
+        distributed.same_tensors("slim models", work.state_dict(), "Every rank must build the same slim model "
+                                 "from the same decisions: this is a bug in fxprune, please report it")
+    one = tuple(a[:1] if isinstance(a, torch.Tensor) and a.dim() > 0 else a for a in job.example)  # per sample
+    result = PruneResult(model=work, graph=slim_gm, analysis=ctx.analysis, decisions=plan.decisions,
+                         flops=(count_flops(job.model, one), count_flops(work, one)),
+                         params=(count_params(job.model), count_params(work)), method=job.method,
+                         notes=ctx.notes, verified=diff, verification=checks, recalibrated_bn=recalibrated,
+                         calib_samples=samples)
     if opts.inplace:
-        # No copy of the model: the slim graph is verified with each touched tensor slimmed as it is read, and
-        # only then are the user's tensors replaced, one at a time (peak: the model plus one tensor).
-        slim_gm = plan.graph_only(reference_gm)
-        if opts.verify:
-            checks = _verify.verify(plan, reference_gm, slim_gm, None, job.example, opts.verify_inputs,
-                                    opts.calib, ctx.notes, lazy=True)
-        from .transplant import slim_in_place
-        slim_in_place(plan, job.model, graphs=(slim_gm,), released=(job.gm, reference_gm), values=bn)
-        del reference_gm
-        work = job.model
+        from .transplant import transplant
+        transplant(work, job.model)
         if opts.verify:
             with eval_mode(job.model):
                 _verify.check_eager_matches_graph(job.model, slim_gm, _verify.random_like(job.example))
-    else:
-        slim_gm, work, _ = plan.build(job.gm, job.model)
-        if bn:
-            plan.replace_tensors(work, bn)  # the slim graph shares the slim model's tensors
-        if opts.verify:
-            checks = _verify.verify(plan, reference_gm, slim_gm, work, job.example, opts.verify_inputs,
-                                    opts.calib, ctx.notes)
-    diff, samples = _agree(checks, opts, work, cal)
-    result = PruneResult(model=work, graph=slim_gm, analysis=ctx.analysis, decisions=plan.decisions,
-                         flops=(before[0], count_flops(work, one)), params=(before[1], count_params(work)),
-                         method=job.method, notes=ctx.notes, verified=diff, verification=checks,
-                         recalibrated_bn=recalibrated, calib_samples=samples)
+        result.model = job.model
     return result
+
+
+def _redecide(job: Job, decisions: dict, retry, redecide) -> dict:
+    """Freeze the groups verification blamed (in the job's own analysis: the user's model is not involved) and
+    let the method decide the rest again; without ``redecide`` the other decisions stand."""
+    an, t = job.analysis, job.ctx.target
+    for g, why in retry.frozen.items():
+        an.groups[g].frozen = an.groups[g].frozen or why
+    if t.amounts is not None:
+        t.amounts = {g: a for g, a in t.amounts.items() if g not in retry.frozen}
+    if redecide is None:  # a training-time method: its decisions were made while training
+        note = ("the groups frozen after verification keep every channel (a training-time method's other "
+                "decisions stand)")
+        if note not in job.ctx.notes:
+            job.ctx.notes.append(note)
+        return {g: d for g, d in decisions.items() if g not in retry.frozen}
+    if not job.ctx.prunable:
+        raise NothingToPruneError(
+            f"{type(job.model).__name__}: every prunable group reaches a module whose forward reads a stored "
+            f"width ({'; '.join(sorted(set(retry.frozen.values()))[:3])}); nothing is left to prune")
+    return redecide()
+
+
+def _retry_notes(job: Job, retry, result: PruneResult):
+    if retry.updated:
+        result.notes.append("stored widths updated (verified): " + ", ".join(retry.updated))
+    if retry.frozen:
+        result.notes.append(f"{len(retry.frozen)} group(s) frozen after verification in {retry.rounds} round(s) "
+                            f"(pass strict=True to refuse instead): groups {', '.join(map(str, sorted(retry.frozen)))}")
+        t = job.ctx.target
+        if t.metric is not None:
+            fr = job.ctx.cost.fraction([len(result.decisions[g.gid].keep) if g.gid in result.decisions
+                                        else g.width for g in job.ctx.groups], t.metric)
+            if fr > t.value + 1e-9:
+                result.notes.append(f"with those groups at full width the model keeps {fr:.3f} of its {t.metric}, "
+                                    f"above target_{t.metric}={t.value:g}")
 
 
 # ---- validation -----------------------------------------------------------------------------------------------
@@ -226,7 +302,7 @@ def check_method_options(method: str, decide, options: dict):
             f"'{method}'; it takes {', '.join(accepted) if accepted else 'no method options'}, and every method "
             "takes amount, target_flops, target_params, target_latency (latency_batch, latency_threads), round_to, "
             "ignore, amounts, calib, calib_samples, "
-            "reconstruct, recalibrate_bn, verify, verify_inputs, inplace, progress")
+            "reconstruct, recalibrate_bn, verify, verify_inputs, inplace, progress, strict")
 
 
 def _is_number(v) -> bool:
@@ -272,20 +348,6 @@ def _check_finite(model: nn.Module):
             bad = int((~torch.isfinite(t)).sum())
             raise ConfigError(f"model tensor '{name}' has {bad} NaN/inf value(s); fxprune can neither rank nor "
                               "verify such a model: fix or re-initialize those weights first")
-
-
-def _agree(checks, opts, work, cal):
-    """The verified difference and the calibration sample count; under torch.distributed the worst and the total
-    over ranks, and every rank's slim model must be the same."""
-    diff = max((c.certified for c in checks), default=0.0) if opts.verify else None
-    samples = cal.samples if cal is not None else 0
-    if distributed.active():  # each rank verified on its own calibration samples: report the worst, the total
-        # (a rank whose verification raised is reported at this first collective, on every rank)
-        diff = None if diff is None else distributed.allreduce_max(diff, "the verified difference")
-        samples = int(distributed.allreduce_sum(torch.tensor(samples), "the calibration sample count"))
-        distributed.same_tensors("slim models", work.state_dict(), "Every rank must build the same slim model "
-                                 "from the same decisions: this is a bug in fxprune, please report it")
-    return diff, samples
 
 
 def _with_tensors(gm, values: dict[str, torch.Tensor]):
@@ -350,6 +412,13 @@ def _target(an, prunable, amount, target_flops, target_params, amounts, per_modu
     return Target(metric=metric, value=float(value), round_to=round_to)
 
 
+def _barrier_text(an) -> str:
+    """When a model has no prunable group, the ops that stopped it (weights computed in forward, ops outside the
+    table) say more than the groups left over (often just the output layer)."""
+    seen = list(dict.fromkeys(b.reason.split(" (node ")[0] for b in an.barriers))
+    return f"; the first barriers: {'; '.join(seen[:3])}" if seen else ""
+
+
 def _note_rounding(ctx: PruneContext, decisions: dict):
     """Say so when rounding left groups at full width that an amount asked to shrink."""
     t = ctx.target
@@ -362,10 +431,11 @@ def _note_rounding(ctx: PruneContext, decisions: dict):
                          "(or 8) to prune them anyway")
 
 
-def _check_target(ctx: PruneContext, plan: Plan):
-    """A method must never return more than the target asked for (the cost model is exact for conv/linear)."""
+def _check_target(ctx: PruneContext, plan: Plan, loose: bool = False):
+    """A method must never return more than the target asked for (the cost model is exact for conv/linear).
+    ``loose``: groups were frozen after the method decided (retry without re-deciding); the report says so."""
     t = ctx.target
-    if t.metric is None:
+    if t.metric is None or loose:
         return
     widths = [len(plan.decisions[g.gid].keep) if g.gid in plan.decisions else g.width for g in ctx.groups]
     got = ctx.cost.fraction(widths, t.metric)

@@ -171,24 +171,76 @@ def note_weak(checks: list[Check], notes: list) -> None:
 @torch.no_grad()
 def check_eager_matches_graph(slim_model: nn.Module, slim_gm: GraphModule, inputs: tuple,
                               rtol: float = RTOL) -> float:
-    """The user's slimmed eager module vs the slim graph; names the first module that breaks or differs."""
+    """The user's slimmed eager module vs the slim graph; names the first module that breaks or differs
+    (VerificationError with kind="eager" and ``module``)."""
     recorder = _ModuleRecorder(slim_model)
     try:
         got = slim_model(*inputs)
     except Exception as exc:  # noqa: BLE001 - reported with the module that raised
+        where = recorder.current  # '' is the model itself
         raise VerificationError(
-            f"the slimmed model's forward fails in module '{recorder.current or type(slim_model).__name__}': "
+            f"the slimmed model's forward fails in module '{where or type(slim_model).__name__}': "
             f"{type(exc).__name__}: {exc}. Its forward probably hard-codes a channel count; compute it from the "
-            "tensor (x.size(1), x.flatten(1)) or exclude that module with ignore=[...].", cause=exc) from None
+            "tensor (x.size(1), x.flatten(1)) or exclude that module with ignore=[...].",
+            kind="eager", module=where, cause=exc) from None
     finally:
         recorder.remove()
     ref = slim_gm(*inputs)
     diff = rel_diff(got, ref)
     if not diff <= rtol:
+        where = first_differing_module(slim_model, slim_gm, inputs, rtol)
         raise VerificationError(
-            f"the slimmed eager model disagrees with the slim graph (relative difference {diff:.3g}). Its forward "
-            "probably slices or splits channels at hard-coded offsets; exclude those modules with ignore=[...].")
+            f"the slimmed eager model disagrees with the slim graph (relative difference {diff:.3g})"
+            + (f", first in module '{where}'" if where else "") + ". Its forward probably slices or splits "
+            "channels at hard-coded offsets; exclude those modules with ignore=[...].",
+            kind="eager", module=where, detail=f"relative difference {diff:.3g}")
     return diff
+
+
+@torch.no_grad()
+def first_differing_module(model: nn.Module, gm: GraphModule, inputs: tuple, rtol: float = RTOL) -> str | None:
+    """The first module, in the order modules finish (innermost first), whose eager output differs from the
+    graph's value of the last op that module issued; None when no module's output can be matched."""
+    last: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+            if node.op == "call_function":
+                last[path] = node.name
+    values: dict[str, torch.Tensor] = {}
+    wanted = set(last.values())
+
+    class _Rec(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name in wanted and isinstance(out, torch.Tensor):
+                values[n.name] = out
+            return out
+
+    try:
+        _Rec(gm).run(*inputs)
+    except Exception:  # noqa: BLE001 - the graph ran a moment ago; a failure here only loses the location
+        return None
+    order: list[tuple[str, torch.Tensor]] = []
+    handles = [mod.register_forward_hook(_keep(name, order)) for name, mod in model.named_modules() if name]
+    try:
+        model(*inputs)
+    except Exception:  # noqa: BLE001
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    for name, out in order:
+        ref = values.get(last.get(name, ""))
+        if ref is not None and ref.shape == out.shape and not rel_diff(out, ref) <= rtol:
+            return name
+    return None
+
+
+def _keep(name: str, order: list):
+    def hook(mod, args, out):
+        if isinstance(out, torch.Tensor):
+            order.append((name, out))
+    return hook
 
 
 class _ModuleRecorder:
@@ -308,7 +360,7 @@ def verify(plan: Plan, original_gm: GraphModule, slim_gm: GraphModule, slim_mode
     raise VerificationError(
         f"could not verify: the model's outputs are NaN or inf on {' and '.join(tried)}, so no comparison means "
         "anything. Pass verify_inputs= with inputs from the model's domain (or calib= with real samples), or "
-        "verify=False to skip verification")
+        "verify=False to skip verification", kind="inputs")
 
 
 def _check_rounded(name: str, actual: torch.Tensor, fresh: torch.Tensor):

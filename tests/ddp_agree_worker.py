@@ -2,9 +2,9 @@
 
     torchrun --nproc_per_node=2 tests/ddp_agree_worker.py OUT MODE
 
-MODE "agree": ID with target_flops=0.5 on unequal calibration shards (rank 0: 40 images, rank 1: 24), and C-SGD,
-AOFP and Auto-Balanced with target_flops=0.5 in a DDP loop where every rank's BatchNorm running statistics are its
-own; every rank saves its slim state_dict (also run alone with ``--single``: ID on all 64 images).
+MODE "agree": ID with target_flops=0.5 on unequal calibration shards (rank 0: 40 images, rank 1: 24), and C-SGD
+(with the same shards at finalize), AOFP and Auto-Balanced with target_flops=0.5 in a DDP loop where every rank's
+BatchNorm running statistics are its own; every rank saves its slim state_dict (also run alone with ``--single``: ID on all 64 images).
 MODE "diverge": ID four times, each with a deliberately diverging rank 1 (perturbed weights; an allocation that
 decides other widths; the same with the decision checks off, so that the next all-reduce has other sizes; a
 verification that fails on rank 1 only); every rank saves the error it got in each case, then exits 3.
@@ -66,7 +66,7 @@ def one_shot_id(rank: int, world: int, model=None, **opts):
                          calib=calib_shard(rank, world), progress=False, **opts)
 
 
-TRAINING = {"csgd": dict(target_flops=0.5),
+TRAINING = {"csgd": dict(target_flops=0.5, calib=True),  # with reconstruction and BatchNorm statistics at finalize
             "aofp": dict(target_flops=0.5, threshold=10.0, steps_per_half=3, warmup=0, measure_every=1,
                          search_until=0.8),
             "abfp": dict(target_flops=0.5, stages=2)}
@@ -76,6 +76,8 @@ def train(method: str, rank: int, world: int, **opts):
     model = build()
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    if opts.pop("calib", False):
+        opts["calib"] = calib_shard(rank, world)
     pruner = fxprune.prepare(ddp, torch.randn(2, 1, 8, 8), method, optimizer=opt, steps=STEPS, round_to=None,
                              progress=False, **opts)
     gen = torch.Generator().manual_seed(1 + rank)  # each rank its own batches (and so its own BN statistics)

@@ -186,16 +186,28 @@ def hard_coded_split():
     return model
 
 
-def test_forward_that_hard_codes_a_width_is_a_verification_error():
+def test_forward_that_hard_codes_a_width_is_a_verification_error_when_strict():
     msg = raises_and_unchanged(hard_coded_split(), X, VerificationError, "hard-codes", method="l1",
-                               amount=0.5)
+                               amount=0.5, strict=True)
     assert "ignore=" in msg
 
 
 def test_hard_coded_width_error_blames_the_right_module():
     with pytest.raises(VerificationError) as err:
-        fxprune.prune(hard_coded_split(), X, "l1", round_to=None, amount=0.5)
+        fxprune.prune(hard_coded_split(), X, "l1", round_to=None, amount=0.5, strict=True)
     assert "module 'a'" not in str(err.value) and "HardCodedSplit" in str(err.value)
+    assert err.value.kind == "eager" and err.value.module == ""  # the model's own forward
+
+
+def test_hard_coded_width_freezes_the_groups_it_reads_and_prunes_the_rest():
+    """Without strict: the groups the forward's hard-coded split reads are frozen with the reason, the rest
+    pruned and verified; the user's model is unchanged."""
+    model = hard_coded_split()
+    res = fxprune.prune(model, X, "l1", round_to=None, amount=0.5)
+    assert res.frozen_by_verification and all(w.startswith("module HardCodedSplit reads a stored width")
+                                              for w in res.frozen_by_verification.values())
+    assert res.decisions and res.verified < 1e-4
+    assert model.a.out_channels == 8
 
 
 def test_pow_of_two_groups_couples_them_and_prunes():

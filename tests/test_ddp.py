@@ -107,3 +107,14 @@ def test_a_diverging_rank_is_one_clear_error_on_every_rank_not_a_hang(tmp_path):
     for case, text in says.items():
         assert errors[0][case] is not None and errors[0][case].startswith(text), (case, errors[0][case])
     assert "a sum of shape" in errors[0]["sizes"]  # caught at the sizes, before the payload is sent
+
+
+def test_fingerprints_follow_content_not_layout():
+    from fxprune.distributed import fingerprint
+    a = torch.arange(12.0).reshape(3, 4)
+    assert fingerprint(a) == fingerprint(a.clone()) == fingerprint(a.numpy().copy(order="F"))
+    b = a.clone()
+    b[1, 2] = torch.nextafter(b[1, 2], torch.tensor(100.0))  # one ulp
+    assert fingerprint(b) != fingerprint(a)
+    assert fingerprint(a.T) != fingerprint(a) and fingerprint(a.double()) != fingerprint(a)
+    assert fingerprint({0: 4, 1: 8}) == fingerprint({1: 8, 0: 4}) != fingerprint({0: 4, 1: 6})

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from fxprune.method import (ConfigError, Decision, TrainingMethod, distributed, fill, fit_global, output_probe,
-                            round_width, top_k)
+                            round_width)
 
 from . import register
 
@@ -158,7 +158,7 @@ class ABFP(TrainingMethod):
             widths = self._stage_widths({g: np.maximum(s, 1e-30) * self.live[g] for g, s in scores.items()})
             for g in self.groups:
                 keep = np.zeros(len(scores[g]), dtype=bool)
-                keep[top_k(scores[g], widths[g], self.pruner.ctx.groups[g].block_of)] = True
+                keep[self.pruner.ctx.keep_best(g, scores[g], widths[g])] = True
                 w = self.live[g] & ~keep
                 if w.any():
                     weak[g] = w
@@ -259,7 +259,7 @@ class ABFP(TrainingMethod):
             self.stage = saved
             for g in self.groups:
                 keep[g] = np.zeros(len(scores[g]), dtype=bool)
-                keep[g][top_k(scores[g], widths[g], self.pruner.ctx.groups[g].block_of)] = True
+                keep[g][self.pruner.ctx.keep_best(g, scores[g], widths[g])] = True
             self.pruner.ctx.notes.append("abfp: finalize() came before the last stage: the rest of the cut was "
                                          "chosen by the current fused-filter magnitudes")
         return {g: Decision(keep=np.flatnonzero(k), info={"pruned": int((~k).sum())})

@@ -67,7 +67,7 @@ import torch
 
 from fxprune.method import (ConfigError, Decision, TrainingMethod, can_measure, check_reachable,
                             consumer_inputs, consumer_partial_output, distributed, fill, fit_global, output_probe,
-                            round_width, top_k)
+                            round_width)
 
 from . import register
 
@@ -407,7 +407,7 @@ class AOFP(TrainingMethod):
         out = {}
         for g, sc in scores.items():
             keep = np.zeros(len(sc), dtype=bool)
-            keep[top_k(sc, int(w[g]))] = True
+            keep[ctx.keep_best(g, sc, int(w[g]))] = True
             out[g] = keep
         return out
 

@@ -136,8 +136,8 @@ def _shrink(ctx, g: int, kept: np.ndarray, trans: dict, sub: dict, pooled: np.nd
         local = _blocked_pivots(pooled, block_of[kept], k)
     energy = np.full(ctx.groups[g].width, -np.inf)  # channels cut in earlier rounds cannot come back
     energy[kept] = np.diag(pooled)
-    whole = ctx.every_producer_kept(g, kept[local], energy)
-    if len(whole) > len(local):  # a producer of part of the group lost every channel: its strongest one stays
+    whole = ctx.every_reader_kept(g, kept[local], energy)
+    if len(whole) > len(local):  # a tensor reading or writing part of the group lost every channel: its strongest one stays
         local, res = np.flatnonzero(np.isin(kept, whole)), None
     new = {}
     for src, Gs in sub.items():
