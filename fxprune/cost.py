@@ -62,12 +62,14 @@ _MISSING = object()
 
 
 class _ModuleState:
-    """One module's attributes by identity: its __dict__ entries and the contents of its parameter, buffer,
+    """One module's attributes by identity: its __dict__ entries, the contents of plain dict / list attributes
+    (LeViT fills a dict cache of attention biases in forward), and the contents of its parameter, buffer,
     submodule and non-persistent-buffer tables."""
 
     def __init__(self, mod: nn.Module):
         self.mod = mod
         self.attrs = dict(vars(mod))
+        self.containers = [(v, type(v)(v)) for v in self.attrs.values() if type(v) in (dict, list)]
         self.tables = [(t, dict(t)) for t in (mod._parameters, mod._buffers, mod._modules)]
         self.non_persistent = set(mod._non_persistent_buffers_set)
 
@@ -78,6 +80,10 @@ class _ModuleState:
         for key, value in self.attrs.items():
             if live.get(key, _MISSING) is not value:
                 live[key] = value
+        for box, saved in self.containers:
+            if not _same_contents(box, saved):
+                box.clear()
+                box.extend(saved) if isinstance(box, list) else box.update(saved)
         for table, saved in self.tables:
             if table.keys() != saved.keys() or any(table[k] is not v for k, v in saved.items()):
                 table.clear()
@@ -85,6 +91,13 @@ class _ModuleState:
         if self.mod._non_persistent_buffers_set != self.non_persistent:
             self.mod._non_persistent_buffers_set.clear()
             self.mod._non_persistent_buffers_set.update(self.non_persistent)
+
+
+def _same_contents(box, saved) -> bool:
+    """The same entries by identity (a container filled in forward under tracing holds new fake tensors)."""
+    if isinstance(box, dict):
+        return box.keys() == saved.keys() and all(box[k] is v for k, v in saved.items())
+    return len(box) == len(saved) and all(a is b for a, b in zip(box, saved))
 
 
 @contextlib.contextmanager

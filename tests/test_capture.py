@@ -184,3 +184,29 @@ def test_a_module_that_caches_a_tensor_in_forward_is_left_as_it_was(forward_firs
         fxprune.prune(model, torch.randn(2, 3, 2, 2), "l1", amount=0.5, round_to=None, progress=False)
     _assert_same_state(before, _state(model))
     copy.deepcopy(model)
+
+
+class CachesInADict(nn.Module):
+    """Fills a dict attribute in forward (LeViT's attention_bias_cache, keyed by device): under torch.export the
+    dict itself stays the same object but gains a FakeTensor entry."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, 2)
+        self.cache = {}
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        key = str(y.device)
+        if key not in self.cache:
+            self.cache[key] = torch.ones(y.shape[-1], dtype=y.dtype)
+        return self.fc((y * self.cache[key]).mean((2, 3)))
+
+
+def test_a_dict_cache_filled_in_forward_is_left_as_it_was():
+    import copy
+    model, x = CachesInADict().eval(), torch.randn(2, 3, 10, 10)
+    res = fxprune.prune(model, x, "l1", amount=0.5, round_to=None, progress=False)
+    assert model.cache == {}  # before the fix: {'cpu': FakeTensor(...)}, and deepcopy below raised
+    copy.deepcopy(model)
+    assert res.model.c1.out_channels == 4 and res.verified < 1e-4
