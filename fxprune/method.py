@@ -21,6 +21,7 @@ from __future__ import annotations
 from . import distributed
 from .blockwise import group_grams
 from .calibrate import batches
+from .capture import dynamic_dims
 from .console import progress_bar
 from .context import PruneContext, Target, top_k
 from .errors import ConfigError, DataError, FxPruneError
@@ -34,6 +35,7 @@ from .modules import can_measure, consumer_partial_output
 from .verify import flat_tensors
 
 __all__ = [
+    "dynamic_dims",
     "CalibrationDataError", "ConfigError", "ConsumerInput", "DataError", "Decision", "FxPruneError", "GramAccumulator",
     "HookedInterpreter", "Plan", "PruneContext", "Pruner", "Target", "TrainingMethod", "batches",
     "can_measure", "check_reachable", "consumer_inputs", "consumer_partial_output", "distributed", "fill", "fit_global",

@@ -250,6 +250,15 @@ def handler(target) -> OpHandler:
     return HANDLERS.get(op_name(target), UNKNOWN)
 
 
+# Ops that assert a tensor's dtype/layout as traced (rotary inv_freq in bf16): true of the half model only, so a
+# float32 recomputation of a half graph (precision.Float32) skips them.
+DTYPE_ASSERTS = frozenset({"aten._assert_tensor_metadata"})
+
+
+def asserts_dtype(target) -> bool:
+    return op_name(target) in DTYPE_ASSERTS
+
+
 def node_handler(node) -> OpHandler | None:
     """The handler of a graph node, or None for nodes that are not op calls (placeholders, get_attr, output)."""
     return handler(node.target) if node.op == "call_function" else None

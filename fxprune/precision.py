@@ -18,8 +18,9 @@ from __future__ import annotations
 import torch
 from torch.fx.node import map_aggregate
 
+from .ops import asserts_dtype
+
 HALF = (torch.float16, torch.bfloat16)
-_ASSERTS = tuple(op for op in (getattr(torch.ops.aten, "_assert_tensor_metadata", None),) if op is not None)
 
 
 def model_dtype(module: torch.nn.Module) -> torch.dtype:
@@ -56,7 +57,7 @@ class Float32:
         return self._promote(super().placeholder(target, args, kwargs))
 
     def call_function(self, target, args, kwargs):
-        if self.half is not None and any(target is op or getattr(target, "overloadpacket", None) is op for op in _ASSERTS):
+        if self.half is not None and asserts_dtype(target):
             return None
         return super().call_function(target, map_aggregate(args, self._promote),
                                      map_aggregate(kwargs, self._promote))

@@ -161,7 +161,11 @@ def test_a_registered_user_layer_is_resized_masked_saved_and_loaded(restore_tabl
     torch.manual_seed(0)
     x = torch.randn(2, 10)
     with pytest.raises(fxprune.FxPruneError):  # unknown to fxprune, its n_in / n_out stay at full width
-        fxprune.prune(MixNet(), x, "l1", amount=0.5, round_to=None, progress=False)
+        fxprune.prune(MixNet(), x, "l1", amount=0.5, round_to=None, progress=False, strict=True)
+    # without strict, freeze-and-retry's generic stored-int rule updates them, proven by verification
+    res = fxprune.prune(MixNet(), x, "l1", amount=0.5, round_to=None, progress=False)
+    assert res.retry_rounds >= 1 and res.verified is not None and res.verified < 1e-5
+    assert (res.model.a.n_out, res.model.b.n_in) == (8, 8)
     fxprune.register_module(FeatureMix, widths=("n_in", "n_out"), resize=_resize_mix, weight_in_dim=1,
                             input_dim=-1)
     model = MixNet()

@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fxprune.method import (ConfigError, Decision, batches, check_reachable, distributed, group_grams, least_squares,
-                            top_k, width_step)
-from fxprune.capture import dynamic_dims
+from fxprune.method import (ConfigError, Decision, batches, check_reachable, distributed, dynamic_dims, group_grams,
+                            least_squares, top_k, width_step)
 
 from . import register
 from ._id_allocate import PROBES, OutputProbe, allocate, calibrated_curve
