@@ -68,4 +68,6 @@ def test_a_linear_written_as_x_at_weight_T_prunes():
     with torch.no_grad():
         want = (torch.relu(x2 @ model.up.weight.double().T) * mask) @ model.down.weight.double().T
         got = res.model.double()(x2)
+    # float64 on both sides; they differ only by the 16 zero terms of the dot products (summation order): a few
+    # eps64 (2.2e-16) times |values| ~ 1, so 1e-12 leaves a factor of ~1000 on any BLAS
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
