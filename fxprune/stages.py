@@ -16,6 +16,7 @@ hand the method object to ``begin``. Example::
 
 from __future__ import annotations
 
+import functools
 import inspect
 import numbers
 from dataclasses import dataclass, field
@@ -97,6 +98,16 @@ class Job:
     @property
     def analysis(self) -> Analysis:
         return self.ctx.analysis
+
+    @property
+    def one(self) -> tuple:
+        """The example inputs cut to one sample (FLOPs are reported per sample)."""
+        return tuple(a[:1] if isinstance(a, torch.Tensor) and a.dim() > 0 else a for a in self.example)
+
+    @functools.cached_property
+    def flops_before(self) -> int:
+        """The original model's FLOPs, counted once per job (a forward of the whole model), not per retry round."""
+        return count_flops(self.model, self.one)
 
 
 def begin(model: nn.Module, example_inputs, method: str, decide, *, amount=None, target_flops=None,
@@ -234,9 +245,8 @@ def _finish_once(job: Job, decisions, zeroed, retry: Retry) -> PruneResult:
         samples = int(distributed.allreduce_sum(torch.tensor(samples), "the calibration sample count"))
         distributed.same_tensors("slim models", work.state_dict(), "Every rank must build the same slim model "
                                  "from the same decisions: this is a bug in fxprune, please report it")
-    one = tuple(a[:1] if isinstance(a, torch.Tensor) and a.dim() > 0 else a for a in job.example)  # per sample
     result = PruneResult(model=work, graph=slim_gm, analysis=ctx.analysis, decisions=plan.decisions,
-                         flops=(count_flops(job.model, one), count_flops(work, one)),
+                         flops=(job.flops_before, count_flops(work, job.one)),
                          params=(count_params(job.model), count_params(work)), method=job.method,
                          notes=ctx.notes, verified=diff, verification=checks, recalibrated_bn=recalibrated,
                          calib_samples=samples)
