@@ -76,6 +76,7 @@ def main():
         fxprune.save(result, args.out)
         print(f"slim model saved to {args.out}")
     if distributed:
+        dist.barrier()  # neither rank tears gloo down while the other still has work in flight
         dist.destroy_process_group()
 
 

@@ -156,6 +156,7 @@ def main(out_dir: str, mode: str, single: bool):
             dist.destroy_process_group()
             sys.exit(3)
     if not single:
+        dist.barrier()  # neither rank tears gloo down while the other still has work in flight (SIGABRT at exit)
         dist.destroy_process_group()
 
 

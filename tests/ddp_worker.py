@@ -68,6 +68,7 @@ def main(out_dir: str, single: bool):
     ident = {"state": res.model.state_dict(), "keep": {g: d.keep.tolist() for g, d in res.decisions.items()}}
     torch.save({**out, "id": ident, "world": world}, os.path.join(out_dir, f"rank{rank}-of-{world}.pt"))
     if not single:
+        dist.barrier()  # neither rank tears gloo down while the other still has work in flight (SIGABRT at exit)
         dist.destroy_process_group()
 
 
