@@ -151,6 +151,9 @@ BATCH_NORM = OpHandler("batch_norm", rules.batch_norm, fix_module=shapes.fix_nor
                        bn_eps_arg=7)
 INSTANCE_NORM = OpHandler("batch_norm", rules.batch_norm, fix_module=shapes.fix_norm_module)  # statistics per sample
 LINEAR_REDUCE = OpHandler("reduce", rules.reduce, commutes=True, heads=True)
+# a mean over the channel dim may be an RMSNorm's (rules._rms_norm): its eps follows the kept width
+MEAN = replace(LINEAR_REDUCE, fix_shape=shapes.fix_rms_eps, fix_module=hf.fix_rms_norm)
+EMBEDDING = OpHandler("embedding", rules.embedding)  # with prune_hidden: its columns are the residual stream
 REDUCE = OpHandler("reduce", rules.reduce, heads=True)
 VIEW = OpHandler("reshape", rules.reshape, commutes=True, fix_shape=shapes.fix_view, heads=True)
 RESHAPE = OpHandler("reshape", rules.reshape, commutes=True, heads=True)   # flatten/squeeze: no sizes to fix
@@ -214,7 +217,8 @@ HANDLERS: dict[str, OpHandler] = {
     "aten.native_batch_norm": replace(BATCH_NORM, bn_tuple=True),
     "aten._native_batch_norm_legit_no_training": replace(BATCH_NORM, bn_eps_arg=6, bn_tuple=True),
     "aten.instance_norm": INSTANCE_NORM,
-    **dict.fromkeys(("aten.mean", "aten.sum"), LINEAR_REDUCE),
+    "aten.mean": MEAN,
+    "aten.sum": LINEAR_REDUCE,
     **dict.fromkeys(("aten.amax", "aten.amin"), REDUCE),
     **dict.fromkeys(("aten.view", "aten.reshape", "aten._unsafe_view"), VIEW),
     **dict.fromkeys(("aten.flatten", "aten.squeeze", "aten.unsqueeze"), RESHAPE),
@@ -235,7 +239,7 @@ HANDLERS: dict[str, OpHandler] = {
     "aten.group_norm": _barrier("normalizes across channels within groups", mixes_channels=True),
     "aten.baddbmm": _barrier("is a batched matrix product plus a tensor", has_flops=True),
     "aten.einsum": _barrier("is an einsum (a product over named dims)", has_flops=True),
-    "aten.embedding": _barrier("looks up rows of its weight by index"),
+    "aten.embedding": EMBEDDING,
     "aten.index_select": _barrier("reorders channels by data"),
     **dict.fromkeys(("aten.sort", "aten.argsort"), _barrier("reorders by value", selects=True)),
     **dict.fromkeys(("aten.topk", "aten.kthvalue"), _barrier("selects by value", selects=True)),
