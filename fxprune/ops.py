@@ -37,6 +37,8 @@ An ``OpHandler`` says, for the ops it is registered under in ``HANDLERS``:
                     dims (identity, cast, permute, same-rank expand): a parameter seen through it is still
                     that parameter; None: not a layout-only view
     groups_arg      a convolution's ``groups`` argument position (fix_conv_groups rewrites it)
+    shapes_when     shapes_when(analysis, node): whether fix_shape has a constant to rewrite at this node (None:
+                    always); freeze-and-retry blames only those
 
 Any op without a handler is a barrier: the channels that reach it are frozen and the report names the op, the
 node and the module — never guessed.
@@ -87,6 +89,12 @@ class OpHandler:
     takes_part: bool = False
     layout: Callable | None = None
     groups_arg: int | None = None
+    shapes_when: Callable | None = None
+
+    def carries_width(self, an, node) -> bool:
+        """Whether this node's constants carry a pruned width that fix_shape rewrites (a mean: only an
+        RMSNorm's, whose eps follows the kept width)."""
+        return self.fix_shape is not None and (self.shapes_when is None or self.shapes_when(an, node))
 
     def through(self, an, node, gid: int):
         """The input node a consumer's reconstruction may be taken at instead of this node's output (T commutes
@@ -152,7 +160,8 @@ BATCH_NORM = OpHandler("batch_norm", rules.batch_norm, fix_module=shapes.fix_nor
 INSTANCE_NORM = OpHandler("batch_norm", rules.batch_norm, fix_module=shapes.fix_norm_module)  # statistics per sample
 LINEAR_REDUCE = OpHandler("reduce", rules.reduce, commutes=True, heads=True)
 # a mean over the channel dim may be an RMSNorm's (rules._rms_norm): its eps follows the kept width
-MEAN = replace(LINEAR_REDUCE, fix_shape=shapes.fix_rms_eps, fix_module=hf.fix_rms_norm)
+MEAN = replace(LINEAR_REDUCE, fix_shape=shapes.fix_rms_eps, fix_module=hf.fix_rms_norm,
+               shapes_when=lambda an, node: node.name in an.rms_norms)
 EMBEDDING = OpHandler("embedding", rules.embedding)  # with prune_hidden: its columns are the residual stream
 REDUCE = OpHandler("reduce", rules.reduce, heads=True)
 VIEW = OpHandler("reshape", rules.reshape, commutes=True, fix_shape=shapes.fix_view, heads=True)
