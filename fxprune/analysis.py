@@ -42,6 +42,7 @@ class Slot:
     tags: np.ndarray
     node: str = ""       # the (first) graph node that uses it this way
     foldable: bool = True  # 'in' slots: a full-rank linear consumer (plain conv, linear)
+    lookup: bool = False   # 'out' columns of an embedding table: a tied LM head may read them as its input
 
 
 @dataclass
@@ -180,6 +181,7 @@ class Analysis:
         # RMSNorms over the channel dim take a selection (rules._rms_norm) instead of freezing the residual stream
         self.prune_hidden = bool(prune_hidden)
         self.rms_norms: dict[str, dict] = {}  # mean node name -> {eps_node, eps, weight fqn, cmap of its input}
+        self.selections: dict[str, CMap] = {}  # node name -> its input's map: it reads a selection (tied LM head)
         self.token = next(_TOKENS)  # tells this analysis' channel maps from another's on the same graph
         self.uf = _UnionFind()
         self.slots: dict[tuple[str, int], Slot] = {}
@@ -331,7 +333,8 @@ class Analysis:
     def is_weight(self, arg) -> bool:
         return self.param_view(arg) is not None
 
-    def slot(self, node: Node, arg, dim: int, role: str, cm: CMap | None, foldable: bool = True):
+    def slot(self, node: Node, arg, dim: int, role: str, cm: CMap | None, foldable: bool = True,
+             lookup: bool = False):
         """Record that parameter ``arg``'s dim ``dim`` carries channels ``cm`` (a fresh map if cm is None).
         A parameter used twice (shared or tied weights) unites the channels of both uses. Returns the slot's
         CMap; ``cm`` unchanged when ``arg`` is not a parameter."""
@@ -349,6 +352,13 @@ class Analysis:
             readers.append(node)
         if key in self.slots:
             s = self.slots[key]
+            if s.lookup and role == "in" and cm is not None and len(cm.ids) == len(s.ids) \
+                    and np.array_equal(cm.tags, s.tags):
+                # a tied LM head reads the embedding's columns: one tensor, sliced once; the head takes a
+                # selection (a T folded into it would change the embedding too); the reference zeroes its input
+                self.uf.union(s.ids, cm.ids)
+                self.selections[node.name] = cm
+                return CMap(0, s.ids, s.tags)
             if (s.role in _CONSUMER_ROLES) != (role in _CONSUMER_ROLES) or {s.role, role} == set(_CONSUMER_ROLES):
                 why = (f"parameter {self.fqn_text(fqn)} is read as '{s.role}' channels by node '{s.node}' and as "
                        f"'{role}' channels by {_where(node)}")
@@ -362,7 +372,7 @@ class Analysis:
             return CMap(0, s.ids, s.tags)
         if cm is None:
             cm = CMap(0, self.uf.fresh(size), np.zeros(size, dtype=np.int64))
-        self.slots[key] = Slot(fqn, dims[dim], role, cm.ids, cm.tags, node.name, foldable)
+        self.slots[key] = Slot(fqn, dims[dim], role, cm.ids, cm.tags, node.name, foldable, lookup)
         return cm
 
     def member(self, node: Node, arg, dim: int, cm: CMap, what: str):

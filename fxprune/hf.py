@@ -147,18 +147,27 @@ def update_config(mod: nn.Module):
                 break
 
 
+def _rows(mod, name: str):
+    w = getattr(getattr(mod, name, None), "weight", None)
+    return w.shape if isinstance(w, torch.Tensor) and w.dim() == 2 else None
+
+
 def _layer_widths(root: nn.Module) -> dict[str, set[int]]:
-    """Per-layer widths of a decoder: query heads and kv heads of every attention (q_proj / k_proj rows over its
-    head_dim), the intermediate size of every MLP."""
+    """Per-layer widths of a decoder: query heads (o_proj's input over head_dim), kv heads (k_proj's rows, or
+    what a fused qkv_proj holds beyond the query heads, halved), the MLP width (down_proj's input)."""
     out: dict[str, set[int]] = {"num_attention_heads": set(), "num_key_value_heads": set(), "intermediate_size": set()}
     for m in root.modules():
-        hd, q, k = getattr(m, "head_dim", None), getattr(m, "q_proj", None), getattr(m, "k_proj", None)
-        if isinstance(hd, int) and isinstance(getattr(q, "weight", None), torch.Tensor) and \
-                isinstance(getattr(k, "weight", None), torch.Tensor):
-            out["num_attention_heads"].add(q.weight.shape[0] // hd)
-            out["num_key_value_heads"].add(k.weight.shape[0] // hd)
-        if isinstance(getattr(m, "intermediate_size", None), int) and hasattr(m, "down_proj"):
-            out["intermediate_size"].add(m.intermediate_size)
+        hd, o = getattr(m, "head_dim", None), _rows(m, "o_proj")
+        if isinstance(hd, int) and hd > 0 and o is not None:
+            heads = o[1] // hd
+            k, qkv = _rows(m, "k_proj"), _rows(m, "qkv_proj")
+            kv = k[0] // hd if k is not None else (qkv[0] // hd - heads) // 2 if qkv is not None else None
+            out["num_attention_heads"].add(heads)
+            if kv is not None:
+                out["num_key_value_heads"].add(kv)
+        down = _rows(m, "down_proj")
+        if down is not None and any(_rows(m, n) is not None for n in ("gate_proj", "up_proj", "gate_up_proj")):
+            out["intermediate_size"].add(down[1])
     return out
 
 

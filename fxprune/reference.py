@@ -55,8 +55,9 @@ def consumer_hooks(plan: Plan) -> dict[str, list]:
         for user in an.slot_users[(s.fqn, s.dim)]:
             dim = an.cmap(an.data_input(user)).dim  # where the consumer's input carries the channels
             hooks.setdefault(user.name, []).append(_Hook(plan, s, gid, idx, dim))
-    for name, norm in getattr(an, "rms_norms", {}).items():  # an RMSNorm takes a selection: zero its input there
-        cm = norm["cmap"]
+    selections = {**{name: norm["cmap"] for name, norm in getattr(an, "rms_norms", {}).items()},
+                  **getattr(an, "selections", {})}
+    for name, cm in selections.items():  # an RMSNorm, a tied LM head: they take a selection, zero their input
         gid, idx = an.positions(cm)
         if np.isin(gid, list(plan.decisions)).any():
             s = Slot(name, cm.dim, "select", cm.ids, cm.tags)

@@ -601,7 +601,7 @@ def embedding(an, node):
     if not an.prune_hidden:
         return an.barrier(node, "looks up rows of its weight by index (the hidden size is pruned only with "
                                 "prune_hidden=True)")
-    cm = an.slot(node, weight, 1, "out", None)
+    cm = an.slot(node, weight, 1, "out", None, lookup=True)
     if cm is None:
         return an.barrier(node, "looks up rows of a tensor computed in forward")
     return CMap(len(shape_of(node)) - 1, cm.ids, cm.tags)
