@@ -175,8 +175,11 @@ class Analysis:
     """Runs the op handlers' rules over a captured graph; result in ``groups``, ``slots``, ``barriers`` and
     each node's channel map in ``node.meta[META_KEY]`` (read it with ``cmap``/``channel_map``)."""
 
-    def __init__(self, gm: GraphModule):
+    def __init__(self, gm: GraphModule, prune_hidden: bool = False):
         self.gm = gm
+        # RMSNorms over the channel dim take a selection (rules._rms_norm) instead of freezing the residual stream
+        self.prune_hidden = bool(prune_hidden)
+        self.rms_norms: dict[str, dict] = {}  # mean node name -> {eps_node, eps, weight fqn, cmap of its input}
         self.token = next(_TOKENS)  # tells this analysis' channel maps from another's on the same graph
         self.uf = _UnionFind()
         self.slots: dict[tuple[str, int], Slot] = {}
@@ -668,7 +671,8 @@ def _aliases(gm: GraphModule) -> dict[str, list[str]]:
     return out
 
 
-def analyze(gm: GraphModule) -> Analysis:
-    """Run the channel analysis on a captured GraphModule."""
-    return Analysis(gm)
+def analyze(gm: GraphModule, prune_hidden: bool = False) -> Analysis:
+    """Run the channel analysis on a captured GraphModule (``prune_hidden``: the residual stream of RMSNorm
+    transformers is a prunable group, see rules._rms_norm)."""
+    return Analysis(gm, prune_hidden)
 

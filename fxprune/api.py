@@ -50,8 +50,7 @@ def prune(model: nn.Module, example_inputs, method: str = "l1", *, amount: float
           recalibrate_bn: bool | None = None, verify: bool = True, verify_inputs=None, inplace: bool = False,
           progress: bool = True, strict: bool = False, target_latency: float | None = None, latency_batch: int = 1,
           latency_threads: int | None = None, latency_timer=None, latency_cache: str | None = None,
-          latency_dtype: str = "float32",
-          **method_options) -> PruneResult:
+          latency_dtype: str = "float32", prune_hidden: bool = False, **method_options) -> PruneResult:
     """Prune and return the full result (slim model, slim graph, decisions, costs, report). See ``compile``."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -62,7 +61,8 @@ def prune(model: nn.Module, example_inputs, method: str = "l1", *, amount: float
                     recalibrate_bn=recalibrate_bn, verify=verify, verify_inputs=verify_inputs, inplace=inplace,
                     progress=progress, method_options=method_options, target_latency=target_latency,
                     latency_batch=latency_batch, latency_threads=latency_threads, latency_timer=latency_timer,
-                    latency_cache=latency_cache, strict=strict, latency_dtype=latency_dtype)
+                    latency_cache=latency_cache, strict=strict, latency_dtype=latency_dtype,
+                    prune_hidden=prune_hidden)
         if target_latency is not None:
             from .latency_target import prune_to_latency
             return prune_to_latency(job)
@@ -128,17 +128,17 @@ def prepare(model: nn.Module, example_inputs, method: str = "csgd", *, optimizer
         return Pruner(job, inner, optimizer, int(steps), method_cls, job.method_options)
 
 
-def groups(model: nn.Module, example_inputs) -> list:
+def groups(model: nn.Module, example_inputs, prune_hidden: bool = False) -> list:
     """The coupled channel groups of a model (print each with ``g.describe()``)."""
     with eval_mode(model):
-        return analyze(capture(model, as_tuple(example_inputs))).groups
+        return analyze(capture(model, as_tuple(example_inputs)), prune_hidden).groups
 
 
-def describe_groups(model: nn.Module, example_inputs) -> str:
+def describe_groups(model: nn.Module, example_inputs, prune_hidden: bool = False) -> str:
     """Every channel group (what it couples, or why it is frozen) and every barrier op with its node, module
-    and reason."""
+    and reason (``prune_hidden``: as prune's)."""
     with eval_mode(model):
-        return analyze(capture(model, as_tuple(example_inputs))).describe()
+        return analyze(capture(model, as_tuple(example_inputs)), prune_hidden).describe()
 
 
 __all__ = ["compile", "prune", "prepare", "groups", "describe_groups", "PruneResult"]

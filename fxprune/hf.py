@@ -100,3 +100,74 @@ def cache_off(model: nn.Module):
     finally:
         for c in configs.values():
             c.use_cache = True
+
+
+EPS_ATTRS = ("variance_epsilon", "eps")  # an RMSNorm module's eps (Llama-family: variance_epsilon)
+
+
+def fix_rms_norm(plan, node, module: nn.Module):
+    """An RMSNorm that takes a selection (rules._rms_norm): its eps attribute becomes eps * n / k, as the graph's
+    constant does (shapes.fix_rms_eps); its weight was rescaled when sliced."""
+    record = plan.an.rms_norms.get(node.name)
+    if record is None:
+        return
+    cm = record["cmap"]
+    n, k = len(cm.ids), plan.new_size(cm)
+    for attr in EPS_ATTRS:
+        v = getattr(module, attr, None)
+        if isinstance(v, float) and v == record["eps"]:
+            setattr(module, attr, record["eps"] * n / k)
+
+
+def update_config(mod: nn.Module):
+    """A model's config follows a pruned residual stream: ``hidden_size`` from its input embedding's width, and
+    ``rms_norm_eps`` from the RMSNorms over that width (eps * n / k; per-head q_norm / k_norm, which normalize
+    over head_dim, keep their own attribute, see the README's language-model notes)."""
+    cfg, get = getattr(mod, "config", None), getattr(mod, "get_input_embeddings", None)
+    if cfg is None or get is None or not isinstance(getattr(cfg, "hidden_size", None), int):
+        return
+    _uniform_widths(mod, cfg)
+    try:
+        emb = get()
+    except Exception:  # noqa: BLE001 - a model without input embeddings has no stream width to follow
+        return
+    w = getattr(emb, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.shape[1] == cfg.hidden_size:
+        return
+    width = int(w.shape[1])
+    if getattr(emb, "embedding_dim", None) is not None:
+        emb.embedding_dim = width
+    cfg.hidden_size = width
+    if isinstance(getattr(cfg, "rms_norm_eps", None), float):
+        for m in mod.modules():
+            nw = getattr(m, "weight", None)
+            if isinstance(getattr(m, "variance_epsilon", None), float) and isinstance(nw, torch.Tensor) \
+                    and nw.dim() == 1 and nw.shape[0] == width:
+                cfg.rms_norm_eps = m.variance_epsilon
+                break
+
+
+def _layer_widths(root: nn.Module) -> dict[str, set[int]]:
+    """Per-layer widths of a decoder: query heads and kv heads of every attention (q_proj / k_proj rows over its
+    head_dim), the intermediate size of every MLP."""
+    out: dict[str, set[int]] = {"num_attention_heads": set(), "num_key_value_heads": set(), "intermediate_size": set()}
+    for m in root.modules():
+        hd, q, k = getattr(m, "head_dim", None), getattr(m, "q_proj", None), getattr(m, "k_proj", None)
+        if isinstance(hd, int) and isinstance(getattr(q, "weight", None), torch.Tensor) and \
+                isinstance(getattr(k, "weight", None), torch.Tensor):
+            out["num_attention_heads"].add(q.weight.shape[0] // hd)
+            out["num_key_value_heads"].add(k.weight.shape[0] // hd)
+        if isinstance(getattr(m, "intermediate_size", None), int) and hasattr(m, "down_proj"):
+            out["intermediate_size"].add(m.intermediate_size)
+    return out
+
+
+def _uniform_widths(root: nn.Module, cfg):
+    """Widths every layer shares go to the config's own global fields, so from_pretrained (and any runtime that
+    reads only the global config) builds the slim shapes; per-layer values stay in per_layer_config."""
+    for attr, values in _layer_widths(root).items():
+        if len(values) == 1 and isinstance(getattr(cfg, attr, None), int):
+            try:
+                setattr(cfg, attr, values.pop())
+            except Exception:  # noqa: BLE001 - a config that refuses the field keeps its per-layer values
+                pass

@@ -37,6 +37,8 @@ An ``OpHandler`` says, for the ops it is registered under in ``HANDLERS``:
                     dims (identity, cast, permute, same-rank expand): a parameter seen through it is still
                     that parameter; None: not a layout-only view
     groups_arg      a convolution's ``groups`` argument position (fix_conv_groups rewrites it)
+    shapes_when     shapes_when(analysis, node): whether fix_shape has a constant to rewrite at this node (None:
+                    always); freeze-and-retry blames only those
 
 Any op without a handler is a barrier: the channels that reach it are frozen and the report names the op, the
 node and the module — never guessed.
@@ -87,6 +89,12 @@ class OpHandler:
     takes_part: bool = False
     layout: Callable | None = None
     groups_arg: int | None = None
+    shapes_when: Callable | None = None
+
+    def carries_width(self, an, node) -> bool:
+        """Whether this node's constants carry a pruned width that fix_shape rewrites (a mean: only an
+        RMSNorm's, whose eps follows the kept width)."""
+        return self.fix_shape is not None and (self.shapes_when is None or self.shapes_when(an, node))
 
     def through(self, an, node, gid: int):
         """The input node a consumer's reconstruction may be taken at instead of this node's output (T commutes
@@ -151,6 +159,10 @@ BATCH_NORM = OpHandler("batch_norm", rules.batch_norm, fix_module=shapes.fix_nor
                        bn_eps_arg=7)
 INSTANCE_NORM = OpHandler("batch_norm", rules.batch_norm, fix_module=shapes.fix_norm_module)  # statistics per sample
 LINEAR_REDUCE = OpHandler("reduce", rules.reduce, commutes=True, heads=True)
+# a mean over the channel dim may be an RMSNorm's (rules._rms_norm): its eps follows the kept width
+MEAN = replace(LINEAR_REDUCE, fix_shape=shapes.fix_rms_eps, fix_module=hf.fix_rms_norm,
+               shapes_when=lambda an, node: node.name in an.rms_norms)
+EMBEDDING = OpHandler("embedding", rules.embedding)  # with prune_hidden: its columns are the residual stream
 REDUCE = OpHandler("reduce", rules.reduce, heads=True)
 VIEW = OpHandler("reshape", rules.reshape, commutes=True, fix_shape=shapes.fix_view, heads=True)
 RESHAPE = OpHandler("reshape", rules.reshape, commutes=True, heads=True)   # flatten/squeeze: no sizes to fix
@@ -214,7 +226,8 @@ HANDLERS: dict[str, OpHandler] = {
     "aten.native_batch_norm": replace(BATCH_NORM, bn_tuple=True),
     "aten._native_batch_norm_legit_no_training": replace(BATCH_NORM, bn_eps_arg=6, bn_tuple=True),
     "aten.instance_norm": INSTANCE_NORM,
-    **dict.fromkeys(("aten.mean", "aten.sum"), LINEAR_REDUCE),
+    "aten.mean": MEAN,
+    "aten.sum": LINEAR_REDUCE,
     **dict.fromkeys(("aten.amax", "aten.amin"), REDUCE),
     **dict.fromkeys(("aten.view", "aten.reshape", "aten._unsafe_view"), VIEW),
     **dict.fromkeys(("aten.flatten", "aten.squeeze", "aten.unsqueeze"), RESHAPE),
@@ -235,7 +248,7 @@ HANDLERS: dict[str, OpHandler] = {
     "aten.group_norm": _barrier("normalizes across channels within groups", mixes_channels=True),
     "aten.baddbmm": _barrier("is a batched matrix product plus a tensor", has_flops=True),
     "aten.einsum": _barrier("is an einsum (a product over named dims)", has_flops=True),
-    "aten.embedding": _barrier("looks up rows of its weight by index"),
+    "aten.embedding": EMBEDDING,
     "aten.index_select": _barrier("reorders channels by data"),
     **dict.fromkeys(("aten.sort", "aten.argsort"), _barrier("reorders by value", selects=True)),
     **dict.fromkeys(("aten.topk", "aten.kthvalue"), _barrier("selects by value", selects=True)),

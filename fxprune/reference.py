@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.fx import GraphModule, Interpreter
 
+from .analysis import Slot
 from .ops import handler
 from .rewrite import Plan, segments
 
@@ -54,6 +55,12 @@ def consumer_hooks(plan: Plan) -> dict[str, list]:
         for user in an.slot_users[(s.fqn, s.dim)]:
             dim = an.cmap(an.data_input(user)).dim  # where the consumer's input carries the channels
             hooks.setdefault(user.name, []).append(_Hook(plan, s, gid, idx, dim))
+    for name, norm in getattr(an, "rms_norms", {}).items():  # an RMSNorm takes a selection: zero its input there
+        cm = norm["cmap"]
+        gid, idx = an.positions(cm)
+        if np.isin(gid, list(plan.decisions)).any():
+            s = Slot(name, cm.dim, "select", cm.ids, cm.tags)
+            hooks.setdefault(name, []).append(_Hook(plan, s, gid, idx, cm.dim))
     return hooks
 
 

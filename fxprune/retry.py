@@ -89,7 +89,7 @@ def groups_shaped_by(an, module: str) -> list[int]:
     found: set[int] = set()
     for node in an.gm.graph.nodes:
         h = node_handler(node) if node.op == "call_function" else None
-        if h is None or h.fix_shape is None or node_module_path(node) != module:
+        if h is None or not h.carries_width(an, node) or node_module_path(node) != module:
             continue
         for n in node.all_input_nodes:
             for cm in _flat_cmaps(an.channel_map(n)):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import modules
+from . import hf, modules
 from .analysis import Analysis, Slot
 from .capture import node_module_path
 from .errors import RewriteError
@@ -149,6 +149,8 @@ class Plan:
             return _slice_grouped_inputs(tensor, kept)
         index = torch.as_tensor(np.flatnonzero(kept), device=tensor.device)
         out = tensor.index_select(s.dim, index)
+        if s.role == "member" and s.fqn in self.rms_weights:  # an RMSNorm's weight: * sqrt(n / k) (rules._rms_norm)
+            out = (out.double() * (len(kept) / int(kept.sum())) ** 0.5).to(out.dtype)
         if s.role != "in":
             return out
         slim_pos = np.cumsum(kept) - 1
@@ -169,6 +171,11 @@ class Plan:
         d = self.decisions.get(gid)
         src = self.an.slot_source.get((s.fqn, s.dim, gid))
         return None if d is None or src is None else d.T_for(src)
+
+    @property
+    def rms_weights(self) -> set[str]:
+        """The weights of the RMSNorms that take a selection (rules._rms_norm), rescaled when sliced."""
+        return {r["weight"] for r in getattr(self.an, "rms_norms", {}).values()}
 
     @property
     def slots_by_fqn(self) -> dict[str, list[Slot]]:
@@ -270,6 +277,8 @@ class Plan:
             h = node_handler(node)
             if h is not None and h.fix_module is not None and node_module_path(node) in mods:
                 h.fix_module(self, node, mods[node_module_path(node)])
+        for mod in mods.values():
+            hf.update_config(mod)
 
 
 def _deepcopy(model: nn.Module, memo: dict | None = None) -> nn.Module:

@@ -233,7 +233,11 @@ def reduce(an, node):
         return an.barrier(node, "reduction over every dim, channels included")
     dims = {_norm(d, rank) for d in ([dims] if isinstance(dims, int) else dims)}
     if cm.dim in dims:
-        return an.barrier(node, "reduction over the channel dim mixes channels", mixing=True)
+        norm = _rms_norm(an, node, cm) if op_name(node.target) == "aten.mean" and an.prune_hidden else None
+        if norm is None:
+            return an.barrier(node, "reduction over the channel dim mixes channels", mixing=True)
+        an.rms_norms[node.name] = norm  # a consumer that takes a selection (the reference zeroes its input)
+        return None
     if _arg(node, 2, "keepdim", False):
         return cm
     shift = lambda d: d - sum(x < d for x in dims)  # noqa: E731 - the dim's index once the reduced dims are gone
@@ -588,3 +592,68 @@ def index(an, node):
         cm = an.slot(node, x, len(xs) - 1, "member", CMap(0, an.uf.fresh(size), np.zeros(size, np.int64)))
         return CMap(len(outs) - 1, cm.ids, cm.tags)
     return None
+
+
+def embedding(an, node):
+    """embedding(weight, indices): a producer whose channels are the weight's columns (its dim 1), along the
+    output's last dim (the residual stream of a transformer starts here)."""
+    weight = node.args[0]
+    if not an.prune_hidden:
+        return an.barrier(node, "looks up rows of its weight by index (the hidden size is pruned only with "
+                                "prune_hidden=True)")
+    cm = an.slot(node, weight, 1, "out", None)
+    if cm is None:
+        return an.barrier(node, "looks up rows of a tensor computed in forward")
+    return CMap(len(shape_of(node)) - 1, cm.ids, cm.tags)
+
+
+def _only_reader(node: Node) -> Node | None:
+    """The single user of ``node`` that reads its data (asserts on its metadata do not count)."""
+    from .ops import handler  # ops imports rules
+    users = [u for u in node.users if u.op == "call_function" and handler(u.target).reads_data]
+    return users[0] if len(users) == 1 else None
+
+
+def _past_casts(node: Node) -> Node | None:
+    """Walk down through dtype casts and copies to the next op that reads ``node``'s value."""
+    from .ops import handler
+    nxt = _only_reader(node)
+    while nxt is not None and handler(nxt.target).family in ("cast", "identity"):
+        nxt = _only_reader(nxt)
+    return nxt
+
+
+def _rms_norm(an, node, cm: CMap):
+    """mean(x ** 2, channel dim, keepdim) + eps -> rsqrt -> x * r -> weight * (.): an RMSNorm over the channels.
+
+    It takes a selection: if the pruned channels of x are zero (the reference zeroes them at the norm's input),
+    the mean over the k kept channels is n / k times the mean over all n, so the slim norm equals the reference
+    on the kept channels exactly with eps' = eps * n / k and weight' = weight * sqrt(n / k). Returns the record
+    (Analysis.rms_norms) or None when the pattern is not an RMSNorm fxprune can rescale."""
+    pw = node.args[0]
+    if not (isinstance(pw, Node) and op_name(pw.target) == "aten.pow" and len(pw.args) > 1 and pw.args[1] == 2):
+        return None
+    rank = len(shape_of(pw))
+    dims = _arg(node, 1, "dim")
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    if [_norm(d, rank) for d in dims] != [cm.dim] or cm.dim != rank - 1 or not _arg(node, 2, "keepdim", False):
+        return None
+    add = _only_reader(node)
+    if add is None or op_name(add.target) != "aten.add" or len(add.args) != 2 or add.args[0] is not node \
+            or not isinstance(add.args[1], float):
+        return None
+    rs = _only_reader(add)
+    if rs is None or op_name(rs.target) != "aten.rsqrt":
+        return None
+    mul = _only_reader(rs)
+    if mul is None or op_name(mul.target) != "aten.mul" or set(mul.args) != {pw.args[0], rs}:
+        return None
+    wmul = _past_casts(mul)
+    if wmul is None or op_name(wmul.target) != "aten.mul" or len(wmul.args) != 2:
+        return None
+    weights = [a for a in wmul.args if an.param_view(a) is not None and len(shape_of(a)) == 1]
+    if len(weights) != 1 or shape_of(weights[0])[0] != shape_of(pw)[-1]:
+        return None  # no per-channel weight (or one computed in forward, Gemma's 1 + w): cannot absorb sqrt(n/k)
+    # out: the first node where slim and reference agree (the mean, rsqrt and x * r differ by powers of n / k)
+    return dict(eps_node=add.name, eps=float(add.args[1]), weight=an.param_view(weights[0])[0], cmap=cm,
+                out=wmul.name)

@@ -114,7 +114,7 @@ def begin(model: nn.Module, example_inputs, method: str, decide, *, amount=None,
           target_params=None, round_to=DEFAULT_ROUND_TO, ignore=(), amounts=None, calib=None,
           calib_samples=DEFAULT_CALIB_SAMPLES, reconstruct=None, recalibrate_bn=None, verify=True, verify_inputs=None,
           inplace=False, progress=True, method_options=None, target_latency=None, latency_batch=1,
-          latency_threads=None, latency_timer=None, latency_cache=None, strict=False,
+          latency_threads=None, latency_timer=None, latency_cache=None, strict=False, prune_hidden=False,
           latency_dtype="float32") -> Job:
     """Validate every option, capture and analyse the model, and fix the target. Changes nothing. ``decide``:
     the method object (a decide function or a TrainingMethod class) that the entry point looked ``method`` up as."""
@@ -150,7 +150,9 @@ def begin(model: nn.Module, example_inputs, method: str, decide, *, amount=None,
     dynamic = dynamic_dims(gm)  # where calibration / verification inputs may differ from the example
     opts.calib = calib = _replayable(calib, example, opts.calib_samples, dynamic)
     opts.verify_inputs = None if verify_inputs is None else _check_verify_inputs(verify_inputs, example, dynamic)
-    an = analyze(gm)
+    if not isinstance(prune_hidden, bool):
+        raise ConfigError(f"prune_hidden must be True or False, got {prune_hidden!r}")
+    an = analyze(gm, prune_hidden)
     for g in an.groups:
         why = next((w for m in g.modules if (w := under(m, ignored)) is not None), None)
         if why is not None and not g.frozen:

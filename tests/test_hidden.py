@@ -1,0 +1,139 @@
+"""The hidden size (residual stream) of RMSNorm transformers as one prunable group (prune_hidden=True): every
+norm takes a selection (eps' = eps * n / k, weight' = weight * sqrt(n / k)), checked against an independent
+float64 masked model, generate(), and the save_pretrained / from_pretrained round trip."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import fxprune
+from conftest import consumer_reference, rel_err
+from test_transformers import Logits, reinit
+
+T = pytest.importorskip("transformers")
+T.logging.set_verbosity_error()
+
+_SMALL = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=32, use_cache=False, tie_word_embeddings=False)
+CONFIGS = {
+    "llama": lambda: T.LlamaConfig(**_SMALL),
+    "mistral": lambda: T.MistralConfig(**_SMALL, sliding_window=None),
+    "qwen2": lambda: T.Qwen2Config(**_SMALL),
+}
+
+
+def build(name, **over):
+    torch.manual_seed(0)
+    cfg = CONFIGS[name]()
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    hf = T.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    return Logits(reinit(hf).eval(), ("input_ids",)).eval()
+
+
+def _ids(seed=1, n=12):
+    return torch.randint(0, 50, (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+_CACHE = {}
+
+
+def pruned(name):
+    if name not in _CACHE:
+        model = build(name)
+        res = fxprune.prune(model, (_ids(),), "l1", amount=0.5, round_to=None, progress=False, prune_hidden=True)
+        _CACHE[name] = model, res
+    return _CACHE[name]
+
+
+def stream_group(res):
+    return next(g for g in res.analysis.groups if any("embed_tokens" in m for m in g.modules))
+
+
+def masked_reference(model, res):
+    """Float64 full-width original: every consumer reads Z[:, keep] (conftest.consumer_reference) and every
+    RMSNorm over the hidden size sees its input with the pruned hidden channels zeroed (a pre-hook here)."""
+    g = stream_group(res)
+    ref = consumer_reference(model, res.analysis, res.decisions, dtype=torch.float64)
+    drop = torch.as_tensor(~np.isin(np.arange(g.width), res.decisions[g.gid].keep))
+    for mod in ref.modules():
+        w = getattr(mod, "weight", None)
+        if type(mod).__name__.endswith("RMSNorm") and w is not None and w.shape == (g.width,):
+            mod.register_forward_pre_hook(lambda m, a: (a[0].masked_fill(drop, 0.0), *a[1:]))
+    return ref
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_hidden_size_pruned_and_verified_against_the_masked_model(name):
+    model, res = pruned(name)
+    g = stream_group(res)
+    assert g.gid in res.decisions and len(res.decisions[g.gid].keep) == 16, res.analysis.describe()
+    slim = res.model.m
+    assert slim.config.hidden_size == 16 and slim.model.embed_tokens.weight.shape == (50, 16)
+    eps = model.m.config.rms_norm_eps
+    assert slim.config.rms_norm_eps == pytest.approx(eps * 2) and slim.model.norm.variance_epsilon == \
+        pytest.approx(eps * 2)  # eps * n / k, n / k = 2
+    ref = masked_reference(model, res)
+    x = _ids(seed=7)
+    with torch.no_grad():
+        want = ref(x)
+        # float32 slim vs float64 reference: ~1e-7 per op through 2 layers; 1e-5 is the certificate's bound
+        assert rel_err(res.model(x).double(), want) < 1e-5
+        assert rel_err(model(x).double(), want) > 1e-3  # the pruning changed the output
+
+
+@pytest.mark.parametrize("kw", [{"use_cache": False}, {"use_cache": True}], ids=["no-cache", "cache"])
+def test_generate_with_the_hidden_size_pruned(kw):
+    model, res = pruned("llama")
+    ref = masked_reference(model, res).m.float()
+    slim = res.model.m
+    for m in (ref, slim):
+        m.generation_config.pad_token_id = 0
+    ids = _ids()[:, :8]
+    a = slim.generate(ids, max_new_tokens=5, do_sample=False, **kw)
+    b = ref.generate(ids, max_new_tokens=5, do_sample=False, **kw)
+    assert a.shape == (2, 13) and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_save_pretrained_round_trip_gives_the_same_logits(name, tmp_path):
+    model, res = pruned(name)
+    res.model.m.save_pretrained(tmp_path)
+    back = T.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    x = _ids(seed=5)
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=x).logits, res.model.m(input_ids=x).logits)
+
+
+def test_id_with_calibration_reconstructs_through_the_norms():
+    model = build("llama")
+    calib = torch.randint(0, 50, (32, 12), generator=torch.Generator().manual_seed(3))
+    res = fxprune.prune(model, (_ids(),), "id", amount=0.25, calib=calib, round_to=None, progress=False,
+                        prune_hidden=True)
+    g = stream_group(res)
+    d = res.decisions[g.gid]
+    assert len(d.keep) == 24 and d.T is not None, res.report  # the readers of the norms fold T_j
+    ref = masked_reference(model, res)
+    with torch.no_grad():
+        assert rel_err(res.model(calib[:4]).double(), ref(calib[:4])) < 1e-5
+
+
+def test_off_by_default_and_post_norm_stays_frozen():
+    model = build("llama")
+    an_off = fxprune.groups(model, (_ids(),))
+    assert not any(g.prunable and any("o_proj" in m for m in g.modules) and g.width == 32 for g in an_off)
+    bert = T.BertForMaskedLM(T.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
+                                          num_attention_heads=4, intermediate_size=64,
+                                          max_position_embeddings=32)).eval()
+    text = fxprune.describe_groups(bert, (_ids(),), prune_hidden=True)
+    assert "layer_norm" in text and "LayerNorm statistics mix them" in text
+
+
+def test_tied_embeddings_keep_the_hidden_size_with_a_reason():
+    model = build("llama", tie_word_embeddings=True)
+    model.m.tie_weights()
+    groups = fxprune.groups(model, (_ids(),), prune_hidden=True)
+    g = next(g for g in groups if any("embed_tokens" in m for m in g.modules))
+    assert g.frozen and "embed_tokens.weight" in g.frozen, g.frozen
