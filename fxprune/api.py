@@ -50,7 +50,7 @@ def prune(model: nn.Module, example_inputs, method: str = "l1", *, amount: float
           recalibrate_bn: bool | None = None, verify: bool = True, verify_inputs=None, inplace: bool = False,
           progress: bool = True, strict: bool = False, target_latency: float | None = None, latency_batch: int = 1,
           latency_threads: int | None = None, latency_timer=None, latency_cache: str | None = None,
-          prune_hidden: bool = False, **method_options) -> PruneResult:
+          latency_dtype: str = "float32", prune_hidden: bool = False, **method_options) -> PruneResult:
     """Prune and return the full result (slim model, slim graph, decisions, costs, report). See ``compile``."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -61,7 +61,8 @@ def prune(model: nn.Module, example_inputs, method: str = "l1", *, amount: float
                     recalibrate_bn=recalibrate_bn, verify=verify, verify_inputs=verify_inputs, inplace=inplace,
                     progress=progress, method_options=method_options, target_latency=target_latency,
                     latency_batch=latency_batch, latency_threads=latency_threads, latency_timer=latency_timer,
-                    latency_cache=latency_cache, strict=strict, prune_hidden=prune_hidden)
+                    latency_cache=latency_cache, strict=strict, latency_dtype=latency_dtype,
+                    prune_hidden=prune_hidden)
         if target_latency is not None:
             from .latency_target import prune_to_latency
             return prune_to_latency(job)
@@ -76,7 +77,8 @@ def compile(model: nn.Module, example_inputs, method: str = "l1", **options) -> 
     removed), target_flops / target_params (fraction kept, reached within 2 points and never exceeded),
     target_latency (fraction of the model's ONNX Runtime latency on this machine, measured at latency_batch
     (default 1) with latency_threads (default ORT's): the slim model is timed and never above it; see
-    fxprune/latency_target.py; latency_timer= replaces the ORT timer, latency_cache= the table's folder).
+    fxprune/latency_target.py; latency_timer= replaces the ORT timer, latency_cache= the table's folder;
+    latency_dtype="int8" times the model after ONNX Runtime's int8 quantization, calibrated on calib=).
     round_to: kept widths rounded up to a multiple (default 16, measured best for ONNX Runtime's CPU kernels;
     None for exact widths). ignore: modules or name patterns whose output channels stay. amounts:
     {pattern: amount} per module (the most specific pattern wins). calib: calibration data; with it, every
@@ -98,7 +100,7 @@ def prepare(model: nn.Module, example_inputs, method: str = "csgd", *, optimizer
             reconstruct: bool | None = None, recalibrate_bn: bool | None = None, verify: bool = True,
             verify_inputs=None, progress: bool = True, strict: bool = False, target_latency: float | None = None,
             latency_batch: int = 1, latency_threads: int | None = None, latency_timer=None,
-            latency_cache: str | None = None, **method_options) -> Pruner:
+            latency_cache: str | None = None, latency_dtype: str = "float32", **method_options) -> Pruner:
     """Analyse the model once and hook a training-time method ("csgd", "aofp", "abfp") into its optimizer.
 
     Takes fxprune.prune's targets and options, plus the optimizer the user steps and the number of optimizer
@@ -122,7 +124,7 @@ def prepare(model: nn.Module, example_inputs, method: str = "csgd", *, optimizer
                     verify=verify, verify_inputs=verify_inputs, progress=progress and distributed.rank() == 0,
                     method_options=method_options, target_latency=target_latency, latency_batch=latency_batch,
                     latency_threads=latency_threads, latency_timer=latency_timer, latency_cache=latency_cache,
-                    strict=strict)
+                    strict=strict, latency_dtype=latency_dtype)
         return Pruner(job, inner, optimizer, int(steps), method_cls, job.method_options)
 
 

@@ -203,7 +203,7 @@ def cmd_prune(args, parser) -> int:
                 target_params=args.target_params, round_to=_round_to(args.round_to), ignore=args.ignore or (),
                 calib=calib, target_latency=args.target_latency, latency_batch=args.latency_batch,
                 latency_threads=args.latency_threads, verify=not args.no_verify, strict=args.strict, progress=True,
-                **options)
+                latency_dtype=args.latency_dtype, **options)
     print(res.report)  # FLOPs there are per sample
 
     created, temps = [], {}
@@ -489,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch size --target-latency is measured at (default 1)")
     p.add_argument("--latency-threads", type=_positive_int, metavar="N",
                    help="ONNX Runtime intra-op threads for --target-latency (default: its own choice)")
+    p.add_argument("--latency-dtype", choices=("float32", "int8"), default="float32",
+                   help="time the model as exported (float32, default) or after ONNX Runtime's static int8 "
+                        "quantization (int8; needs --calib) for --target-latency")
     p.add_argument("--round-to", type=_positive_int, metavar="N",
                    help="round kept widths up to a multiple of N (default 16, measured best for ONNX Runtime's "
                         "CPU kernels; 1 for exact widths)")

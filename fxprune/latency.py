@@ -60,7 +60,8 @@ class LayerSig:
 
 
 class Timer(Protocol):
-    """Times one layer at given widths, and whole models side by side (interleaved)."""
+    """Times one layer at given widths, and whole models side by side (interleaved). A timer that times the
+    int8-quantized layers and models has ``dtype = "int8"`` (absent: float32)."""
 
     def machine_key(self) -> dict:
         """What the measurements depend on besides the layer: machine, runtime version, threads."""
@@ -84,6 +85,9 @@ class LatencyTable:
     def __init__(self, timer: Timer, batch: int, cache_dir: str | None = None):
         self.timer, self.batch = timer, int(batch)
         self.key = {**timer.machine_key(), "batch": self.batch}
+        dtype = getattr(timer, "dtype", "float32")  # a timer that quantizes says so; float32 tables keep their key
+        if dtype != "float32":
+            self.key["dtype"] = dtype
         digest = hashlib.sha1(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
         folder = os.path.join(cache_dir or default_cache_dir(), "latency")
         self.path = os.path.join(folder, f"{digest}.json")
@@ -288,10 +292,23 @@ def _signature(node, family: str) -> LayerSig | None:
                     int(groups or 1), dtype)
 
 
-def check_latency_options(target_latency, latency_batch, latency_threads) -> None:
+LATENCY_DTYPES = ("float32", "int8")
+
+
+def check_latency_options(target_latency, latency_batch, latency_threads, latency_dtype="float32",
+                          calib=None) -> None:
     """One-line errors for bad latency options, before anything is captured."""
+    if latency_dtype not in LATENCY_DTYPES:
+        raise ConfigError(f"latency_dtype must be 'float32' or 'int8' (the model timed for target_latency: as "
+                          f"exported, or after ONNX Runtime's static int8 quantization), got {latency_dtype!r}")
     if target_latency is None:
+        if latency_dtype != "float32":
+            raise ConfigError(f"latency_dtype={latency_dtype!r} applies to target_latency=; pass target_latency "
+                              "or drop latency_dtype")
         return
+    if latency_dtype == "int8" and calib is None:
+        raise ConfigError("latency_dtype='int8' times the model after int8 quantization, whose activation ranges "
+                          "need calibration data: pass calib= (e.g. a few hundred training inputs)")
     if isinstance(target_latency, bool) or not isinstance(target_latency, (int, float)) \
             or not 0.0 < float(target_latency) <= 1.0:
         raise ConfigError(f"target_latency must be a number in (0, 1] (the fraction of the model's measured ONNX "

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from . import distributed
-from .errors import TargetError
+from .errors import ConfigError, TargetError
 from .latency import LatencyCost, LatencyModel
 
 MAX_ROUNDS = 4
@@ -41,11 +41,15 @@ class Round:
 
 
 def latency_cost(an, model, example, *, batch: int, threads, round_to, timer=None, cache_dir=None,
-                 progress: bool = True) -> LatencyCost:
-    """The cost model of a latency target: the measured table (rank 0 measures; every rank gets its numbers)."""
+                 progress: bool = True, dtype: str = "float32", calib=None) -> LatencyCost:
+    """The cost model of a latency target: the measured table (rank 0 measures; every rank gets its numbers).
+    ``dtype`` "int8": layers and models are timed quantized (``timing.OrtTimer(dtype="int8")``)."""
     if timer is None:
         from .timing import OrtTimer
-        timer = OrtTimer(threads=threads)
+        timer = OrtTimer(threads=threads, dtype=dtype, calib=calib)
+    elif getattr(timer, "dtype", "float32") != dtype:
+        raise ConfigError(f"latency_dtype={dtype!r} but the latency_timer given times "
+                          f"{getattr(timer, 'dtype', 'float32')!r} models")
     lat = LatencyModel(an, timer, model, example, batch=batch, round_to=round_to, cache_dir=cache_dir,
                        progress=progress)
     return LatencyCost(an, lat)
@@ -119,7 +123,7 @@ def _time(lat: LatencyModel, job, slim, predicted: float) -> tuple[float, float]
 
 
 def summary(lat: LatencyModel, target: float, rounds: list[Round], chosen: Round) -> dict:
-    return {"target": target, "batch": lat.batch, "key": lat.table.key, "table": lat.table.path,
+    return {"target": target, "batch": lat.batch, "dtype": getattr(lat.timer, "dtype", "float32"), "key": lat.table.key, "table": lat.table.path,
             "measured": chosen.measured, "predicted": chosen.predicted, "slim_ms": chosen.slim_ms,
             "original_ms": chosen.original_ms,
             "prediction_error": abs(chosen.predicted - chosen.measured) / chosen.measured,
@@ -129,5 +133,5 @@ def summary(lat: LatencyModel, target: float, rounds: list[Round], chosen: Round
 def note(s: dict) -> str:
     per_round = "; ".join(f"round {i + 1}: predicted {r['predicted']:.3f}, measured {r['measured']:.3f}"
                           for i, r in enumerate(s["rounds"]))
-    return (f"latency (ONNX Runtime, batch {s['batch']}, threads {s['key'].get('threads')}): {s['measured']:.3f} "
+    return (f"latency (ONNX Runtime{', int8' if s.get('dtype') == 'int8' else ''}, batch {s['batch']}, threads {s['key'].get('threads')}): {s['measured']:.3f} "
             f"of the original measured, target {s['target']:g} ({per_round})")

@@ -114,7 +114,8 @@ def begin(model: nn.Module, example_inputs, method: str, decide, *, amount=None,
           target_params=None, round_to=DEFAULT_ROUND_TO, ignore=(), amounts=None, calib=None,
           calib_samples=DEFAULT_CALIB_SAMPLES, reconstruct=None, recalibrate_bn=None, verify=True, verify_inputs=None,
           inplace=False, progress=True, method_options=None, target_latency=None, latency_batch=1,
-          latency_threads=None, latency_timer=None, latency_cache=None, strict=False, prune_hidden=False) -> Job:
+          latency_threads=None, latency_timer=None, latency_cache=None, strict=False, prune_hidden=False,
+          latency_dtype="float32") -> Job:
     """Validate every option, capture and analyse the model, and fix the target. Changes nothing. ``decide``:
     the method object (a decide function or a TrainingMethod class) that the entry point looked ``method`` up as."""
     if not isinstance(model, nn.Module):
@@ -122,7 +123,7 @@ def begin(model: nn.Module, example_inputs, method: str, decide, *, amount=None,
     method_options = dict(method_options or {})
     check_method_options(method, decide, method_options)
     _check_amounts(amount, target_flops, target_params, amounts, method_options, target_latency)
-    check_latency_options(target_latency, latency_batch, latency_threads)
+    check_latency_options(target_latency, latency_batch, latency_threads, latency_dtype, calib)
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, numbers.Integral)
                                  or round_to < 1):
         raise ConfigError(f"round_to must be a positive int (e.g. 8) or None, got {round_to!r}")
@@ -173,7 +174,7 @@ def begin(model: nn.Module, example_inputs, method: str, decide, *, amount=None,
         ctx.target = Target(metric="latency", value=float(target_latency), round_to=opts.round_to)
         ctx._cost = latency_cost(an, model, example, batch=latency_batch, threads=latency_threads,
                                  round_to=opts.round_to, timer=latency_timer, cache_dir=latency_cache,
-                                 progress=opts.progress)
+                                 progress=opts.progress, dtype=latency_dtype, calib=calib)
     return Job(model, example, method, decide, method_options, gm, ctx, opts)
 
 

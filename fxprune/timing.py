@@ -22,6 +22,8 @@ import numpy as np
 
 from .latency import LayerSig
 
+CALIB_TIMING_SAMPLES = 64  # calibration samples for an int8 file that is only timed
+
 
 def cpu_model() -> str:
     try:
@@ -62,12 +64,21 @@ class OrtTimer:
     the thread that runs every op (ORT has no pool then). On a shared machine wall time measures the scheduler's
     share as much as the model (measured here under a load of 20 on 2 cores: the same file 3.5 ms and 34-48 ms at
     batch 64 in different minutes); the one thread's CPU time is what the model costs when it has the core.
-    "auto" (default): "cpu" with threads=1, else "wall"."""
+    "auto" (default): "cpu" with threads=1, else "wall".
+
+    ``dtype`` "int8": every layer and model is quantized with ORT's static quantization (``quantize.quantize_int8``,
+    the same QDQ per-channel export users get) before it is timed; whole models calibrate on ``calib`` (what
+    the ranges are changes no kernel, so a few batches do), single layers on their own random input."""
 
     def __init__(self, threads: int | None = None, *, layer_time_s: float = 0.04, model_time_s: float = 1.5,
-                 repeats: int = 7, clock: str = "auto"):
+                 repeats: int = 7, clock: str = "auto", dtype: str = "float32", calib=None):
         self.threads, self.layer_time_s, self.model_time_s, self.repeats = threads, layer_time_s, model_time_s, \
             repeats
+        if dtype not in ("float32", "int8"):
+            raise ValueError(f"dtype must be 'float32' or 'int8', got {dtype!r}")
+        if dtype == "int8" and calib is None:
+            raise ValueError("dtype='int8' needs calib= (the calibration data of the int8 ranges)")
+        self.dtype, self.calib = dtype, calib
         if clock not in ("auto", "wall", "cpu"):
             raise ValueError(f"clock must be 'auto', 'wall' or 'cpu', got {clock!r}")
         self.clock_name = ("cpu" if threads == 1 else "wall") if clock == "auto" else clock
@@ -96,7 +107,17 @@ class OrtTimer:
 
     def layer_ms(self, sig: LayerSig, c_in: int, c_out: int, batch: int) -> float:
         model, feeds = _layer_graph(sig, c_in, c_out, batch)
-        s = _session(model.SerializeToString(), self.threads)
+        data = model.SerializeToString()
+        if self.dtype == "int8":
+            from .quantize import quantize_int8
+            with tempfile.TemporaryDirectory(prefix="fxprune-latency-") as tmp:
+                src, dst = os.path.join(tmp, "layer.onnx"), os.path.join(tmp, "layer.int8.onnx")
+                with open(src, "wb") as f:
+                    f.write(data)
+                quantize_int8(src, dst, [feeds])
+                with open(dst, "rb") as f:
+                    data = f.read()
+        s = _session(data, self.threads)
         t = _median_ms(s, feeds, 5, self.layer_time_s, clock=self.clock)
         return max(t - self.overhead_ms(), 0.05 * t)
 
@@ -118,7 +139,18 @@ class OrtTimer:
                     os.replace(path, self._first[2])
                     path = self._first[2]
                 paths.append(path)
+            if self.dtype == "int8":
+                paths = [self._int8(p, example, tmp, i) for i, p in enumerate(paths)]
             return self.files_ms(paths, resize_batch(example, batch))
+
+    def _int8(self, path: str, example: tuple, tmp: str, i: int) -> str:
+        """The int8 file of a float one (the original's is kept beside it, quantized once per timer)."""
+        from .quantize import feeds, quantize_int8
+        out = path[:-len(".onnx")] + ".int8.onnx" if i == 0 and self._first is not None \
+            and path == self._first[2] else os.path.join(tmp, f"{i}.int8.onnx")
+        if not os.path.exists(out):
+            quantize_int8(path, out, feeds(path, self.calib, example, CALIB_TIMING_SAMPLES))
+        return out
 
     def __del__(self):
         if getattr(self, "_first", None) is not None:

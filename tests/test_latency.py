@@ -220,3 +220,81 @@ def test_prepare_allocates_against_the_table(tmp_path):
     res = pruner.finalize()
     assert timer.layer_calls > 0
     assert true_fraction(res, timer) <= 0.5 + 1e-9
+
+
+class FakeInt8Timer(FakeTimer):
+    """An int8 "runtime": a quarter of the float time, channels blocked by 32 instead of 16 (so 48 costs 64)."""
+    dtype = "int8"
+
+    def layer_ms(self, sig, c_in, c_out, batch):
+        pad = lambda c: -(-c // 32) * 32  # noqa: E731
+        return 0.25 * super().layer_ms(sig, pad(c_in), pad(c_out), batch)
+
+    def _model(self, model, example, batch):
+        return 0.25 * super()._model(_padded(model, 32), example, batch)
+
+
+def _padded(model, block):
+    """A copy of the model with every conv/linear width rounded up to ``block`` (what the int8 fake pays)."""
+    import copy
+    m = copy.deepcopy(model)
+    pad = lambda c: -(-c // block) * block  # noqa: E731
+    for mod in m.modules():
+        if isinstance(mod, nn.Conv2d):
+            mod.in_channels = mod.in_channels if mod.in_channels == 3 else pad(mod.in_channels)
+            mod.out_channels = pad(mod.out_channels)
+        elif isinstance(mod, nn.Linear):
+            mod.out_features = pad(mod.out_features) if mod.out_features != 10 else mod.out_features
+    return m
+
+
+def int8_fraction(model, timer):
+    """The int8 fake's cost of a model, computed from its module widths by hand (independent of the table)."""
+    def cost(m):
+        total, x = 0.0, (16, 16)
+        for mod in m.modules():
+            if isinstance(mod, nn.Conv2d):
+                total += layer_cost("conv", mod.in_channels, mod.out_channels, x, mod.kernel_size, mod.stride, 1)
+            elif isinstance(mod, nn.MaxPool2d):
+                x = (x[0] // 4, x[1] // 4)
+            elif isinstance(mod, nn.Linear):
+                total += layer_cost("linear", mod.in_features, mod.out_features, (), (), (), 1)
+        return total
+    return cost(_padded(model, 32)) / cost(_padded(net(), 32))
+
+
+def test_int8_latency_target_times_the_int8_model(tmp_path):
+    """latency_dtype='int8': the table and the loop use the int8 timer; the slim model's int8 cost (32-wide
+    blocks) is within the target, and the table is cached under its own key."""
+    timer = FakeInt8Timer()
+    calib = torch.randn(32, 3, 16, 16)
+    res = prune(net(), tmp_path, timer, target_latency=0.5, latency_dtype="int8", calib=calib)
+    got = int8_fraction(res.model, timer)
+    assert got <= 0.5 + 1e-9 and res.latency["dtype"] == "int8" and "int8" in res.report
+    assert res.latency["measured"] == pytest.approx(got)
+    assert res.latency["key"]["dtype"] == "int8"
+    prune(net(), tmp_path, FakeTimer(), target_latency=0.5)
+    assert len(os.listdir(tmp_path / "latency")) == 2  # float32 and int8 tables: two keys
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"target_latency": 0.5, "latency_dtype": "int8"}, "latency_dtype='int8' times the model after int8"),
+    ({"target_latency": 0.5, "latency_dtype": "int4", "calib": X}, "latency_dtype must be 'float32' or 'int8'"),
+    ({"latency_dtype": "int8", "calib": X, "amount": 0.5}, "applies to target_latency"),
+    ({"target_latency": 0.5, "latency_dtype": "int8", "calib": X}, "latency_timer given times 'float32'"),
+])
+def test_bad_int8_latency_options(tmp_path, kw, needle):
+    model, timer = net(), FakeTimer()
+    snap = snapshot(model)
+    with pytest.raises(ConfigError) as info:
+        prune(model, tmp_path, timer, **kw)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+    assert timer.layer_calls == timer.model_calls == 0
+    assert_unchanged(model, snap)
+
+
+def test_cli_int8_latency_without_calib(capsys):
+    from fxprune import cli
+    code = cli.main(["prune", "lenet5", "--method", "l1", "--target-latency", "0.5", "--latency-dtype", "int8"])
+    err = capsys.readouterr().err
+    assert code != 0 and "latency_dtype='int8'" in err and "Traceback" not in err
