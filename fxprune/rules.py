@@ -234,8 +234,10 @@ def reduce(an, node):
     dims = {_norm(d, rank) for d in ([dims] if isinstance(dims, int) else dims)}
     if cm.dim in dims:
         norm = _rms_norm(an, node, cm) if op_name(node.target) == "aten.mean" and an.prune_hidden else None
-        if norm is None:
-            return an.barrier(node, "reduction over the channel dim mixes channels", mixing=True)
+        if not isinstance(norm, dict):
+            return an.barrier(node, "reduction over the channel dim mixes channels"
+                              + (f" ({norm}; prune_hidden needs an RMSNorm x * rsqrt(mean(x^2) + eps) * weight)"
+                                 if norm else ""), mixing=True)
         an.rms_norms[node.name] = norm  # a consumer that takes a selection (the reference zeroes its input)
         return None
     if _arg(node, 2, "keepdim", False):
@@ -629,7 +631,8 @@ def _rms_norm(an, node, cm: CMap):
     It takes a selection: if the pruned channels of x are zero (the reference zeroes them at the norm's input),
     the mean over the k kept channels is n / k times the mean over all n, so the slim norm equals the reference
     on the kept channels exactly with eps' = eps * n / k and weight' = weight * sqrt(n / k). Returns the record
-    (Analysis.rms_norms) or None when the pattern is not an RMSNorm fxprune can rescale."""
+    (Analysis.rms_norms), a reason when an RMSNorm's weight cannot absorb the scale, or None when the pattern is
+    not an RMSNorm."""
     pw = node.args[0]
     if not (isinstance(pw, Node) and op_name(pw.target) == "aten.pow" and len(pw.args) > 1 and pw.args[1] == 2):
         return None
@@ -653,7 +656,8 @@ def _rms_norm(an, node, cm: CMap):
         return None
     weights = [a for a in wmul.args if an.param_view(a) is not None and len(shape_of(a)) == 1]
     if len(weights) != 1 or shape_of(weights[0])[0] != shape_of(pw)[-1]:
-        return None  # no per-channel weight (or one computed in forward, Gemma's 1 + w): cannot absorb sqrt(n/k)
+        # no per-channel weight parameter to absorb sqrt(n / k): Gemma's (1 + weight) is computed in forward
+        return "the norm's weight is computed in forward (e.g. Gemma's 1 + weight), not a parameter"
     # out: the first node where slim and reference agree (the mean, rsqrt and x * r differ by powers of n / k)
     return dict(eps_node=add.name, eps=float(add.args[1]), weight=an.param_view(weights[0])[0], cmap=cm,
                 out=wmul.name)

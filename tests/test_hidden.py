@@ -152,3 +152,13 @@ def test_tied_embeddings_stay_tied_and_the_head_reads_a_selection(tmp_path):
     back = T.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
     with torch.no_grad():
         assert torch.equal(back(input_ids=x).logits, slim(input_ids=x).logits)
+
+
+def test_gemma_keeps_the_hidden_size_with_the_reason():
+    """Gemma's norm multiplies by 1 + weight, computed in forward: no parameter absorbs sqrt(n / k)."""
+    torch.manual_seed(0)
+    hf = T.AutoModelForCausalLM.from_config(T.GemmaConfig(**_SMALL, head_dim=8), attn_implementation="sdpa")
+    model = Logits(reinit(hf).eval(), ("input_ids",)).eval()
+    groups = fxprune.groups(model, (_ids(),), prune_hidden=True)
+    g = next(g for g in groups if any("o_proj" in m for m in g.modules) and g.width == 32)
+    assert g.frozen and "1 + weight" in g.frozen, g.frozen
