@@ -309,6 +309,8 @@ def cmd_sweep(args, parser) -> int:
         if m not in passes.names():
             parser.error(f"argument --method: unknown method {m!r}; registered: {', '.join(passes.names())}")
     _need_shape(args, parser)
+    if args.int8 and not args.calib:
+        parser.error("--int8 quantizes every slim model: give --calib (the calibration data of the int8 ranges)")
     check_writable(os.path.join(args.out, "sweep.json"), "sweep JSON")
     model, shape, _ = build_model(args.model, args.input_shape)
     if args.weights:
@@ -328,7 +330,7 @@ def cmd_sweep(args, parser) -> int:
     res = sweep(model, example_input(shape), args.method, args.targets, metric=metric, metric_name=name,
                 higher_is_better=higher, kind=args.kind, calib=calib, latency_batch=args.latency_batch,
                 latency_threads=args.latency_threads, out=args.out, round_to=_round_to(args.round_to),
-                progress=True)
+                progress=True, int8=args.int8)
     print(res.table())
     print(f"points: {res.files[0]}\nplot: {res.files[1]}")
     return 0
@@ -565,6 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-threads", type=_positive_int, metavar="N")
     p.add_argument("--data-dir", metavar="DIR", help="Fashion-MNIST folder")
     p.add_argument("--out", default="fxprune-sweep", metavar="DIR", help="folder for sweep.json and sweep.png")
+    p.add_argument("--int8", action="store_true", help="also time and score every slim model after ONNX Runtime's "
+                   "static int8 quantization (needs --calib)")
     p.set_defaults(func=cmd_sweep, command_parser=p)
 
     p = add("demo", "Train a small CNN on Fashion-MNIST, prune it with every method to the same FLOPs, fine-tune, "

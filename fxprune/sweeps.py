@@ -43,6 +43,22 @@ class SweepResult:
                 "base": self.base, "points": self.points, "pareto": [p["name"] for p in pareto(self)]}
 
     def table(self) -> str:
+        text = self._table()
+        if any("int8_ms" in p for p in self.points):
+            text += "\n\n" + self._int8_table()
+        return text
+
+    def _int8_table(self) -> str:
+        head = ["method", "target", "int8 latency", "int8 ms", "speedup vs fp32", f"int8 {self.metric_name}",
+                "int8 vs float error"]
+        rows = [[p["method"], f"{p['target']:g}", f"{p['int8_latency']:.3f}", _f(p["int8_ms"]),
+                 f"{p['int8_speedup']:.2f}x", _f(p.get("int8_score")), _f(p.get("int8_error"))]
+                for p in self.points if "int8_ms" in p]
+        w = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+        fmt = lambda r: "  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r))  # noqa: E731
+        return "\n".join([fmt(head), "-" * len(fmt(head))] + [fmt(r) for r in rows])
+
+    def _table(self) -> str:
         head = ["method", "target", "latency", "ms", "FLOPs", self.metric_name, "rounds", "pareto"]
         front = {p["name"] for p in pareto(self)}
         rows = [["(base)", "-", "1.000", _f(self.base["latency_ms"]), "1.000", _f(self.base["score"]), "-", ""]]
@@ -63,7 +79,8 @@ def _f(x) -> str:
 
 
 def pareto(res: SweepResult) -> list[dict]:
-    """The points no other point beats on both measured latency (lower) and score."""
+    """The points no other point beats on both measured latency (lower) and score (the float models; the int8
+    variants are plotted beside them)."""
     ok = [p for p in res.points if not p.get("error")]
     sign = 1 if res.higher_is_better else -1
     return [p for p in ok if not any(q is not p and q["latency"] <= p["latency"] and sign * q["score"] >= sign *
@@ -91,15 +108,21 @@ def sweep(model, example_inputs, method, targets: Sequence[float], *, metric: Op
           metric_name: str = "score", higher_is_better: bool = True, kind: str = "latency", calib=None,
           latency_batch: int = 1, latency_threads: Optional[int] = None, latency_timer=None,
           latency_cache: Optional[str] = None, out: Optional[str] = None, progress: bool = True,
-          **options) -> SweepResult:
+          int8: bool = False, int8_timer=None, **options) -> SweepResult:
     """Prune ``model`` with each method to each target (``kind`` "latency": target_latency, "flops":
     target_flops), time each slim model beside the original and score it with ``metric(slim_model) -> float``
-    (None: no score). ``out``: a folder for sweep.json and sweep.png. Other options go to every prune."""
+    (None: no score). ``out``: a folder for sweep.json and sweep.png. ``int8``: also time and score every slim
+    model after ORT's int8 quantization (needs calib; see sweep_int8). Other options go to every prune."""
     from .api import _method
     from .latency_target import latency_cost, prune_to_latency, widths_of
     from .stages import begin, check_method_options, finish
     methods = [method] if isinstance(method, str) else list(method)
     targets = _check(methods, targets, kind, metric)
+    if int8 and calib is None:
+        raise ConfigError("int8=True quantizes every slim model, whose activation ranges need calibration data: "
+                          "pass calib=")
+    if int8_timer is not None and (not int8 or getattr(int8_timer, "dtype", "float32") != "int8"):
+        raise ConfigError("int8_timer= is for int8=True and must time int8 models (a timer with dtype = 'int8')")
     if out is not None:
         from .fileio import check_writable
         check_writable(os.path.join(os.fspath(out), SWEEP_JSON), "sweep JSON")
@@ -123,6 +146,10 @@ def sweep(model, example_inputs, method, targets: Sequence[float], *, metric: Op
     else:
         lat = job.ctx.cost.latency
     base = {"score": float(metric(model)) if metric else None, "latency_ms": lat.base_ms}
+    t8 = None
+    if int8:
+        from . import sweep_int8
+        t8 = sweep_int8.int8_timer(int8_timer, latency_threads, job.opts.calib)
     points = []
     bar = progress_bar(total=len(methods) * len(targets), desc="sweep", disable=not progress)
     try:
@@ -139,11 +166,15 @@ def sweep(model, example_inputs, method, targets: Sequence[float], *, metric: Op
                         res = prune_to_latency(mjob)
                         point.update(latency=res.latency["measured"], predicted=res.latency["predicted"],
                                      rounds=len(res.latency["rounds"]), latency_ms=res.latency["slim_ms"])
+                        o = res.latency["original_ms"]
                     else:
                         res = finish(mjob, mjob.decide(mjob.ctx, **mjob.method_options))
                         o, s = lat.timer.models_ms([model, res.model], job.example, latency_batch)
                         point.update(latency=s / o, latency_ms=s, rounds=None,
                                      predicted=lat.fraction(widths_of(mjob.ctx, res.decisions)))
+                    if t8 is not None:
+                        point.update(sweep_int8.int8_point(t8, model, res.model, job.example, latency_batch, o,
+                                                           point["latency_ms"], job.opts.calib, metric))
                     point["flops"] = res.flops[1] / res.flops[0]
                     point["score"] = float(metric(res.model)) if metric else None
                     point["model"] = res.model
@@ -194,6 +225,11 @@ def plot(res: SweepResult, path, title: str = "", lines: bool = True, labels: bo
         ys = [p["score"] if scored else p["flops"] for p in pts]
         ax.plot([p["latency"] for p in pts], ys, marker=markers[i % 6], color=colors[i % 6], lw=1 if lines else 0,
                 ms=7, label=m)
+        q8 = [p for p in pts if "int8_ms" in p and (not scored or p.get("int8_score") is not None)]
+        if q8:  # the same slim models after int8 quantization: hollow markers, dashed
+            ax.plot([p["int8_latency"] for p in q8], [p["int8_score"] if scored else p["flops"] for p in q8],
+                    marker=markers[i % 6], color=colors[i % 6], mfc="none", ls="--", lw=1 if lines else 0, ms=7,
+                    label=f"{m} int8")
         for p, y in zip(pts, ys) if labels else ():
             ax.annotate(p["name"], (p["latency"], y), textcoords="offset points", xytext=(5, 4), fontsize=7)
     front = sorted(pareto(res), key=lambda p: p["latency"]) if scored else []

@@ -97,3 +97,41 @@ def test_demo_accuracy_latency_plot_and_best_row(tmp_path):
     path = tmp_path / "p.png"
     plot_accuracy_latency({"rows": rows, "config": {"model": "m"}}, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_int8_points(tmp_path):
+    """int8=True: every point also carries the int8 model's time (the int8 fake timer's numbers, checked by hand
+    against the fp32 fake's original) and its score, computed on the real ORT int8 file."""
+    from test_latency import FakeInt8Timer, int8_fraction
+    fp32, i8 = FakeTimer(), FakeInt8Timer()
+    calib = torch.randn(64, 3, 16, 16)
+    ref = net()
+    with torch.no_grad():
+        want = ref(X)
+
+    def err(m):  # works on the torch model and on the int8 file alike (it only calls m(x))
+        with torch.no_grad():
+            return float((m(X) - want).square().sum() / want.square().sum())
+    res = fxprune.sweep(net(), X, "l1", targets=[0.6], metric=err, higher_is_better=False, calib=calib,
+                        latency_timer=fp32, int8=True, int8_timer=i8, latency_cache=str(tmp_path / "cache"),
+                        out=str(tmp_path / "out"), progress=False)
+    data = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    (p,) = data["points"]
+    slim = res.models[p["name"]]
+    o8, s8 = i8._model(net(), (X,), 1), i8._model(slim, (X,), 1)
+    assert s8 / o8 == pytest.approx(int8_fraction(slim, i8))
+    assert p["int8_latency"] == pytest.approx(s8 / fp32._model(net(), (X,), 1))
+    assert p["int8_speedup"] == pytest.approx(fp32._model(slim, (X,), 1) / s8)
+    # int8 changes outputs by a few quantization steps; its score stays near the float slim model's
+    assert p["int8_error"] < 0.2 and abs(p["int8_score"] - p["score"]) < 0.2 + p["score"]
+    assert "int8 latency" in res.table()
+    assert (tmp_path / "out" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_int8_needs_calib(tmp_path):
+    with pytest.raises(ConfigError, match="int8=True quantizes every slim model"):
+        fxprune.sweep(net(), X, "l1", targets=[0.5], int8=True, latency_timer=FakeTimer(),
+                      latency_cache=str(tmp_path), progress=False)
+    with pytest.raises(ConfigError, match="int8_timer= is for int8=True"):
+        fxprune.sweep(net(), X, "l1", targets=[0.5], int8=True, calib=torch.randn(8, 3, 16, 16),
+                      int8_timer=FakeTimer(), latency_timer=FakeTimer(), latency_cache=str(tmp_path), progress=False)
