@@ -25,7 +25,7 @@ from . import distributed, passes
 from .analysis import analyze
 from .capture import as_tuple, capture, eval_mode
 from .errors import ConfigError
-from .stages import DEFAULT_CALIB_SAMPLES, PruneResult, begin, finish
+from .stages import DEFAULT_CALIB_SAMPLES, PruneResult, begin, finish, uniform_target
 from .targets import DEFAULT_ROUND_TO
 from .training import Pruner, check_optimizer, unwrap
 
@@ -50,10 +50,13 @@ def prune(model: nn.Module, example_inputs, method: str = "l1", *, amount: float
           recalibrate_bn: bool | None = None, verify: bool = True, verify_inputs=None, inplace: bool = False,
           progress: bool = True, strict: bool = False, target_latency: float | None = None, latency_batch: int = 1,
           latency_threads: int | None = None, latency_timer=None, latency_cache: str | None = None,
-          latency_dtype: str = "float32", prune_hidden: bool = False, **method_options) -> PruneResult:
+          latency_dtype: str = "float32", prune_hidden: bool = False, uniform: bool = False,
+          **method_options) -> PruneResult:
     """Prune and return the full result (slim model, slim graph, decisions, costs, report). See ``compile``."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(uniform, bool):
+        raise ConfigError(f"uniform must be True (every layer keeps the same widths) or False, got {uniform!r}")
     with distributed.scope("fxprune.prune"):  # under torchrun: a failure on one rank is an error on every rank
         job = begin(model, example_inputs, method, _method(method, training=False), amount=amount,
                     target_flops=target_flops, target_params=target_params, round_to=round_to, ignore=ignore,
@@ -66,8 +69,11 @@ def prune(model: nn.Module, example_inputs, method: str = "l1", *, amount: float
         if target_latency is not None:
             from .latency_target import prune_to_latency
             return prune_to_latency(job)
-        return finish(job, job.decide(job.ctx, **job.method_options),
-                      redecide=lambda: job.decide(job.ctx, **job.method_options))
+        decisions = job.decide(job.ctx, **job.method_options)
+        if uniform:  # allocate per layer, then one shape for every layer (runtimes that read only the config)
+            job.ctx.target = uniform_target(job.ctx, decisions)
+            decisions = job.decide(job.ctx, **job.method_options)
+        return finish(job, decisions, redecide=lambda: job.decide(job.ctx, **job.method_options))
 
 
 def compile(model: nn.Module, example_inputs, method: str = "l1", **options) -> nn.Module:  # noqa: A001

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import inspect
 import numbers
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -423,6 +424,30 @@ def _target(an, prunable, amount, target_flops, target_params, amounts, per_modu
         return Target(round_to=round_to)  # the method chooses widths itself (ID's tol=)
     metric, value = ("flops", target_flops) if target_flops is not None else ("params", target_params)
     return Target(metric=metric, value=float(value), round_to=round_to)
+
+
+def _layer_kind(module: str) -> str:
+    """A module path with its layer indices blanked: the q_proj of every layer is one kind."""
+    return re.sub(r"\.\d+(?=\.|$)", ".*", module)
+
+
+def uniform_target(ctx: PruneContext, decisions: dict) -> Target:
+    """Every layer keeps the same widths (``uniform=True``): the method's per-layer allocation, then one count
+    per kind of group (the same modules in every layer: one attention's heads, one MLP), the mean over layers
+    rounded DOWN to whole units (heads; a kv head with its query heads, so kv heads stay a divisor) — the kept
+    cost never grows. Returned as per-group amounts for the method to decide again."""
+    kinds: dict[tuple, list] = {}
+    for g in ctx.groups:
+        if not g.prunable:
+            continue
+        kinds.setdefault((tuple(_layer_kind(m) for m in g.modules), g.width, g.unit_size), []).append(g)
+    amounts = {}
+    for (_, width, unit), groups in kinds.items():
+        counts = [len(decisions[g.gid].keep) if g.gid in decisions else width for g in groups]
+        count = max(unit, int(np.mean(counts)) // unit * unit)
+        for g in groups:
+            amounts[g.gid] = (width - count) / width
+    return Target(amounts=amounts, round_to=None)
 
 
 def _barrier_text(an) -> str:

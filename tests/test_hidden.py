@@ -162,3 +162,26 @@ def test_gemma_keeps_the_hidden_size_with_the_reason():
     groups = fxprune.groups(model, (_ids(),), prune_hidden=True)
     g = next(g for g in groups if any("o_proj" in m for m in g.modules) and g.width == 32)
     assert g.frozen and "1 + weight" in g.frozen, g.frozen
+
+
+def test_uniform_widths_round_trip_through_the_global_config(tmp_path):
+    """id at a params target allocates per layer; uniform=True rounds every layer to one shape (the mean, down to
+    whole heads), so the config's global fields describe it and from_pretrained rebuilds it."""
+    model = build("llama")
+    calib = torch.randint(0, 50, (32, 12), generator=torch.Generator().manual_seed(3))
+    kw = dict(target_params=0.6, calib=calib, round_to=None, progress=False, prune_hidden=True)
+    free = fxprune.prune(model, (_ids(),), "id", **kw)
+    res = fxprune.prune(model, (_ids(),), "id", uniform=True, **kw)
+    assert len({l.mlp.down_proj.in_features for l in free.model.m.model.layers}) > 1  # per layer: widths differ
+    assert res.params[1] <= free.params[1]  # rounding down never keeps more
+    layers = res.model.m.model.layers
+    for attr in ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"):
+        assert len({l.get_submodule(attr).weight.shape for l in layers}) == 1, attr
+    cfg = res.model.m.config
+    assert cfg.num_attention_heads * 8 == layers[0].self_attn.q_proj.out_features
+    assert cfg.num_attention_heads % cfg.num_key_value_heads == 0
+    res.model.m.save_pretrained(tmp_path)
+    back = T.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    x = _ids(seed=5)
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=x).logits, res.model.m(input_ids=x).logits)
