@@ -185,3 +185,18 @@ def test_uniform_widths_round_trip_through_the_global_config(tmp_path):
     x = _ids(seed=5)
     with torch.no_grad():
         assert torch.equal(back(input_ids=x).logits, res.model.m(input_ids=x).logits)
+
+
+def test_mixture_of_experts_keeps_experts_and_hidden_size_with_the_reason():
+    """Mixtral's experts run through transformers' grouped_mm custom op (and its eager experts loop is data
+    dependent, which torch.export refuses): the experts and the stream they write stay frozen with that reason;
+    the attention heads are pruned and verified."""
+    torch.manual_seed(0)
+    cfg = T.MixtralConfig(**_SMALL, num_local_experts=4, num_experts_per_tok=2)
+    model = Logits(reinit(T.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")).eval(),
+                   ("input_ids",)).eval()
+    res = fxprune.prune(model, (_ids(),), "l1", amount=0.5, round_to=None, progress=False, prune_hidden=True)
+    g = stream_group(res)
+    assert g.frozen and "grouped_mm" in g.frozen, g.frozen
+    assert any(gg.unit_of is not None for gg in res.analysis.groups if gg.gid in res.decisions)
+    assert res.verified < 1e-5
