@@ -181,6 +181,7 @@ class Analysis:
         # RMSNorms over the channel dim take a selection (rules._rms_norm) instead of freezing the residual stream
         self.prune_hidden = bool(prune_hidden)
         self.rms_norms: dict[str, dict] = {}  # mean node name -> {eps_node, eps, weight fqn, cmap of its input}
+        self.head_norms: dict[str, dict] = {}  # per-head RMSNorms over head_dim (Qwen3): the same records
         self.selections: dict[str, CMap] = {}  # node name -> its input's map: it reads a selection (tied LM head)
         self.token = next(_TOKENS)  # tells this analysis' channel maps from another's on the same graph
         self.uf = _UnionFind()

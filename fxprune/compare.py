@@ -167,10 +167,9 @@ def compare(plan, ref_gm: GraphModule, slim_gm: GraphModule, inputs: tuple, ever
     ref = make_ref(ref_gm, plan)
     nodes = {n.name: n for n in plan.an.gm.graph.nodes}
     wanted = {name: () for name, n in nodes.items() if n.op == "call_function" and (every or _selects(n))}
-    norms = getattr(plan.an, "rms_norms", {})  # an RMSNorm is compared at its output (rules._rms_norm)
-    wanted.update({norms[name]["out"] if name in norms else name: tuple(sorted({seg.g for h in hooks
-                                                                               for seg in h.segments}))
-                   for name, hooks in ref.hooks.items() if name in nodes})
+    # an RMSNorm is compared at its output (rules._rms_norm), so is a projection scaled for a per-head norm
+    wanted.update({plan.compared_at(nodes[name]): tuple(sorted({seg.g for h in hooks for seg in h.segments}))
+                   for name, hooks in ref.hooks.items() if name in nodes and plan.compared_at(nodes[name])})
     ref_steps, pending = _steps(ref, inputs), {}
     checks: list[Check] = []
     followed: list[str] = []

@@ -107,16 +107,15 @@ EPS_ATTRS = ("variance_epsilon", "eps")  # an RMSNorm module's eps (Llama-family
 
 def fix_rms_norm(plan, node, module: nn.Module):
     """An RMSNorm that takes a selection (rules._rms_norm): its eps attribute becomes eps * n / k, as the graph's
-    constant does (shapes.fix_rms_eps); its weight was rescaled when sliced."""
-    record = plan.an.rms_norms.get(node.name)
-    if record is None:
+    constant does (shapes.fix_rms_eps); its weight was rescaled when sliced. A per-head norm: Plan.head_norm_ratio."""
+    eps = plan.norm_eps(node.name)
+    if eps is None:
         return
-    cm = record["cmap"]
-    n, k = len(cm.ids), plan.new_size(cm)
+    record = plan.an.rms_norms.get(node.name) or plan.an.head_norms[node.name]
     for attr in EPS_ATTRS:
         v = getattr(module, attr, None)
         if isinstance(v, float) and v == record["eps"]:
-            setattr(module, attr, record["eps"] * n / k)
+            setattr(module, attr, eps)
 
 
 def update_config(mod: nn.Module):

@@ -161,7 +161,7 @@ INSTANCE_NORM = OpHandler("batch_norm", rules.batch_norm, fix_module=shapes.fix_
 LINEAR_REDUCE = OpHandler("reduce", rules.reduce, commutes=True, heads=True)
 # a mean over the channel dim may be an RMSNorm's (rules._rms_norm): its eps follows the kept width
 MEAN = replace(LINEAR_REDUCE, fix_shape=shapes.fix_rms_eps, fix_module=hf.fix_rms_norm,
-               shapes_when=lambda an, node: node.name in an.rms_norms)
+               shapes_when=lambda an, node: node.name in an.rms_norms or node.name in an.head_norms)
 EMBEDDING = OpHandler("embedding", rules.embedding)  # with prune_hidden: its columns are the residual stream
 REDUCE = OpHandler("reduce", rules.reduce, heads=True)
 VIEW = OpHandler("reshape", rules.reshape, commutes=True, fix_shape=shapes.fix_view, heads=True)

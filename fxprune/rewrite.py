@@ -151,6 +151,8 @@ class Plan:
         out = tensor.index_select(s.dim, index)
         if s.role == "member" and s.fqn in self.rms_weights:  # an RMSNorm's weight: * sqrt(n / k) (rules._rms_norm)
             out = (out.double() * (len(kept) / int(kept.sum())) ** 0.5).to(out.dtype)
+        if self._head_norm_input(s):  # see head_norm_ratio
+            out = (out.double() * self.head_norm_ratio ** 0.5).to(out.dtype)
         if s.role != "in":
             return out
         slim_pos = np.cumsum(kept) - 1
@@ -171,6 +173,56 @@ class Plan:
         d = self.decisions.get(gid)
         src = self.an.slot_source.get((s.fqn, s.dim, gid))
         return None if d is None or src is None else d.T_for(src)
+
+    def norm_eps(self, name: str) -> float | None:
+        """The slim eps of the RMSNorm whose mean is node ``name`` (rules._rms_norm): eps * n / k over the hidden
+        size; a per-head norm's eps * r when head_norm_ratio applies; None when it stays."""
+        an = self.an
+        if name in getattr(an, "rms_norms", {}):
+            r = an.rms_norms[name]
+            return r["eps"] * len(r["cmap"].ids) / self.new_size(r["cmap"])
+        if name in getattr(an, "head_norms", {}) and self.head_norm_ratio is not None:
+            return an.head_norms[name]["eps"] * self.head_norm_ratio
+        return None
+
+    @property
+    def head_norm_ratio(self) -> float | None:
+        """r = n / k of a pruned hidden size when per-head RMSNorms (Qwen3's q_norm / k_norm over head_dim) have
+        the same eps as the hidden-size norms (one config eps serves both): their eps becomes eps * r too and
+        their inputs (the q / k projections' rows) are scaled by sqrt(r), which leaves each norm's output exactly
+        as it was (x / sqrt(mean(x^2) + eps) is unchanged under x -> c x, eps -> c^2 eps), so the config's one
+        eps * r rebuilds every norm on from_pretrained."""
+        if "_head_ratio" not in self.__dict__:
+            an, r = self.an, None
+            norms, heads = getattr(an, "rms_norms", {}), getattr(an, "head_norms", {})
+            if norms and heads:
+                ratios = {len(x["cmap"].ids) / self.new_size(x["cmap"]) for x in norms.values()}
+                eps = {x["eps"] for x in norms.values()} | {x["eps"] for x in heads.values()}
+                if len(ratios) == 1 and len(eps) == 1 and ratios != {1.0}:
+                    r = ratios.pop()
+            self._head_ratio = r
+            self._head_inputs = [frozenset(x["cmap"].ids.tolist()) for x in heads.values()] if r else []
+        return self._head_ratio
+
+    def compared_at(self, node) -> str | None:
+        """Where verification compares a node the reference hooks: an RMSNorm's mean at the norm's output; a
+        projection scaled for a per-head norm (head_norm_ratio) nowhere of its own (it differs by sqrt(r) by
+        design; the attention's output projection and the model outputs are compared); else the node itself."""
+        an = self.an
+        if node.name in getattr(an, "rms_norms", {}):
+            return an.rms_norms[node.name]["out"]
+        cm = an.cmap(node) if self.head_norm_ratio is not None else None
+        if cm is not None:
+            ids = frozenset(cm.ids.tolist())
+            for x in an.head_norms.values():
+                if frozenset(x["cmap"].ids.tolist()) == ids:
+                    return None
+        return node.name
+
+    def _head_norm_input(self, s: Slot) -> bool:
+        """Whether slot ``s`` (a projection's rows, or their bias) produces the input of a per-head norm."""
+        return self.head_norm_ratio is not None and s.role in ("out", "member") and \
+            frozenset(s.ids.tolist()) in self._head_inputs
 
     @property
     def rms_weights(self) -> set[str]:

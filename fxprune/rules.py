@@ -240,6 +240,10 @@ def reduce(an, node):
                                  if norm else ""), mixing=True)
         an.rms_norms[node.name] = norm  # a consumer that takes a selection (the reference zeroes its input)
         return None
+    if cm.heads and cm.sub in dims and op_name(node.target) == "aten.mean" and an.prune_hidden:
+        norm = _rms_norm(an, node, cm, cm.sub)  # a per-head norm (Qwen3's q_norm / k_norm): see hf.head_norm_scale
+        if isinstance(norm, dict):
+            an.head_norms[node.name] = norm
     if _arg(node, 2, "keepdim", False):
         return cm
     shift = lambda d: d - sum(x < d for x in dims)  # noqa: E731 - the dim's index once the reduced dims are gone
@@ -625,21 +629,22 @@ def _past_casts(node: Node) -> Node | None:
     return nxt
 
 
-def _rms_norm(an, node, cm: CMap):
+def _rms_norm(an, node, cm: CMap, dim: int | None = None):
     """mean(x ** 2, channel dim, keepdim) + eps -> rsqrt -> x * r -> weight * (.): an RMSNorm over the channels.
 
     It takes a selection: if the pruned channels of x are zero (the reference zeroes them at the norm's input),
     the mean over the k kept channels is n / k times the mean over all n, so the slim norm equals the reference
     on the kept channels exactly with eps' = eps * n / k and weight' = weight * sqrt(n / k). Returns the record
     (Analysis.rms_norms), a reason when an RMSNorm's weight cannot absorb the scale, or None when the pattern is
-    not an RMSNorm."""
+    not an RMSNorm. ``dim``: the dim it normalizes (the channel dim; a head map's head_dim for Qwen3's q_norm)."""
+    dim = cm.dim if dim is None else dim
     pw = node.args[0]
     if not (isinstance(pw, Node) and op_name(pw.target) == "aten.pow" and len(pw.args) > 1 and pw.args[1] == 2):
         return None
     rank = len(shape_of(pw))
     dims = _arg(node, 1, "dim")
     dims = [dims] if isinstance(dims, int) else list(dims or [])
-    if [_norm(d, rank) for d in dims] != [cm.dim] or cm.dim != rank - 1 or not _arg(node, 2, "keepdim", False):
+    if [_norm(d, rank) for d in dims] != [dim] or dim != rank - 1 or not _arg(node, 2, "keepdim", False):
         return None
     add = _only_reader(node)
     if add is None or op_name(add.target) != "aten.add" or len(add.args) != 2 or add.args[0] is not node \

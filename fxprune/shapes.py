@@ -91,17 +91,12 @@ def fix_norm_module(plan, node, module: nn.Module):
         module.num_features = plan.new_size(src)
 
 
-def rms_scale(plan, record: dict) -> tuple[int, int]:
-    """(n, k): an RMSNorm's full and kept widths (rules._rms_norm); eps' = eps * n / k, weight' *= sqrt(n / k)."""
-    cm = record["cmap"]
-    return len(cm.ids), plan.new_size(cm)
-
-
 def fix_rms_eps(plan, node):
-    """The eps constant after an RMSNorm's mean follows the kept width: eps * n / k (rules._rms_norm)."""
-    record = plan.an.rms_norms.get(node.name)
-    if record is None:
+    """The eps constant after an RMSNorm's mean follows the kept width: eps * n / k (rules._rms_norm; a per-head
+    norm: Plan.head_norm_ratio)."""
+    eps = plan.norm_eps(node.name)
+    if eps is None:
         return
-    n, k = rms_scale(plan, record)
+    record = plan.an.rms_norms.get(node.name) or plan.an.head_norms[node.name]
     add = next(u for u in node.users if u.name == record["eps_node"])
-    add.args = (add.args[0], record["eps"] * n / k)
+    add.args = (add.args[0], eps)
