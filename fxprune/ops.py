@@ -244,7 +244,9 @@ HANDLERS: dict[str, OpHandler] = {
     ), IGNORE),
     # known barriers: the reason goes into the report
     **dict.fromkeys(("aten.layer_norm", "aten.native_layer_norm"),
-                    _barrier("normalizes across channels (LayerNorm statistics mix them)", mixes_channels=True)),
+                    _barrier("normalizes across channels (LayerNorm statistics mix them; prune_hidden covers "
+                             "RMSNorm only: a pre-norm LayerNorm needs the writers centered first, not done)",
+                             mixes_channels=True)),
     "aten.group_norm": _barrier("normalizes across channels within groups", mixes_channels=True),
     "aten.baddbmm": _barrier("is a batched matrix product plus a tensor", has_flops=True),
     "aten.einsum": _barrier("is an einsum (a product over named dims)", has_flops=True),
