@@ -38,6 +38,7 @@ class PruneContext:
     progress: bool = True
     calib_samples: int = 1000      # how many calibration samples a method should read
     notes: list[str] = field(default_factory=list)  # lines the method wants in the report
+    frozen: dict[int, str] = field(default_factory=dict)  # this job's freezing on top of the analysis' own
     _cost: CostModel | None = None
 
     @property
@@ -53,7 +54,23 @@ class PruneContext:
 
     @property
     def prunable(self) -> list[int]:
-        return [g.gid for g in self.analysis.groups if g.prunable]
+        """Groups a method may decide: neither the analysis nor this job froze them, and wider than one."""
+        return [g.gid for g in self.analysis.groups if g.prunable and g.gid not in self.frozen]
+
+    def freeze(self, gid: int, why: str) -> None:
+        """Keep group ``gid`` whole in this job (the user's ``ignore``, a method that cannot use it, a failed
+        verification); the first reason given stays. The shared, read-only Analysis is not touched."""
+        if self.analysis.groups[gid].frozen is None:
+            self.frozen.setdefault(gid, why)
+
+    def frozen_reason(self, gid: int) -> str | None:
+        """Why group ``gid`` stays whole: the analysis' reason, else this job's, else None."""
+        return self.analysis.groups[gid].frozen or self.frozen.get(gid)
+
+    @property
+    def all_frozen(self) -> dict[int, str]:
+        """{group id: reason} for every frozen group, the analysis' and this job's."""
+        return {g.gid: self.frozen_reason(g.gid) for g in self.analysis.groups if self.frozen_reason(g.gid)}
 
     def producer_rows(self, gid: int):
         """Yield (weight tensor with channels in dim 0, group index per row) for every producer of a group."""

@@ -22,7 +22,7 @@ fit MEMORY_BUDGET and says so.
 
 Example::
 
-    cal = calibrate(plan, images, example_inputs)       # plan: rewrite.Plan of the method's decisions
+    cal = calibrate(plan, images, example_inputs)       # folds the fitted T into plan (rewrite.Plan)
     cal.T[gid]["relu_3"]                                  # k x n, folded by the consumers that read relu_3
     cal.bn["layers.0.bn1.running_mean"]                   # full width, sliced by the rewrite like any buffer
 """
@@ -79,7 +79,7 @@ def calibrate(plan: Plan, calib, example: tuple, *, reconstruct: bool = True, re
               notes: list | None = None, zeroed: dict[int, np.ndarray] | None = None) -> Calibration:
     """Fit T_j for every foldable source of every decided group (``reconstruct``) and re-estimate the BatchNorms
     downstream of a change (``recalibrate_bn``), in one sequential pass over the calibration data. The fitted T_j
-    replace the method's own T (or selection) in ``plan.decisions``, with their errors in each Decision's info.
+    are folded into ``plan`` (Plan.fold: the one plan of the prune), with their errors in each Decision's info.
     ``zeroed`` (group -> boolean per channel): channels the model reads as zero (a training-time method's masks);
     their columns of the original Z_j are zero in the fit, so T reproduces the masked model."""
     an = plan.an
@@ -108,7 +108,7 @@ def calibrate(plan: Plan, calib, example: tuple, *, reconstruct: bool = True, re
             T, err = _fit(plan, g, src, pruned.value(last), orig.value(last), ridge, (zeroed or {}).get(g))
             cal.T.setdefault(g, {})[src] = T
             cal.errors.setdefault(g, {})[src] = err
-            _set_T(plan, g, src, T, err)  # later consumers of this source read the reconstruction
+            plan.fold(g, src, T, err)  # later consumers of this source read the reconstruction
         if orig is not None and b >= last_fit:
             orig = None
     return cal
@@ -160,14 +160,6 @@ def _fit_targets(plan: Plan) -> dict[str, list[tuple[int, str]]]:
             if group_columns(plan.an, src, g) is not None:
                 out.setdefault(src, []).append((g, src))
     return out
-
-
-def _set_T(plan: Plan, g: int, src: str, T: np.ndarray, err: float):
-    d = plan.decisions[g]
-    Ts = dict(d.T) if isinstance(d.T, dict) else {}
-    Ts[src] = T
-    info = {**d.info, "recon_error": {**d.info.get("recon_error", {}), src: err}}
-    plan.decisions[g] = Decision(d.keep, Ts, info)
 
 
 def _fit(plan: Plan, g: int, src: str, pruned: list, orig: list, ridge: float,

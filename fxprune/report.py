@@ -25,7 +25,7 @@ def format_report(res) -> str:
     if res.calib_samples:
         lines.append(f"  calibration: {res.calib_samples} samples; BatchNorm statistics re-estimated in "
                      f"{len(res.recalibrated_bn)} module(s)")
-    frozen = [g for g in res.analysis.groups if g.frozen]
+    frozen = [res.analysis.groups[g] for g in sorted(res.frozen)]
     lines.append(f"  groups: {len(res.analysis.groups)} ({len(res.decisions)} pruned, {len(frozen)} frozen)")
     lines.append(f"  {'group':>5}  {'width':>11}  {'reconstruction':<28}  modules")
     bn = set(res.recalibrated_bn)
@@ -37,7 +37,7 @@ def format_report(res) -> str:
         lines.append(f"  {gid:>5}  {g.width:>4} -> {len(d.keep):<4}  {_recon(g, d):<28}  {', '.join(g.modules)}{extra}")
     by_reason: dict[str, list] = {}
     for g in frozen:
-        by_reason.setdefault(g.frozen, []).append(g)
+        by_reason.setdefault(res.frozen[g.gid], []).append(g)
     for why, gs in by_reason.items():  # one line per reason: why the channels the user may expect cut were kept
         mods = [m for g in gs for m in g.modules[:1]]
         named = ", ".join(mods[:3]) + (f", +{len(mods) - 3}" if len(mods) > 3 else "")

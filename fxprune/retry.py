@@ -14,8 +14,8 @@ refusing the whole model, stages.finish asks ``next_step``:
    and its children issued and their inputs).
 
 A bounded number of rounds; the user's model is never touched (every round works on fresh copies), and
-``strict=True`` keeps the refusal. The frozen groups are an overlay on the job (``Retry.frozen``), written into
-the job's own analysis before the method decides again.
+``strict=True`` keeps the refusal. The frozen groups are an overlay on the job (``Retry.frozen``), frozen on its
+PruneContext (``PruneContext.freeze``; the analysis is read-only) before the method decides again.
 
 Example::
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -70,11 +72,14 @@ def segments(gid: np.ndarray, idx: np.ndarray, tags: np.ndarray) -> dict[tuple, 
 
 
 class Plan:
-    """Validated decisions plus the index bookkeeping every edit needs."""
+    """Validated decisions plus the index bookkeeping every edit needs. One per prune: reconstruction folds its
+    T into it (``fold``, validated like the method's own); ``frozen``: the job's frozen groups (the analysis'
+    own are refused too)."""
 
-    def __init__(self, an: Analysis, decisions: dict[int, Decision]):
+    def __init__(self, an: Analysis, decisions: dict[int, Decision], frozen: Mapping[int, str] | None = None):
         self.an = an
-        self.decisions = {g: self._check(g, d) for g, d in decisions.items()}
+        self._frozen = dict(frozen or {})
+        self._decisions = {g: self._check(g, d) for g, d in decisions.items()}
         self.keep_mask = {g: np.isin(np.arange(an.groups[g].width), d.keep) for g, d in self.decisions.items()}
         for s in an.slots.values():  # torch has no 0-channel conv/linear: refuse before anything is edited
             if s.role in ("out", "in", "grouped_in") and len(s.ids) and not self.kept_positions(s).any():
@@ -86,8 +91,9 @@ class Plan:
             raise RewriteError(f"decision for unknown group {gid}")
         g = self.an.groups[gid]
         keep = np.asarray(d.keep, dtype=np.int64)
-        if g.frozen:
-            raise RewriteError(f"group {gid} is frozen ({g.frozen}); a method must not decide for it")
+        if g.frozen or gid in self._frozen:
+            raise RewriteError(f"group {gid} is frozen ({g.frozen or self._frozen[gid]}); a method must not "
+                               "decide for it")
         if keep.ndim != 1 or len(keep) == 0 or np.any(np.diff(keep) <= 0) or keep[0] < 0 or keep[-1] >= g.width:
             raise RewriteError(f"group {gid}: keep must be sorted unique indices in [0, {g.width}), at least one")
         if g.block_of is not None and len(set(np.bincount(g.block_of[keep], minlength=g.blocks).tolist())) != 1:
@@ -101,6 +107,18 @@ class Plan:
                                    f"each) are kept or removed whole, but keep cuts head(s) "
                                    f"{', '.join(map(str, cut[:8].tolist()))} inside")
         return Decision(keep, self._check_T(gid, keep, d.T), d.info)
+
+    @property
+    def decisions(self) -> Mapping[int, Decision]:
+        return MappingProxyType(self._decisions)
+
+    def fold(self, gid: int, src: str, T: np.ndarray, err: float) -> None:
+        """Replace group ``gid``'s T at source ``src`` (reconstruction's least-squares fit; its relative error
+        goes in the decision's info), validated as a method's T is."""
+        d = self._decisions[gid]
+        Ts = {**(d.T if isinstance(d.T, dict) else {}), src: T}
+        info = {**d.info, "recon_error": {**d.info.get("recon_error", {}), src: err}}
+        self._decisions[gid] = Decision(d.keep, self._check_T(gid, d.keep, Ts), info)
 
     def _check_T(self, gid: int, keep: np.ndarray, T) -> dict[str, np.ndarray] | None:
         """Normalize T to {source: non-selection T}; refuse a T where the consumers cannot absorb it."""

@@ -59,6 +59,7 @@ class PruneResult:
     verification: list = field(default_factory=list)  # every compared tensor (compare.Check), in graph order
     recalibrated_bn: list[str] = field(default_factory=list)  # BatchNorm modules whose statistics were re-estimated
     calib_samples: int = 0            # samples the reconstruction / BatchNorm pass used (0: none)
+    frozen: dict[int, str] = field(default_factory=dict)  # every group kept whole -> why (analysis and job)
     frozen_by_verification: dict[int, str] = field(default_factory=dict)  # group -> why (freeze and retry)
     retry_rounds: int = 0             # verification rounds after the first (stored widths updated, groups frozen)
     latency: dict | None = None       # target_latency: measured / predicted latency per round (latency_target)
@@ -154,13 +155,14 @@ def begin(model: nn.Module, example_inputs, method: str, decide, *, amount=None,
     if not isinstance(prune_hidden, bool):
         raise ConfigError(f"prune_hidden must be True or False, got {prune_hidden!r}")
     an = analyze(gm, prune_hidden)
+    frozen = {}  # the job's own freezing (the analysis is read-only): the user's ignore
     for g in an.groups:
         why = next((w for m in g.modules if (w := under(m, ignored)) is not None), None)
         if why is not None and not g.frozen:
-            g.frozen = f"ignored by the user ({why if isinstance(why, str) else type(why).__name__})"
-    prunable = [g for g in an.groups if g.prunable]
+            frozen[g.gid] = f"ignored by the user ({why if isinstance(why, str) else type(why).__name__})"
+    prunable = [g for g in an.groups if g.prunable and g.gid not in frozen]
     if not prunable:
-        reasons = sorted({g.frozen or "a single channel" for g in an.groups})
+        reasons = sorted({g.frozen or frozen.get(g.gid) or "a single channel" for g in an.groups})
         raise NothingToPruneError(
             f"{type(model).__name__} has no prunable channel group"
             + (f" (every group is frozen: {'; '.join(reasons[:3])})" if reasons else " (it has no conv or linear "
@@ -169,7 +171,7 @@ def begin(model: nn.Module, example_inputs, method: str, decide, *, amount=None,
             + ". See fxprune.describe_groups(model, example_inputs) for every group and why.")
     target = _target(an, prunable, amount, target_flops, target_params, amounts, per_module, opts.round_to)
     ctx = PruneContext(analysis=an, target=target, example_inputs=example, calib=calib,
-                       progress=opts.progress, calib_samples=opts.calib_samples)
+                       progress=opts.progress, calib_samples=opts.calib_samples, frozen=frozen)
     if target_latency is not None:
         from .latency_target import latency_cost
         ctx.target = Target(metric="latency", value=float(target_latency), round_to=opts.round_to)
@@ -207,6 +209,7 @@ def finish(job: Job, decisions: dict[int, Decision], zeroed: dict[int, np.ndarra
                 ctx.notes[:] = notes0 = list(dict.fromkeys(ctx.notes))  # the method ran again: its notes once
     _retry_notes(job, retry, result)
     result.frozen_by_verification, result.retry_rounds = dict(retry.frozen), retry.rounds
+    result.frozen = ctx.all_frozen  # with the groups this round froze
     return result
 
 
@@ -215,7 +218,7 @@ def _finish_once(job: Job, decisions, zeroed, retry: Retry) -> PruneResult:
     distributed.agree("the decisions (kept channels and T per group)", (decisions, zeroed),
                       shown={g: len(d.keep) for g, d in decisions.items()})
     _note_rounding(ctx, decisions)
-    plan = Plan(ctx.analysis, decisions)
+    plan = Plan(ctx.analysis, decisions, ctx.frozen)  # the one plan: reconstruction folds its T into it
     _check_target(ctx, plan, loose=bool(retry.frozen))
     cal = None
     if opts.reconstruct or opts.recalibrate_bn:
@@ -223,7 +226,6 @@ def _finish_once(job: Job, decisions, zeroed, retry: Retry) -> PruneResult:
         cal = calibrate(plan, opts.calib, job.example, reconstruct=opts.reconstruct,
                         recalibrate_bn=opts.recalibrate_bn, samples=opts.calib_samples, progress=opts.progress,
                         notes=ctx.notes, zeroed=zeroed)
-        plan = Plan(ctx.analysis, plan.decisions)
     slim_gm, work, _ = plan.build(job.gm, job.model)  # each pruned tensor sliced once, shared with the graph
     retry.updated = apply_updates(retry, plan, job.gm, slim_gm, work)
     reference_gm, recalibrated = job.gm, []
@@ -249,11 +251,11 @@ def _finish_once(job: Job, decisions, zeroed, retry: Retry) -> PruneResult:
         samples = int(distributed.allreduce_sum(torch.tensor(samples), "the calibration sample count"))
         distributed.same_tensors("slim models", work.state_dict(), "Every rank must build the same slim model "
                                  "from the same decisions: this is a bug in fxprune, please report it")
-    result = PruneResult(model=work, graph=slim_gm, analysis=ctx.analysis, decisions=plan.decisions,
+    result = PruneResult(model=work, graph=slim_gm, analysis=ctx.analysis, decisions=dict(plan.decisions),
                          flops=(job.flops_before, count_flops(work, job.one)),
                          params=(count_params(job.model), count_params(work)), method=job.method,
                          notes=ctx.notes, verified=diff, verification=checks, recalibrated_bn=recalibrated,
-                         calib_samples=samples)
+                         calib_samples=samples, frozen=ctx.all_frozen)
     if opts.inplace:
         from .transplant import transplant
         transplant(work, job.model)
@@ -267,9 +269,9 @@ def _finish_once(job: Job, decisions, zeroed, retry: Retry) -> PruneResult:
 def _redecide(job: Job, decisions: dict, retry, redecide) -> dict:
     """Freeze the groups verification blamed (in the job's own analysis: the user's model is not involved) and
     let the method decide the rest again; without ``redecide`` the other decisions stand."""
-    an, t = job.analysis, job.ctx.target
+    t = job.ctx.target
     for g, why in retry.frozen.items():
-        an.groups[g].frozen = an.groups[g].frozen or why
+        job.ctx.freeze(g, why)
     if t.amounts is not None:
         t.amounts = {g: a for g, a in t.amounts.items() if g not in retry.frozen}
     if redecide is None:  # a training-time method: its decisions were made while training
@@ -437,9 +439,8 @@ def uniform_target(ctx: PruneContext, decisions: dict) -> Target:
     rounded DOWN to whole units (heads; a kv head with its query heads, so kv heads stay a divisor) — the kept
     cost never grows. Returned as per-group amounts for the method to decide again."""
     kinds: dict[tuple, list] = {}
-    for g in ctx.groups:
-        if not g.prunable:
-            continue
+    for gid in ctx.prunable:
+        g = ctx.groups[gid]
         kinds.setdefault((tuple(_layer_kind(m) for m in g.modules), g.width, g.unit_size), []).append(g)
     amounts = {}
     for (_, width, unit), groups in kinds.items():

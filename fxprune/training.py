@@ -94,8 +94,8 @@ class Pruner:
         for gid in self.ctx.prunable:
             g = self.ctx.groups[gid]
             if g.unit_of is not None:
-                g.frozen = (f"{name} decides channel by channel, but this group's attention heads are kept or removed "
-                            "whole; use a one-shot method (id, l1) for heads")
+                self.ctx.freeze(gid, f"{name} decides channel by channel, but this group's attention heads are "
+                                     "kept or removed whole; use a one-shot method (id, l1) for heads")
 
     # ---- what methods use -------------------------------------------------------------------------------------
     @property

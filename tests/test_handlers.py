@@ -122,7 +122,7 @@ class Shrink(nn.Module):
 def test_adding_an_op_is_one_entry(monkeypatch):
     """The ops.py docstring's example: hardshrink is element-wise."""
     g = group_with(run(Shrink()), "a.weight")
-    assert g.prunable and g.consumers == ["b.weight"]
+    assert g.prunable and g.consumers == ("b.weight",)
     monkeypatch.delitem(ops.HANDLERS, "aten.hardshrink")
     g = group_with(run(Shrink()), "a.weight")
     assert g.frozen and "aten.hardshrink is not in fxprune's op table" in g.frozen
@@ -143,8 +143,8 @@ class Transposed(nn.Module):
 def test_conv_transpose_consumes_weight_dim_0_and_produces_dim_1():
     an = run(Transposed())
     g1, gt = group_with(an, "c1.weight"), group_with(an, "ct.weight")
-    assert g1.prunable and g1.consumers == ["ct.weight"] and g1.sources[next(iter(g1.sources))].foldable
-    assert gt.prunable and gt.members == ["ct.bias"] and gt.consumers == ["c3.weight"] and gt.width == 6
+    assert g1.prunable and g1.consumers == ("ct.weight",) and g1.sources[next(iter(g1.sources))].foldable
+    assert gt.prunable and gt.members == ("ct.bias",) and gt.consumers == ("c3.weight",) and gt.width == 6
     assert an.slots[("ct.weight", 0)].role == "in" and an.slots[("ct.weight", 1)].role == "out"
 
 
@@ -180,7 +180,7 @@ def test_a_wrong_transposed_weight_layout_is_caught_by_verification(monkeypatch)
 def test_depthwise_conv_transpose_follows_its_input():
     an = run(Transposed(depthwise=True))
     g = group_with(an, "c1.weight")
-    assert g.prunable and "ct.weight" in g.members and "ct.bias" in g.members and g.consumers == ["c3.weight"]
+    assert g.prunable and "ct.weight" in g.members and "ct.bias" in g.members and g.consumers == ("c3.weight",)
     diff, plan, slim = slim_vs_reference(Transposed(depthwise=True), X,
                                          lambda an: dict([half_with_T(an, "c1.weight")]))
     assert diff < 1e-5
@@ -207,8 +207,8 @@ class GPTMLP(nn.Module):
 def test_conv1d_addmm_is_a_producer_and_a_consumer():
     an = run(GPTMLP(), torch.randn(2, 5, 6))
     ga, gb = group_with(an, "a.weight"), group_with(an, "b.weight")
-    assert ga.prunable and ga.members == ["a.bias"] and ga.consumers == ["b.weight"] and ga.width == 8
-    assert gb.prunable and gb.members == ["b.bias"] and gb.consumers == ["fc.weight"] and gb.width == 6
+    assert ga.prunable and ga.members == ("a.bias",) and ga.consumers == ("b.weight",) and ga.width == 8
+    assert gb.prunable and gb.members == ("b.bias",) and gb.consumers == ("fc.weight",) and gb.width == 6
     assert an.slots[("b.weight", 0)].role == "in" and an.slots[("b.weight", 1)].role == "out"
 
 
@@ -236,7 +236,7 @@ def test_linear_over_a_transposed_parameter_is_followed_to_the_parameter():
     model, x = LinearT().eval(), torch.randn(5, 6)
     an = run(model, x)
     g1, gw = group_with(an, "l1.weight"), group_with(an, "W")
-    assert g1.prunable and g1.consumers == ["W"] and gw.prunable and gw.consumers == ["l3.weight"]
+    assert g1.prunable and g1.consumers == ("W",) and gw.prunable and gw.consumers == ("l3.weight",)
     (gid1, d1), (gidw, dw) = half_with_T(an, "l1.weight"), half_selection(an, "W")
     plan = Plan(an, {gid1: d1, gidw: dw})
     slim_gm, slim = plan.slim(an.gm, model)
@@ -371,7 +371,7 @@ class Concat(nn.Module):
 def test_concat_aliases_of_cat_prune(fn):
     an = run(Concat(fn))
     ga, gb = group_with(an, "a.weight"), group_with(an, "b.weight")
-    assert ga.prunable and gb.prunable and ga.consumers == gb.consumers == ["c.weight"]
+    assert ga.prunable and gb.prunable and ga.consumers == gb.consumers == ("c.weight",)
     diff, _, slim = slim_vs_reference(Concat(fn), X, lambda an: dict([half_with_T(an, "a.weight"),
                                                                       half_selection(an, "b.weight")]))
     assert diff < 1e-5 and slim.c.in_channels == 8

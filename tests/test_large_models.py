@@ -112,7 +112,7 @@ def test_calibration_longer_than_the_example():
                                progress=False, calib=batches)
     for g, d in res.decisions.items():
         mods = res.analysis.groups[g].modules
-        g2 = next(h.gid for h in two_inputs.analysis.groups if [m.removeprefix("m.") for m in h.modules] == mods)
+        g2 = next(h.gid for h in two_inputs.analysis.groups if tuple(m.removeprefix("m.") for m in h.modules) == mods)
         np.testing.assert_array_equal(two_inputs.decisions[g2].keep, d.keep)
 
 

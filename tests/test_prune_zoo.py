@@ -209,11 +209,12 @@ def test_ignore_patterns_freeze_those_modules():
     model, x = make("resnet20")
     res = fxprune.prune(model, x, "l1", round_to=None, amount=0.5, ignore=["layers.0.*", "layers.4"])
     check_result("resnet20", model, x, res)
-    ignored = [g for g in res.analysis.groups if g.frozen and "ignored" in g.frozen]
+    ignored = [g for g, why in res.frozen.items() if "ignored" in why]
     assert ignored
     for g in res.analysis.groups:
         if any(m.startswith("layers.0.") or m.startswith("layers.4.") or m == "layers.4" for m in g.modules):
-            assert g.gid not in res.decisions and g.frozen and "ignored" in g.frozen
+            assert g.gid not in res.decisions and "ignored" in res.frozen.get(g.gid, "")
+            assert g.frozen is None  # the job's freezing: the analysis stays as the walk found it
     assert res.model.layers[0].conv1.out_channels == 16 and res.model.layers[4].conv1.out_channels == 32
     assert res.model.layers[1].conv1.out_channels == 8 and res.model.layers[5].conv1.out_channels == 16
     # the residual stream of stage 1 contains layers.0.conv2: frozen with it

@@ -43,6 +43,13 @@ def test_int8_file_loads_and_is_close_to_float(tmp_path):
     err = np.abs(got - ref).max() / np.abs(ref).max()
     assert err <= quantizers / 127, (err, quantizers)
     assert err > 1e-6  # really quantized, not the float model again
+    # ORT's fused int8 kernels against the same file evaluated exactly, op by op (onnx.reference, numpy): they
+    # may differ only by requantization rounding. AVX2-only CPUs saturate 8-bit weights in vpmaddubsw (0.07 of
+    # the range here, against 0.01 for quantization itself) unless fxprune chose 7-bit weights for them.
+    from onnx.reference import ReferenceEvaluator
+    model = onnx.load(path)
+    exact = ReferenceEvaluator(model).run(None, {model.graph.input[0].name: held_out.numpy()})[0]
+    assert np.abs(got - exact).max() / np.abs(ref).max() <= quantizers / 127 / 4
     assert report.int8_rel_diff == pytest.approx(report.int8_rel_diff) and 0 < report.int8_rel_diff <= quantizers / 127
     assert "int8 steps" in report.int8_note
 

@@ -201,7 +201,7 @@ class AOFP(TrainingMethod):
                    "no consumer module to measure t at (Conv, ConvTranspose, Linear, Conv1D, or a module given to "
                    "fxprune.register_module with partial=)" if not cons else None)
             if why:
-                g.frozen = f"aofp does not search this group: {why}"
+                ctx.freeze(gid, f"aofp does not search this group: {why}")
                 self.notes.append(f"group {gid} ({', '.join(g.modules)}) keeps its width: {why}")
                 continue
             out[gid] = cons

@@ -74,8 +74,9 @@ class CSGD(TrainingMethod):
             g = ctx.groups[gid]
             bad = [s for s in g.sources.values() if not s.foldable]
             if bad:  # the merge needs every consumer to sum its input weights over a cluster
-                g.frozen = f"csgd cannot merge here: consumers of {bad[0].node} cannot absorb T ({bad[0].why})"
-                self.notes.append(f"group {gid} ({', '.join(g.modules)}) stays at full width: {g.frozen}")
+                why = f"csgd cannot merge here: consumers of {bad[0].node} cannot absorb T ({bad[0].why})"
+                ctx.freeze(gid, why)
+                self.notes.append(f"group {gid} ({', '.join(g.modules)}) stays at full width: {why}")
         widths = ctx.widths()
         labels = {}
         if distributed.rank() == 0:
