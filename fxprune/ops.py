@@ -21,7 +21,7 @@ An ``OpHandler`` says, for the ops it is registered under in ``HANDLERS``:
     bn_stat_args    (running_mean, running_var) argument positions of a BatchNorm whose statistics can be
                     re-estimated after pruning
     bn_eps_arg      a BatchNorm's eps argument position, and whether it returns a tuple (output first), read by
-    bn_tuple        training methods that apply the layer's normalization themselves (training.output_probe)
+    bn_tuple        training methods that apply the layer's normalization themselves (training.activation_probe)
     heads           its rule understands head maps (a channel dim split into (heads, head_dim), cmap.py); any
                     other op that a head map reaches is a barrier
     selects         its result depends on the order of values (top-k, sort, arg-max indices): float rounding can
@@ -29,7 +29,7 @@ An ``OpHandler`` says, for the ops it is registered under in ``HANDLERS``:
                     graph the reference's result (compare.py)
     mixes_channels  a barrier that mixes the channels it freezes (a normalization): the report names it first
                     for a frozen stream
-    elementwise     a function of each element alone (training.output_probe applies it to a layer's output)
+    elementwise     a function of each element alone (training.activation_probe applies it to a layer's output)
     reads_data      False for ops no tensor data flows through (asserts, sizes): a parameter they read is not
                     "also read" elsewhere
     takes_part      its output is a piece of its first input (getitem, split, slice)

@@ -18,7 +18,7 @@ keyed by their producers' parameter names, so the state survives a DDP ``module.
 A training method is a class registered in fxprune.passes with ``training = True`` (see TrainingMethod). What
 methods use here: ``pruner.group_slots`` / ``tensor`` / ``learning_rate`` (parameters and optimizer settings),
 ``set_mask`` (removed channels exactly zero at every consumer), ``consumer_inputs`` (where each consumer module
-reads a group), ``output_probe`` (a layer's output through its next BatchNorm, with running statistics, and its
+reads a group), ``activation_probe`` (a layer's output through its next BatchNorm, with running statistics, and its
 activation, as taken from the graph) and ``track`` (module hooks that ``remove()`` takes off with the others).
 """
 
@@ -272,7 +272,7 @@ def consumer_mask_hooks(pruner: Pruner, gid: int, keep_mask: np.ndarray) -> list
 
 
 @dataclass
-class OutputProbe:
+class ActivationProbe:
     """A layer's output as the next layer sees it: through the BatchNorm that directly follows (running
     statistics, as in eval mode; nothing is updated) and the element-wise activation after that, when the graph
     has them. ``bn`` holds the live tensors' names (weight, bias, running_mean, running_var; None where absent)."""
@@ -294,13 +294,13 @@ class OutputProbe:
         return y
 
 
-def output_probe(pruner: Pruner, fqn: str, dim: int) -> OutputProbe:
+def activation_probe(pruner: Pruner, fqn: str, dim: int) -> ActivationProbe:
     """The probe after the op that reads weight ``fqn`` along ``dim`` (1: a consumer's input, 0: a producer's
     rows). Only an op used once per forward, followed by a BatchNorm and an activation that nothing else reads,
     gets them; otherwise the probe is the identity (the output itself)."""
     an = pruner.analysis
     users = an.slot_users.get((fqn, dim), [])
-    probe = OutputProbe(pruner)
+    probe = ActivationProbe(pruner)
     if len(users) != 1:
         return probe
     node = users[0]
@@ -312,7 +312,7 @@ def output_probe(pruner: Pruner, fqn: str, dim: int) -> OutputProbe:
         probe.bn = {k: an.param_fqn(a) if isinstance(a, torch.fx.Node) else None
                     for k, a in zip(names, nxt.args[1:5])}
         if probe.bn["running_mean"] is None or probe.bn["running_var"] is None:
-            return OutputProbe(pruner)  # no running statistics to normalize with
+            return ActivationProbe(pruner)  # no running statistics to normalize with
         probe.eps = float(nxt.args[eps_at]) if len(nxt.args) > eps_at else 1e-5
         node = _only_user(nxt) if is_tuple else nxt
         if node is None or (is_tuple and ops.tuple_item(node) != 0):

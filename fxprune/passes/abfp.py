@@ -55,7 +55,7 @@ import numbers
 import numpy as np
 import torch
 
-from fxprune.method import (ConfigError, Decision, TrainingMethod, distributed, fill, fit_global, output_probe,
+from fxprune.method import (ConfigError, Decision, TrainingMethod, distributed, fill, fit_global, activation_probe,
                             round_width)
 
 from . import register
@@ -103,7 +103,7 @@ class ABFP(TrainingMethod):
         out = []
         for s, pos, chan in self.slots[gid]:
             if s.role == "out":
-                out.append((s, pos, chan, output_probe(self.pruner, s.fqn, 0)))
+                out.append((s, pos, chan, activation_probe(self.pruner, s.fqn, 0)))
         return out
 
     @torch.no_grad()

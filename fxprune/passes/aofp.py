@@ -8,7 +8,7 @@ on its input with those channels zeroed (under no_grad: the user's loss and grad
 path), and both outputs go through the consumer's next BatchNorm, with its running statistics as in eval mode
 (nothing is updated; the authors' code runs this pass through BatchNorm in train mode, which normalizes the
 damage away with the masked batch's own statistics and updates the running statistics a second time per step),
-and its activation where the graph has them (fxprune.method.output_probe). Per consumer
+and its activation where the graph has them (fxprune.method.activation_probe). Per consumer
 
     t_c = ||Y_base - Y_masked||^2 / ||Y_base||^2      (sums over the whole batch; all-reduced under DDP)
 
@@ -66,7 +66,7 @@ import numpy as np
 import torch
 
 from fxprune.method import (ConfigError, Decision, TrainingMethod, can_measure, check_reachable,
-                            consumer_inputs, consumer_partial_output, distributed, fill, fit_global, output_probe,
+                            consumer_inputs, consumer_partial_output, distributed, fill, fit_global, activation_probe,
                             round_width)
 
 from . import register
@@ -179,7 +179,7 @@ class AOFP(TrainingMethod):
         stagger = self.steps_per_half // max(1, len(self.consumers))
         self.search = {g: GroupSearch(ctx.groups[g].width, self.warmup + i * stagger)
                        for i, g in enumerate(self.consumers)}
-        self.probes = {(g, c.fqn): output_probe(pruner, c.fqn, c.weight_dim)
+        self.probes = {(g, c.fqn): activation_probe(pruner, c.fqn, c.weight_dim)
                        for g, cs in self.consumers.items() for c in cs}
         self.done = False
         self.forced = 0          # channels pruned by the end-of-window fallback
