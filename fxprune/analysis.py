@@ -5,10 +5,12 @@ element id (and a tag: the spatial sub-position once C*H*W features are flattene
 outputs) mint fresh elements; the op handlers in ops.py move, slice, concatenate or unite them; an op without a
 handler is a barrier that freezes what reaches it. Union-find over elements gives channel classes; classes
 minted by the same producer form a group, and every parameter dim that carries channels (a ``Slot``) maps its
-positions to (group, index). Channel maps live in ``node.meta[META_KEY]``, so copies of the graph carry them. The walk itself is
-graphwalk.Builder; the ``Analysis`` it returns is read-only (frozen dataclasses, tuples, mapping proxies), so
-one analysis can serve many jobs: what a job freezes on top of it lives on the job (``PruneContext.freeze``).
+positions to (group, index). Channel maps live in ``node.meta[META_KEY]``, so copies of the graph carry them.
 Parameters shared by several modules (tied weights) are one parameter here, under their canonical name.
+
+The walk itself is graphwalk.Builder; the ``Analysis`` it returns is read-only (frozen dataclasses, tuples,
+mapping proxies), so one analysis can serve many jobs: what a job freezes on top of it lives on the job
+(``PruneContext.freeze``).
 
 Example::
 
@@ -92,12 +94,10 @@ class Group:
     def __post_init__(self):
         object.__setattr__(self, "sources", MappingProxyType(dict(self.sources)))
 
-    def describe(self, frozen: str | None = None) -> str:
-        """The group's couplings; ``frozen`` overrides the analysis' own reason (a job froze it)."""
-        frozen = frozen or self.frozen
+    def describe(self) -> str:
         head = f"group {self.gid}: width {self.width}"
-        if frozen:
-            head += f"  FROZEN: {frozen}"
+        if self.frozen:
+            head += f"  FROZEN: {self.frozen}"
         lines = [head, f"  producers: {', '.join(self.producers)}"]
         if self.consumers:
             lines.append(f"  consumers: {', '.join(self.consumers)}")
@@ -108,7 +108,7 @@ class Group:
         if self.unit_of is not None:
             lines.append(f"  heads:     {self.width // self.unit_size} of {self.unit_size} channels "
                          "(kept or removed whole)")
-        if not frozen:
+        if not self.frozen:
             for src in self.sources.values():
                 how = "T folded" if src.foldable else f"selection only ({src.why})"
                 lines.append(f"  reads {src.node}: {', '.join(src.consumers)}; {how}")
@@ -237,12 +237,11 @@ class Queries:
         gi = self._elem_table()[slot_or_cmap.ids]
         return gi[:, 0], gi[:, 1]
 
-    def describe(self, frozen: Mapping[int, str] | None = None) -> str:
+    def describe(self) -> str:
         """Every group (what it couples, or why it is frozen) and every barrier op with its node and module."""
-        frozen = frozen or {}
-        n_free = sum(g.prunable and g.gid not in frozen for g in self.groups)
+        n_free = sum(g.prunable for g in self.groups)
         lines = [f"{len(self.groups)} channel groups: {n_free} prunable, {len(self.groups) - n_free} frozen"]
-        lines += [g.describe(frozen.get(g.gid)) for g in self.groups]
+        lines += [g.describe() for g in self.groups]
         if self.barriers:
             lines.append(f"barriers: {len(self.barriers)} op(s) freeze the channels that reach them")
             lines += [f"  {b.reason}" for b in self.barriers]

@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 
@@ -28,18 +29,6 @@ from .cmap import CMap, op_name, shape_of
 
 _TOKENS = itertools.count()
 _CONSUMER_ROLES = ("in", "grouped_in")
-
-
-@dataclass
-class _SlotDraft:
-    fqn: str
-    dim: int
-    role: str
-    ids: np.ndarray
-    tags: np.ndarray
-    node: str = ""
-    foldable: bool = True
-    lookup: bool = False
 
 
 @dataclass
@@ -117,7 +106,6 @@ class _UnionFind:
         return np.fromiter((self.find(i) for i in ids.tolist()), dtype=np.int64, count=len(ids))
 
 
-
 class Builder(Queries):
     """Walks a captured graph once (in ``__init__``); ``result()`` is the read-only Analysis."""
 
@@ -130,7 +118,7 @@ class Builder(Queries):
         self.selections: dict[str, CMap] = {}  # node name -> its input's map: it reads a selection (tied LM head)
         self.token = next(_TOKENS)  # tells this analysis' channel maps from another's on the same graph
         self.uf = _UnionFind()
-        self.slots: dict[tuple[str, int], _SlotDraft] = {}
+        self.slots: dict[tuple[str, int], Slot] = {}
         self.slot_users: dict[tuple[str, int], list[Node]] = {}  # the nodes that read each slot
         self.barrier_nodes: list[Node] = []
         self.barriers: list[Barrier] = []
@@ -149,10 +137,11 @@ class Builder(Queries):
 
     def result(self) -> Analysis:
         """The walk's findings, read-only: frozen dataclasses, tuples and mapping proxies."""
-        slots = {k: Slot(s.fqn, s.dim, s.role, freeze_array(s.ids), freeze_array(s.tags), s.node, s.foldable,
-                         s.lookup) for k, s in self.slots.items()}
+        for s in self.slots.values():  # the channel maps in node.meta share these arrays: read-only there too
+            freeze_array(s.ids)
+            freeze_array(s.tags)
         return Analysis(
-            self.gm, self.token, self.prune_hidden, [g.done() for g in self.groups], slots,
+            self.gm, self.token, self.prune_hidden, [g.done() for g in self.groups], self.slots,
             {k: tuple(v) for k, v in self.slot_users.items()}, {k: tuple(v) for k, v in self.param_users.items()},
             self.barriers, self.barrier_nodes, self.slot_source, self.rms_norms, self.head_norms, self.selections,
             self.aliases, self._elem_table())
@@ -244,11 +233,11 @@ class Builder(Queries):
             elif cm is not None:
                 self.uf.freeze(np.concatenate([s.ids, cm.ids]),
                                f"parameter {self.fqn_text(fqn)} is shared by uses that disagree")
-            s.foldable = s.foldable and foldable
+            self.slots[key] = dataclasses.replace(s, foldable=s.foldable and foldable)
             return CMap(0, s.ids, s.tags)
         if cm is None:
             cm = CMap(0, self.uf.fresh(size), np.zeros(size, dtype=np.int64))
-        self.slots[key] = _SlotDraft(fqn, dims[dim], role, cm.ids, cm.tags, node.name, foldable, lookup)
+        self.slots[key] = Slot(fqn, dims[dim], role, cm.ids, cm.tags, node.name, foldable, lookup)
         return cm
 
     def member(self, node: Node, arg, dim: int, cm: CMap, what: str):
