@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from typing import Iterator, Sequence, Union
 
 import torch
@@ -63,13 +64,15 @@ _MISSING = object()
 
 class _ModuleState:
     """One module's attributes by identity: its __dict__ entries, the contents of plain dict / list attributes
-    (LeViT fills a dict cache of attention biases in forward), and the contents of its parameter, buffer,
-    submodule and non-persistent-buffer tables."""
+    (LeViT fills a dict cache of attention biases in forward) and of its hook tables (transformers installs its
+    output-capturing hooks on the first forward and marks the model with a flag: restoring the flag alone would
+    make the next forward install every hook a second time and record each hidden state twice), and the contents
+    of its parameter, buffer, submodule and non-persistent-buffer tables."""
 
     def __init__(self, mod: nn.Module):
         self.mod = mod
         self.attrs = dict(vars(mod))
-        self.containers = [(v, type(v)(v)) for v in self.attrs.values() if type(v) in (dict, list)]
+        self.containers = [(v, type(v)(v)) for v in self.attrs.values() if type(v) in (dict, list, OrderedDict)]
         self.tables = [(t, dict(t)) for t in (mod._parameters, mod._buffers, mod._modules)]
         self.non_persistent = set(mod._non_persistent_buffers_set)
 

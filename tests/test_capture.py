@@ -210,3 +210,40 @@ def test_a_dict_cache_filled_in_forward_is_left_as_it_was():
     assert model.cache == {}  # before the fix: {'cpu': FakeTensor(...)}, and deepcopy below raised
     copy.deepcopy(model)
     assert res.model.c1.out_channels == 4 and res.verified < 1e-4
+
+
+class RecordsStagesWithHooks(nn.Module):
+    """transformers' output capturing: the first forward registers a forward hook on each stage that appends the
+    stage's output to a collector, and sets a flag so later forwards do not register them again; the head reads
+    the collected outputs in order, one projection per stage."""
+
+    def __init__(self):
+        super().__init__()
+        self.stages = nn.ModuleList([nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()),
+                                     nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU())])
+        self.heads = nn.ModuleList([nn.Linear(8, 4), nn.Linear(16, 4)])
+        self.collected = None
+
+    def _install(self):
+        for stage in self.stages:
+            stage.register_forward_hook(lambda mod, args, out: self.collected.append(out))
+        self._hooks_installed = True
+
+    def forward(self, x):
+        if not getattr(self, "_hooks_installed", False):
+            self._install()
+        self.collected = []
+        for stage in self.stages:
+            x = stage(x)
+        return sum(head(h.mean((2, 3))) for h, head in zip(self.collected, self.heads))
+
+
+def test_hooks_a_forward_installs_are_removed_with_its_flag():
+    model, x = RecordsStagesWithHooks().eval(), torch.randn(2, 3, 10, 10)
+    res = fxprune.prune(model, x, "l1", amount=0.5, round_to=None, progress=False)
+    # before the fix the flag was removed but the hooks kept: the slim model's first forward installed a second
+    # set, collected [s0, s0, s1, s1] and its second head read stage 0's 4 channels ("shapes cannot be multiplied")
+    assert all(len(s._forward_hooks) == 0 for s in model.stages) and not hasattr(model, "_hooks_installed")
+    assert res.model.stages[0][0].out_channels == 4 and res.verified < 1e-4
+    model(x)
+    assert all(len(s._forward_hooks) == 1 for s in model.stages)
