@@ -222,6 +222,57 @@ class Queries:
     def is_weight(self, arg) -> bool:
         return self.param_view(arg) is not None
 
+    def param_leaves(self, arg, dim: int) -> list[tuple[Node, int]] | None:
+        """The parameters behind dim ``dim`` of a tensor computed from parameters and numbers alone, by
+        element-wise ops and views that only add or drop size-1 dims (a frozen BatchNorm's per-channel scale
+        ``weight.reshape(1, -1, 1, 1) * (running_var.reshape(1, -1, 1, 1) + eps).rsqrt()``): [(parameter or
+        layout view of one, its dim that lines up with ``dim``)], leaving out those broadcast along it; None when
+        anything else (an input, a reduction, a view with a literal size) goes into it. Slicing each such
+        parameter along its dim slices the computed tensor along ``dim``, in the graph and in the eager forward."""
+        if not isinstance(arg, Node):
+            return []
+        shape = shape_of(arg)
+        if shape is None or not 0 <= dim < len(shape):
+            return None
+        if shape[dim] == 1:
+            return []  # broadcast along the channel dim
+        if self.param_view(arg) is not None:
+            return [(arg, dim)]
+        if arg.op != "call_function":
+            return None
+        family = ops.handler(arg.target).family
+        if family == "reshape":
+            return self._leaves_through_view(arg, dim, shape)
+        if family not in ("elementwise", "identity", "cast", "join"):
+            return None
+        leaves = []
+        for a in [*arg.args, *arg.kwargs.values()]:
+            if not isinstance(a, Node):
+                continue
+            a_shape = shape_of(a)
+            inner = self.param_leaves(a, dim - len(shape) + len(a_shape)) if a_shape is not None else None
+            if a_shape is not None and dim - len(shape) + len(a_shape) < 0:
+                inner = []  # broadcast: the operand has no such dim
+            if inner is None:
+                return None
+            leaves += inner
+        return leaves
+
+    def _leaves_through_view(self, arg, dim: int, shape) -> list[tuple[Node, int]] | None:
+        """param_leaves through a view that only adds or drops size-1 dims, whose size at ``dim`` is not a
+        literal (-1, or no size list at all: squeeze, unsqueeze, flatten): the slim graph still runs."""
+        src = arg.args[0] if arg.args else None
+        src_shape = shape_of(src) if isinstance(src, Node) else None
+        if src_shape is None or [s for s in src_shape if s != 1] != [s for s in shape if s != 1]:
+            return None
+        sizes = arg.args[1] if len(arg.args) > 1 and isinstance(arg.args[1], (list, tuple)) else None
+        if op_name(arg.target) in ("aten.view", "aten.reshape", "aten._unsafe_view") and \
+                (sizes is None or len(sizes) != len(shape) or sizes[dim] != -1):
+            return None
+        rank = sum(1 for s in shape[:dim] if s != 1)  # dim is the rank-th non-1 dim of both
+        src_dim = [i for i, s in enumerate(src_shape) if s != 1][rank]
+        return self.param_leaves(src, src_dim)
+
     def tensor(self, fqn: str) -> torch.Tensor:
         """The analysed graph's parameter or buffer by (any of its) names."""
         obj = self.gm

@@ -123,6 +123,7 @@ class Builder(Queries):
         self.barrier_nodes: list[Node] = []
         self.barriers: list[Barrier] = []
         self.param_users: dict[str, list[Node]] = {}
+        self.param_exprs: set[Node] = set()  # ops of per-channel tensors computed from parameters (param_member)
         self.block_constraints: list[tuple] = []  # (ids in order, blocks, where[, soft: skip what cannot be met])
         self.unit_constraints: list[tuple[np.ndarray, str]] = []  # (ids as (units, unit size), where)
         self.slot_source: dict[tuple[str, int, int], str] = {}  # (consumer fqn, dim, group) -> source node
@@ -240,6 +241,24 @@ class Builder(Queries):
         self.slots[key] = Slot(fqn, dims[dim], role, cm.ids, cm.tags, node.name, foldable, lookup)
         return cm
 
+    def param_member(self, node: Node, arg, dim: int, cm: CMap) -> bool:
+        """Slot the parameters behind ``arg`` (a parameter, or a per-channel tensor computed from parameters
+        alone: param_leaves) as members following channels ``cm``; False when ``arg`` is neither. The ops of
+        the computation are remembered, so that a parameter read only through them is not "read elsewhere"."""
+        leaves = self.param_leaves(arg, dim)
+        if leaves is None:
+            return False
+        for leaf, leaf_dim in leaves:
+            self.slot(node, leaf, leaf_dim, "member", cm)
+        todo = [arg]
+        while todo:
+            n = todo.pop()
+            if isinstance(n, Node) and n.op == "call_function" and self.param_view(n) is None \
+                    and n not in self.param_exprs:
+                self.param_exprs.add(n)
+                todo += n.all_input_nodes
+        return True
+
     def member(self, node: Node, arg, dim: int, cm: CMap, what: str):
         """A per-channel argument (bias, norm weight, running statistics) that must follow channels ``cm``:
         a parameter becomes a 'member' slot; a tensor computed in forward freezes the channels."""
@@ -273,10 +292,11 @@ class Builder(Queries):
                     self.uf.freeze(s.ids, f"parameter {self.fqn_text(fqn)} is also read by {_where(user)}")
 
     def _readers(self, node: Node):
-        """The ops that read a parameter node, looking through layout-only views of it."""
+        """The ops that read a parameter node, looking through layout-only views of it and through the
+        per-channel computations param_member took it from (their readers must be slots' users too)."""
         for user in node.users:
-            if user.op == "call_function" and user.args and user.args[0] is node and self.param_view(user) \
-                    is not None:
+            if user in self.param_exprs or user.op == "call_function" and user.args and user.args[0] is node \
+                    and self.param_view(user) is not None:
                 yield from self._readers(user)
             else:
                 yield user

@@ -81,7 +81,8 @@ def join(an, node, inputs=None):
 
 def _untracked_operands(an, node, inputs, d, out, first: CMap, per_head: bool):
     """Untracked inputs of an element-wise op: broadcast along the channel (heads) dim they couple nothing; a
-    parameter that spans it becomes a per-channel (per-head) member; anything else freezes the channels."""
+    parameter that spans it (or a tensor computed from parameters alone: a frozen BatchNorm's scale) becomes a
+    per-channel (per-head) member; anything else freezes the channels."""
     for a in inputs:
         if an.cmap(a) is not None:
             continue
@@ -89,10 +90,8 @@ def _untracked_operands(an, node, inputs, d, out, first: CMap, per_head: bool):
         di = d - (len(out) - len(shape)) if shape is not None else -1
         if shape is None or di < 0 or shape[di] == 1:
             continue  # broadcast along the channel dim: no coupling
-        if an.is_weight(a) and np.all(first.tags == 0):
-            an.slot(node, a, di, "member", CMap(0, first.reps(), np.zeros(first.size, np.int64)) if per_head
-                    else first)
-        else:
+        cm = CMap(0, first.reps(), np.zeros(first.size, np.int64)) if per_head else first
+        if not (np.all(first.tags == 0) and an.param_member(node, a, di, cm)):
             an.uf.freeze(first.ids, f"combined element-wise with untracked tensor '{a.name}' at node '{node.name}'"
                          + an.barrier_before(a))
 

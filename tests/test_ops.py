@@ -208,6 +208,65 @@ def test_join_with_per_channel_parameter_makes_it_a_member():
     assert an.slots[("scale", 1)].role == "member"
 
 
+
+class FrozenBN(nn.Module):
+    """DETR's / timm's frozen BatchNorm: a per-channel scale and shift computed in forward from buffers."""
+
+    def __init__(self, n, literal=False, also_summed=False):
+        super().__init__()
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            self.register_buffer(name, torch.rand(n) + 0.5)
+        self.literal, self.also_summed = literal, also_summed
+
+    def forward(self, x):
+        shape = (1, self.weight.shape[0], 1, 1) if self.literal else (1, -1, 1, 1)
+        w, b, rm, rv = (t.reshape(*shape) for t in (self.weight, self.bias, self.running_mean, self.running_var))
+        scale = w * (rv + 1e-5).rsqrt()
+        y = x * scale + (b - rm * scale)
+        return y + scale.sum() if self.also_summed else y
+
+
+class ConvFrozenBN(nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.c1, self.bn, self.c2 = nn.Conv2d(3, 8, 3), FrozenBN(8, **kw), nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):  # c2 reaches the output: c1's group is the one to prune
+        return self.c2(torch.relu(self.bn(self.c1(x)))).mean((2, 3))
+
+
+def test_join_with_a_scale_computed_from_parameters_slices_each_of_them():
+    an = run(ConvFrozenBN())
+    g = group_with(an, "c1.weight")
+    assert g.prunable and g.consumers == ("c2.weight",)
+    assert {"bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"} <= set(g.members)
+    assert all(an.slots[(f"bn.{n}", 0)].role == "member" for n in ("weight", "bias", "running_mean", "running_var"))
+
+
+@pytest.mark.parametrize("kw, why", [(dict(literal=True), "untracked"), (dict(also_summed=True), "also read")])
+def test_a_computed_scale_with_a_literal_size_or_another_reader_freezes(kw, why):
+    # a literal size would break the slim graph's reshape; a sum over the scale would change if it were sliced
+    g = group_with(run(ConvFrozenBN(**kw)), "c1.weight")
+    assert g.frozen and why in g.frozen
+
+
+def test_pruned_frozen_bn_equals_the_hand_sliced_float64_model():
+    import fxprune
+    torch.manual_seed(0)
+    model, x = ConvFrozenBN().eval(), torch.randn(2, 3, 10, 10)
+    res = fxprune.prune(model, x, "l1", amount=0.5, round_to=None, progress=False)
+    slim = res.model
+    keep = [int(torch.nonzero((model.c1.weight == w).all(dim=(1, 2, 3)))[0]) for w in slim.c1.weight]
+    assert len(keep) == 4 and slim.bn.running_var.shape == (4,)
+    m, xd = {k: v.double() for k, v in model.state_dict().items()}, x.double()
+    bn = {n: m[f"bn.{n}"][keep].view(1, -1, 1, 1) for n in ("weight", "bias", "running_mean", "running_var")}
+    scale = bn["weight"] / (bn["running_var"] + 1e-5).sqrt()
+    y = F.conv2d(xd, m["c1.weight"][keep], m["c1.bias"][keep]) * scale + bn["bias"] - bn["running_mean"] * scale
+    expect = F.conv2d(torch.relu(y), m["c2.weight"][:, keep], m["c2.bias"]).mean((2, 3))
+    # float32 against float64 through two small convs: a few ulps of the output's scale
+    assert torch.allclose(slim(x).double(), expect, rtol=1e-5, atol=1e-5 * expect.abs().max().item())
+
+
 class SE(nn.Module):
     def __init__(self):
         super().__init__()
