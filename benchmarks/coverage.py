@@ -475,6 +475,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fast", action="store_true", help=f"only {' '.join(FAST)}")
     ap.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
     ap.add_argument("--timeout", type=float, default=TIMEOUT_S)
+    ap.add_argument("--tp-timeout", type=float, default=TP_TIMEOUT_S, help="Torch-Pruning's limit per model")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     chosen = list(FAST) if args.fast else (args.models or names)
@@ -495,10 +496,11 @@ def main(argv=None) -> int:
             "commit": commit, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                         "transformers": transformers.__version__, "torch_threads": 1},
-            "settings": {"method": "l1", "amount": 0.5, "round_to": None, "timeout_s": args.timeout},
+            "settings": {"method": "l1", "amount": 0.5, "round_to": None, "timeout_s": args.timeout,
+                         "tp_timeout_s": args.tp_timeout},
             "complete": done, "wall_s": time.perf_counter() - t0, "rows": rows})
 
-    rows = run(chosen, tp, args.timeout, partial=write)
+    rows = run(chosen, tp, args.timeout, args.tp_timeout, partial=write)
     write(rows, done=True)
     print(table(rows))
     print()

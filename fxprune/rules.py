@@ -232,10 +232,10 @@ def reduce(an, node):
         return an.barrier(node, "reduction over every dim, channels included")
     dims = {_norm(d, rank) for d in ([dims] if isinstance(dims, int) else dims)}
     if cm.dim in dims:
-        norm = _rms_norm(an, node, cm) if op_name(node.target) == "aten.mean" and an.prune_hidden else None
+        norm = _rms_norm(an, node, cm) if op_name(node.target) == "aten.mean" else None
         if not isinstance(norm, dict):
             return an.barrier(node, "reduction over the channel dim mixes channels"
-                              + (f" ({norm}; prune_hidden needs an RMSNorm x * rsqrt(mean(x^2) + eps) * weight)"
+                              + (f" ({norm}; fxprune prunes through an RMSNorm x * rsqrt(mean(x^2) + eps) * weight)"
                                  if norm else ""), mixing=True)
         an.rms_norms[node.name] = norm  # a consumer that takes a selection (the reference zeroes its input)
         return None

@@ -5,6 +5,8 @@ Each model is pruned once per module (fixture); the reference is independent of 
 with forward pre-hooks that zero (or reconstruct) the consumers' input columns of the removed channels
 (conftest.consumer_reference), and whole heads are checked against each model's own head_dim."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -252,3 +254,31 @@ def test_id_prunes_heads_training_free_with_T_in_the_output_projection():
     ref = consumer_reference(model, res.analysis, res.decisions)
     with torch.no_grad():
         assert rel_err(res.model(calib[:8]), ref(calib[:8])) < 1e-4
+
+
+@torch.no_grad()
+def test_heads_pruned_through_a_norm_over_the_whole_projection():
+    """OLMoE's q_norm / k_norm are RMSNorms over all heads of q_proj / k_proj (not per head): a slim norm over the
+    kept heads equals the masked model's (removed heads' q and k zeroed) with eps * n / k and weight * sqrt(n / k),
+    without prune_hidden. Reference: the original with the removed heads' q/k/v rows zeroed (float32: transformers'
+    grouped_mm experts refuse float64)."""
+    torch.manual_seed(0)
+    cfg = T.OlmoeConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=32, use_cache=False, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    model = Logits(reinit(T.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")).eval(),
+                   ("input_ids",)).eval()
+    (x,) = _ids()
+    res = fxprune.prune(model, (x,), "l1", amount=0.5, round_to=None, progress=False)
+    ref = copy.deepcopy(model)
+    for layer, slim in zip(ref.m.model.layers, res.model.m.model.layers):
+        v, v_slim = layer.self_attn.v_proj.weight, slim.self_attn.v_proj.weight
+        assert v_slim.shape[0] == v.shape[0] // 2  # half the heads (8 channels each) in every layer
+        keep = [int(torch.nonzero((v == row).all(dim=1))[0]) for row in v_slim]
+        drop = torch.ones(v.shape[0], dtype=torch.bool)
+        drop[keep] = False
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            proj.weight[drop] = 0.0
+    expect = ref(x)
+    # two float32 routes that sum over k vs n channels: a few ulps through two layers of attention and RMSNorm
+    assert rel_err(res.model(x), expect) < 1e-5
