@@ -169,6 +169,8 @@ class Plan:
         out = tensor.index_select(s.dim, index)
         if s.role == "member" and s.fqn in self.rms_weights:  # an RMSNorm's weight: * sqrt(n / k) (rules._rms_norm)
             out = (out.double() * (len(kept) / int(kept.sum())) ** 0.5).to(out.dtype)
+        if s.role in ("out", "member") and s.node in self.norm_producers:  # rows a norm alone reads: * sqrt(k / n)
+            out = (out.double() * self.norm_producers[s.node] ** 0.5).to(out.dtype)
         if self._head_norm_input(s):  # see head_norm_ratio
             out = (out.double() * self.head_norm_ratio ** 0.5).to(out.dtype)
         if s.role != "in":
@@ -198,7 +200,7 @@ class Plan:
         an = self.an
         if name in getattr(an, "rms_norms", {}):
             r = an.rms_norms[name]
-            return r["eps"] * len(r["cmap"].ids) / self.new_size(r["cmap"])
+            return None if r["producer"] else r["eps"] * len(r["cmap"].ids) / self.new_size(r["cmap"])
         if name in getattr(an, "head_norms", {}) and self.head_norm_ratio is not None:
             return an.head_norms[name]["eps"] * self.head_norm_ratio
         return None
@@ -213,9 +215,10 @@ class Plan:
         if "_head_ratio" not in self.__dict__:
             an, r = self.an, None
             norms, heads = getattr(an, "rms_norms", {}), getattr(an, "head_norms", {})
+            norms = [x for x in norms.values() if not x["producer"]]  # the ones whose eps changes
             if norms and heads:
-                ratios = {len(x["cmap"].ids) / self.new_size(x["cmap"]) for x in norms.values()}
-                eps = {x["eps"] for x in norms.values()} | {x["eps"] for x in heads.values()}
+                ratios = {len(x["cmap"].ids) / self.new_size(x["cmap"]) for x in norms}
+                eps = {x["eps"] for x in norms} | {x["eps"] for x in heads.values()}
                 if len(ratios) == 1 and len(eps) == 1 and ratios != {1.0}:
                     r = ratios.pop()
             self._head_ratio = r
@@ -229,6 +232,8 @@ class Plan:
         an = self.an
         if node.name in getattr(an, "rms_norms", {}):
             return an.rms_norms[node.name]["out"]
+        if node.name in self.norm_producers:  # scaled by sqrt(k / n) by design; the norm's output is compared
+            return None
         cm = an.cmap(node) if self.head_norm_ratio is not None else None
         if cm is not None:
             ids = frozenset(cm.ids.tolist())
@@ -241,6 +246,13 @@ class Plan:
         """Whether slot ``s`` (a projection's rows, or their bias) produces the input of a per-head norm."""
         return self.head_norm_ratio is not None and s.role in ("out", "member") and \
             frozenset(s.ids.tolist()) in self._head_inputs
+
+    @property
+    def norm_producers(self) -> dict[str, float]:
+        """Producer node -> k / n for the RMSNorms that alone read a conv / linear's output (rules._private_producer):
+        those rows are scaled by sqrt(k / n) and the norm keeps its eps."""
+        return {r["producer"]: self.new_size(r["cmap"]) / len(r["cmap"].ids)
+                for r in getattr(self.an, "rms_norms", {}).values() if r["producer"]}
 
     @property
     def rms_weights(self) -> set[str]:

@@ -664,4 +664,21 @@ def _rms_norm(an, node, cm: CMap, dim: int | None = None):
         return "the norm's weight is computed in forward (e.g. Gemma's 1 + weight), not a parameter"
     # out: the first node where slim and reference agree (the mean, rsqrt and x * r differ by powers of n / k)
     return dict(eps_node=add.name, eps=float(add.args[1]), weight=an.param_view(weights[0])[0], cmap=cm,
-                out=wmul.name)
+                out=wmul.name, producer=_private_producer(pw.args[0], {pw, mul}))
+
+
+def _private_producer(x: Node, norm_ops: set) -> str | None:
+    """The conv / linear whose output only this norm reads (OLMoE's q_proj -> q_norm over all heads), through
+    dtype casts; None when the norm's input is read elsewhere (a residual stream). Its rows can then be scaled by
+    sqrt(k / n) instead of the norm's eps by n / k: the mean over the k kept channels of (c x)^2 with c^2 = k / n
+    is the mean over all n with the pruned ones zero, so eps stays the config's (a checkpoint reloads exactly)."""
+    from .ops import handler
+    chain = set()
+    while isinstance(x, Node) and x.op == "call_function" and handler(x.target).family in ("cast", "identity"):
+        chain.add(x)
+        x = x.args[0]
+    if not (isinstance(x, Node) and x.op == "call_function" and handler(x.target).family in ("linear", "conv")):
+        return None
+    chain.add(x)
+    others = {u for n in chain for u in n.users if u.op != "call_function" or handler(u.target).reads_data}
+    return x.name if others <= chain | norm_ops else None

@@ -257,10 +257,10 @@ def test_id_prunes_heads_training_free_with_T_in_the_output_projection():
 
 
 @torch.no_grad()
-def test_heads_pruned_through_a_norm_over_the_whole_projection():
+def test_heads_pruned_through_a_norm_over_the_whole_projection(tmp_path):
     """OLMoE's q_norm / k_norm are RMSNorms over all heads of q_proj / k_proj (not per head): a slim norm over the
-    kept heads equals the masked model's (removed heads' q and k zeroed) with eps * n / k and weight * sqrt(n / k),
-    without prune_hidden. Reference: the original with the removed heads' q/k/v rows zeroed (float32: transformers'
+    kept heads equals the masked model's (removed heads' q and k zeroed) with q_proj / k_proj rows * sqrt(k / n) and
+    weight * sqrt(n / k), without prune_hidden. Reference: the original with the removed heads' q/k/v rows zeroed (float32: transformers'
     grouped_mm experts refuse float64)."""
     torch.manual_seed(0)
     cfg = T.OlmoeConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -282,3 +282,10 @@ def test_heads_pruned_through_a_norm_over_the_whole_projection():
     expect = ref(x)
     # two float32 routes that sum over k vs n channels: a few ulps through two layers of attention and RMSNorm
     assert rel_err(res.model(x), expect) < 1e-5
+    # q_proj / k_proj rows carry sqrt(k / n), so the norms keep the config's eps and a checkpoint reloads exactly
+    # (transformers' own OLMoE sizes q_norm by hidden_size, so its from_pretrained cannot load fewer heads)
+    assert all(m.variance_epsilon == cfg.rms_norm_eps for m in res.model.modules() if hasattr(m, "variance_epsilon"))
+    path = str(tmp_path / "slim.pt")
+    fxprune.save(res.model, path)
+    fresh = Logits(T.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval(), ("input_ids",))
+    assert torch.equal(fxprune.load(path, fresh.eval())(x), res.model(x))
