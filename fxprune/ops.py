@@ -231,6 +231,7 @@ HANDLERS: dict[str, OpHandler] = {
     **dict.fromkeys(("aten.amax", "aten.amin"), REDUCE),
     **dict.fromkeys(("aten.view", "aten.reshape", "aten._unsafe_view"), VIEW),
     **dict.fromkeys(("aten.flatten", "aten.squeeze", "aten.unsqueeze"), RESHAPE),
+    "aten.reshape_as": replace(RESHAPE, rule=rules.reshape_as, dtype_only_args=(1,)),  # sizes from its 2nd input
     **dict.fromkeys(("aten.permute", "aten.transpose", "aten.t", "aten.numpy_T"), PERMUTE),  # numpy_T: x.T
     **dict.fromkeys(("aten.cat", "aten.concat", "aten.concatenate"), CAT),
     **dict.fromkeys(("aten.split", "aten.split_with_sizes", "aten.chunk", "aten.tensor_split"), SPLIT),

@@ -270,6 +270,18 @@ def reshape(an, node):
     return an.barrier(node, f"reshape {ins} -> {outs} splits the channel dim or merges it with the batch")
 
 
+def reshape_as(an, node):
+    """x.reshape_as(other): a reshape whose sizes come from ``other``, so the slim graph follows only when other
+    carries the same channels where the result has them (LeViT: BatchNorm over x.flatten(0, 1), then back)."""
+    out = reshape(an, node)
+    if out is None or isinstance(out, list):
+        return out
+    other = an.cmap(node.args[1])
+    if other is None or other.dim != out.dim or not np.array_equal(an.uf.roots(other.ids), an.uf.roots(out.ids)):
+        return an.barrier(node, "reshape_as a tensor that does not carry the same channels in the same dim")
+    return out
+
+
 def _reshape_flat(cm: CMap, ins, outs) -> CMap | None:
     """A flat map through a reshape that moves the channel dim or merges it with the dims after it."""
     d, c = cm.dim, ins[cm.dim]

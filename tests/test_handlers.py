@@ -522,3 +522,37 @@ def test_id_reaches_flops_targets_on_a_shufflenet_unit(pool):
         res = fxprune.prune(model, x, "id", target_flops=t, calib=calib, round_to=None, progress=False)
         assert res.flops[1] / res.flops[0] <= t
     assert group_with(res.analysis, "stem.weight").gid in res.decisions  # 0.3 cannot be met without the stem
+
+
+# ------------------------------------------------------------------------------------------- reshape_as
+class BNOverTokens(nn.Module):
+    """LeViT's MLP: a linear over tokens, BatchNorm1d over x.flatten(0, 1), reshape_as back to (B, T, C)."""
+
+    def __init__(self, other_is_input=False, hidden=8):
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = nn.Linear(6, hidden), nn.BatchNorm1d(hidden), nn.Linear(hidden, 6)
+        self.other_is_input = other_is_input
+        with torch.no_grad():
+            self.bn.running_mean.normal_()
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        y = self.bn(h.flatten(0, 1)).reshape_as(x if self.other_is_input else h)
+        return self.fc2(torch.relu(y))
+
+
+def test_reshape_as_follows_its_input_and_keeps_the_batch_norm():
+    x = torch.randn(2, 5, 6)
+    an = run(BNOverTokens(), x)
+    g = group_with(an, "fc1.weight")
+    assert g.prunable and g.consumers == ("fc2.weight",) and "bn.running_var" in g.members
+    err, plan, slim = slim_vs_reference(BNOverTokens(), x, lambda an: dict([half_with_T(an, "fc1.weight")]))
+    assert slim.fc1.out_features == 4 and err < 1e-5  # float32 slim vs float64 reference: ulps of two linears
+
+
+def test_reshape_as_a_tensor_of_other_channels_is_a_barrier():
+    # sizes from the model's input (as wide as fc1's output, but none of its channels): the slim graph would ask
+    # for 6 features where 3 are left
+    g = group_with(run(BNOverTokens(other_is_input=True, hidden=6), torch.randn(2, 5, 6)), "fc1.weight")
+    assert g.frozen and "reshape_as" in g.frozen
