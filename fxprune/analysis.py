@@ -266,8 +266,8 @@ class Queries:
         if src_shape is None or [s for s in src_shape if s != 1] != [s for s in shape if s != 1]:
             return None
         sizes = arg.args[1] if len(arg.args) > 1 and isinstance(arg.args[1], (list, tuple)) else None
-        if op_name(arg.target) in ("aten.view", "aten.reshape", "aten._unsafe_view") and \
-                (sizes is None or len(sizes) != len(shape) or sizes[dim] != -1):
+        has_sizes = ops.handler(arg.target).fix_shape is not None  # view / reshape: a size list, not (un)squeeze
+        if has_sizes and (sizes is None or len(sizes) != len(shape) or sizes[dim] != -1):
             return None
         rank = sum(1 for s in shape[:dim] if s != 1)  # dim is the rank-th non-1 dim of both
         src_dim = [i for i, s in enumerate(src_shape) if s != 1][rank]
