@@ -104,7 +104,9 @@ def test_sweep_int8_points(tmp_path):
     against the fp32 fake's original) and its score, computed on the real ORT int8 file."""
     from test_latency import FakeInt8Timer, int8_fraction
     fp32, i8 = FakeTimer(), FakeInt8Timer()
-    calib = torch.randn(64, 3, 16, 16)
+    # more calibration samples than the 768 inputs of the Linear the slim model's reconstruction refits: with 64
+    # its least squares is underdetermined, its weights grow (max 12 against 0.03) and int8 error reaches 0.1-0.9
+    calib = torch.randn(1024, 3, 16, 16)
     ref = net()
     with torch.no_grad():
         want = ref(X)
