@@ -99,18 +99,37 @@ class SlimGraphFailed(Exception):
         self.node, self.exc = node, exc
 
 
+BLOCK = 1 << 20  # elements compared at a time: float64 copies of a language model's logits would cost 4x them
+
+
+def abs_diff(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, float] | None:
+    """(max|got - ref|, max|ref|) in float64 over the entries where ref is finite, a block at a time; None when
+    the shapes or the places of non-finite values differ."""
+    if got.shape != ref.shape:
+        return None
+    got, ref = got.detach().reshape(-1), ref.detach().reshape(-1)
+    diff = scale = 0.0
+    for i in range(0, ref.numel(), BLOCK):
+        r, g = ref[i:i + BLOCK].double(), got[i:i + BLOCK].double()
+        fin = torch.isfinite(r)
+        if not torch.equal(torch.isfinite(g), fin):
+            return None
+        if fin.all():
+            scale, diff = max(scale, r.abs().max().item()), max(diff, (g - r).abs().max().item())
+        elif fin.any():
+            scale, diff = max(scale, r[fin].abs().max().item()), max(diff, (g[fin] - r[fin]).abs().max().item())
+    return diff, scale
+
+
 def tensor_diff(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     """(max|got - ref| / max|ref|, max|ref|) over the entries where ref is finite; inf when the shapes or the
     places of non-finite values differ."""
-    ref = ref.detach().double()
-    got = got.detach().double()
-    fin = torch.isfinite(ref)
-    scale = ref[fin].abs().max().item() if fin.any() else 0.0
-    if got.shape != ref.shape or not torch.equal(torch.isfinite(got), fin):
-        return float("inf"), scale
-    if not fin.any():
-        return 0.0, scale
-    return (got[fin] - ref[fin]).abs().max().item() / max(scale, TINY), scale
+    found = abs_diff(got, ref)
+    if found is None:
+        fin = torch.isfinite(ref.detach())
+        return float("inf"), (ref.detach()[fin].abs().max().double().item() if fin.any() else 0.0)
+    diff, scale = found
+    return (diff / max(scale, TINY) if diff else 0.0), scale
 
 
 def _steps(interp: Interpreter, args: tuple, blame: bool = False):

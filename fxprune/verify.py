@@ -40,7 +40,7 @@ from torch import nn
 from torch.fx import GraphModule, Interpreter
 
 from .capture import dynamic_dims, node_module_path
-from .compare import DRIFT, Check, Comparison, SlimGraphFailed, compare
+from .compare import DRIFT, Check, Comparison, SlimGraphFailed, abs_diff, compare
 from .errors import VerificationError
 from .precision import Float32
 from .reference import HookedInterpreter
@@ -58,36 +58,33 @@ def random_like(example: tuple, seed: int = 0) -> tuple:
 
 def rel_diff(a, b) -> float:
     """max|a - b| / max|b| over all output tensors; inf when shapes differ or a is not finite where b is."""
-    fa, fb = flat_tensors(a), flat_tensors(b)
+    fa, fb = flat_tensors(a, double=False), flat_tensors(b, double=False)
     if len(fa) != len(fb):
         return float("inf")
     worst = 0.0
     for x, y in zip(fa, fb):
-        if x.shape != y.shape or not torch.equal(torch.isfinite(x), torch.isfinite(y)):
+        found = abs_diff(x, y)  # float64 a block at a time, not a float64 copy of each output
+        if found is None:
             return float("inf")
-        if not y.numel():
-            continue
-        fin = torch.isfinite(y)
-        if not fin.any():
-            continue
-        scale = y[fin].abs().max().item()
-        worst = max(worst, (x[fin] - y[fin]).abs().max().item() / max(scale, 1e-12))
+        if found[0]:
+            worst = max(worst, found[0] / max(found[1], 1e-12))
     return worst
 
 
 def finite(out) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in flat_tensors(out))
+    return all(bool(torch.isfinite(t).all()) for t in flat_tensors(out, double=False))
 
 
-def flat_tensors(out) -> list[torch.Tensor]:
+def flat_tensors(out, double: bool = True) -> list[torch.Tensor]:
+    """Every tensor in a (nested) output, detached; in float64 unless ``double=False``."""
     if isinstance(out, torch.Tensor):
-        return [out.detach().double()]
+        return [out.detach().double() if double else out.detach()]
     if isinstance(out, (list, tuple)):
-        return [t for o in out for t in flat_tensors(o)]
+        return [t for o in out for t in flat_tensors(o, double)]
     if isinstance(out, dict):
-        return [t for k in sorted(out) for t in flat_tensors(out[k])]
+        return [t for k in sorted(out) for t in flat_tensors(out[k], double)]
     if hasattr(out, "to_tuple"):
-        return flat_tensors(out.to_tuple())
+        return flat_tensors(out.to_tuple(), double)
     return []
 
 

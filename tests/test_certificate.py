@@ -182,3 +182,21 @@ def test_a_near_tie_in_top_k_is_followed_not_failed():
     assert run.first_failure(verify.RTOL) is None
     res = fxprune.prune(model, x, "l1", amount=0.5, round_to=None)
     assert any("value-selecting" in n for n in res.notes) and topk.name in [c.name for c in res.verification]
+
+
+def test_differences_block_by_block_equal_one_float64_pass():
+    """compare.abs_diff works a block of elements at a time (no float64 copy of a whole logits tensor): across
+    block boundaries it must give what one float64 pass gives, and refuse mismatched non-finite places."""
+    from fxprune import compare
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.randn(3, compare.BLOCK // 2 + 7, generator=gen) * 10
+    got = ref + 1e-3 * torch.randn(ref.shape, generator=gen)
+    ref[1, 5] = got[1, 5] = float("nan")     # non-finite in both: left out
+    ref[2, -1], got[2, -1] = 1e4, 1e4 + 0.5  # the largest entry and difference sit in the last block
+    fin = torch.isfinite(ref)
+    want = (got.double() - ref.double())[fin].abs().max().item(), ref.double()[fin].abs().max().item()
+    assert compare.abs_diff(got, ref) == want
+    assert verify.rel_diff(got, ref) == want[0] / want[1]
+    got[0, 0] = float("inf")
+    assert compare.abs_diff(got, ref) is None and verify.rel_diff(got, ref) == float("inf")
+    assert compare.tensor_diff(got[:1], ref)[0] == float("inf")  # shapes differ
