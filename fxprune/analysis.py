@@ -247,12 +247,10 @@ class Queries:
             return None
         leaves = []
         for a in [*arg.args, *arg.kwargs.values()]:
-            if not isinstance(a, Node):
-                continue
-            a_shape = shape_of(a)
+            a_shape = shape_of(a) if isinstance(a, Node) else None
+            if not isinstance(a, Node) or a_shape is not None and dim - len(shape) + len(a_shape) < 0:
+                continue  # a number, or an operand broadcast along the dim (it has no such dim)
             inner = self.param_leaves(a, dim - len(shape) + len(a_shape)) if a_shape is not None else None
-            if a_shape is not None and dim - len(shape) + len(a_shape) < 0:
-                inner = []  # broadcast: the operand has no such dim
             if inner is None:
                 return None
             leaves += inner

@@ -251,8 +251,10 @@ class Plan:
     def norm_producers(self) -> dict[str, float]:
         """Producer node -> k / n for the RMSNorms that alone read a conv / linear's output (rules._private_producer):
         those rows are scaled by sqrt(k / n) and the norm keeps its eps."""
-        return {r["producer"]: self.new_size(r["cmap"]) / len(r["cmap"].ids)
-                for r in getattr(self.an, "rms_norms", {}).values() if r["producer"]}
+        if "_norm_producers" not in self.__dict__:  # the kept channels are fixed once the plan is made
+            self._norm_producers = {r["producer"]: self.new_size(r["cmap"]) / len(r["cmap"].ids)
+                                    for r in getattr(self.an, "rms_norms", {}).values() if r["producer"]}
+        return self._norm_producers
 
     @property
     def rms_weights(self) -> set[str]:
