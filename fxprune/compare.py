@@ -134,11 +134,20 @@ def tensor_diff(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 
 def _steps(interp: Interpreter, args: tuple, blame: bool = False):
     """Run an interpreter one node at a time, yielding (node, value); a value is freed after its last use, as
-    Interpreter.run does. ``blame``: an op that raises becomes SlimGraphFailed naming its node."""
+    Interpreter.run does. A parameter (get_attr) is fetched just before its first reader runs, not where
+    torch.export put it (all at the top): a half model's parameters are upcast to float32 as they are fetched
+    (precision.Float32), so fetching them all first would hold a float32 copy of the model, twice when the
+    reference and the slim graph run side by side. ``blame``: an op that raises becomes SlimGraphFailed naming
+    its node."""
     interp.env = {}
     interp.args_iter = iter(interp.graph.process_inputs(*args))
     for node in interp.graph.nodes:
+        if node.op == "get_attr":
+            continue
         try:
+            for a in node.all_input_nodes:
+                if a.op == "get_attr" and a not in interp.env:
+                    interp.env[a] = interp.run_node(a)
             interp.env[node] = interp.run_node(node)
         except Exception as exc:
             if blame:
