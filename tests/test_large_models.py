@@ -156,3 +156,31 @@ def test_copy_shares_nothing_with_the_users_model():
     slim = dict(res.model.named_parameters())
     for name, p in res.graph.named_parameters():  # the slim graph holds the slim model's own tensors
         assert p is slim[name], name
+
+
+def test_half_parameters_are_upcast_one_op_at_a_time():
+    """torch.export puts every get_attr at the top of the graph; verification's float32 interpreters upcast a
+    half parameter when it is fetched, so fetching in graph order held a float32 copy of the whole model (per
+    interpreter). compare._steps fetches each parameter just before its first reader and frees it after its last:
+    at most one layer's weight and bias are alive, and the outputs are those of the plain interpreter."""
+    from torch import nn
+    from fxprune.analysis import analyze
+    from fxprune.capture import capture
+    from fxprune.compare import _steps
+    from fxprune.precision import Float32
+    layers = [m for _ in range(6) for m in (nn.Linear(16, 16), nn.ReLU())]
+    model, x = nn.Sequential(*layers).to(torch.bfloat16).eval(), torch.randn(2, 16, dtype=torch.bfloat16)
+    gm = analyze(capture(model, x)).gm
+    assert sum(n.op == "get_attr" for n in list(gm.graph.nodes)[:12]) == 12  # all of them first, as exported
+
+    class Up(Float32, torch.fx.Interpreter):
+        pass
+
+    interp, alive = Up(gm, half=torch.bfloat16), []
+    for node, value in _steps(interp, (x,)):
+        alive.append(sum(1 for n in interp.env if n.op == "get_attr"))
+        out = value
+    assert max(alive) <= 2, alive
+    want = Up(gm, half=torch.bfloat16).run(x)  # Interpreter.run: graph order
+    first = lambda v: v[0] if isinstance(v, (tuple, list)) else v  # noqa: E731 - the graph's one output
+    assert torch.equal(first(out), first(want))
