@@ -106,7 +106,8 @@ def prepare(model: nn.Module, example_inputs, method: str = "csgd", *, optimizer
             reconstruct: bool | None = None, recalibrate_bn: bool | None = None, verify: bool = True,
             verify_inputs=None, progress: bool = True, strict: bool = False, target_latency: float | None = None,
             latency_batch: int = 1, latency_threads: int | None = None, latency_timer=None,
-            latency_cache: str | None = None, latency_dtype: str = "float32", **method_options) -> Pruner:
+            latency_cache: str | None = None, latency_dtype: str = "float32", prune_hidden: bool = False,
+            **method_options) -> Pruner:
     """Analyse the model once and hook a training-time method ("csgd", "aofp", "abfp") into its optimizer.
 
     Takes fxprune.prune's targets and options, plus the optimizer the user steps and the number of optimizer
@@ -114,6 +115,8 @@ def prepare(model: nn.Module, example_inputs, method: str = "csgd", *, optimizer
     finalize() (reconstruction and BatchNorm statistics, as in fxprune.prune). Nothing about the model changes
     here except the hooks; ``remove()`` takes them off. With target_latency= the widths are allocated here, against
     the latency table measured now (the predicted latency; fxprune.prune also re-times the slim model).
+    prune_hidden: as prune's; aofp / abfp prune the stream (their masks also zero the removed channels at every
+    RMSNorm's input), csgd keeps it with the reason (an RMSNorm cannot take its merge's T).
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ConfigError(f"optimizer must be the torch.optim.Optimizer you step, got {type(optimizer).__name__}")
@@ -130,7 +133,7 @@ def prepare(model: nn.Module, example_inputs, method: str = "csgd", *, optimizer
                     verify=verify, verify_inputs=verify_inputs, progress=progress and distributed.rank() == 0,
                     method_options=method_options, target_latency=target_latency, latency_batch=latency_batch,
                     latency_threads=latency_threads, latency_timer=latency_timer, latency_cache=latency_cache,
-                    strict=strict, latency_dtype=latency_dtype)
+                    strict=strict, latency_dtype=latency_dtype, prune_hidden=prune_hidden)
         return Pruner(job, inner, optimizer, int(steps), method_cls, job.method_options)
 
 

@@ -30,7 +30,7 @@ from .reconstruct import least_squares
 from .reference import HookedInterpreter
 from .rewrite import Decision, Plan
 from .targets import check_reachable, fill, fit_global, round_width, tighten, width_step
-from .training import ConsumerInput, Pruner, TrainingMethod, consumer_inputs, activation_probe
+from .training import ConsumerInput, Pruner, TrainingMethod, consumer_inputs, activation_probe, norm_inputs
 from .modules import can_measure, consumer_partial_output
 from .verify import flat_tensors
 
@@ -39,6 +39,7 @@ __all__ = [
     "CalibrationDataError", "ConfigError", "ConsumerInput", "DataError", "Decision", "FxPruneError", "GramAccumulator",
     "HookedInterpreter", "Plan", "PruneContext", "Pruner", "Target", "TrainingMethod", "batches",
     "can_measure", "check_reachable", "consumer_inputs", "consumer_partial_output", "distributed", "fill", "fit_global",
+    "norm_inputs",
     "flat_tensors", "group_grams", "least_squares", "activation_probe", "progress_bar", "round_width", "rows_of", "tighten",
     "top_k", "width_step",
 ]

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed, modules
+from .capture import node_module_path
 from .errors import ConfigError
 from . import ops
 from .ops import handler, node_handler
@@ -85,6 +86,7 @@ class Pruner:
         self._mask_handles: dict[int, list] = {}
         if not method_cls.whole_units:
             self._freeze_heads(method_cls)
+        self._freeze_unreachable_norms(method_cls)
         self.method = method_cls(self, **method_options)
         self._handles.append(optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.method.before_step()))
         self._handles.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step()))
@@ -96,6 +98,18 @@ class Pruner:
             if g.unit_of is not None:
                 self.ctx.freeze(gid, f"{name} decides channel by channel, but this group's attention heads are "
                                      "kept or removed whole; use a one-shot method (id, l1) for heads")
+
+    def _freeze_unreachable_norms(self, method_cls):
+        """A group an RMSNorm normalizes over (the residual stream, prune_hidden=True): set_mask must zero the
+        removed channels in the norm's input too, so the model trained with the masks is the slim one (whose norm
+        averages over the kept channels). Where no module of the model issues the norm, no hook can reach it."""
+        name = getattr(method_cls, "name", method_cls.__name__.lower())
+        for gid in self.ctx.prunable:
+            _, lost = norm_inputs(self, gid)
+            if lost:
+                self.ctx.freeze(gid, f"{name} masks channels in the user's modules while training, but the RMSNorm "
+                                     f"at node {lost[0]} is not issued by a module of its own (with its weight) "
+                                     "that a hook could zero the removed channels in")
 
     # ---- what methods use -------------------------------------------------------------------------------------
     @property
@@ -256,10 +270,37 @@ def consumer_inputs(pruner: Pruner, gid: int) -> list[ConsumerInput]:
     return out
 
 
+def norm_inputs(pruner: Pruner, gid: int) -> tuple[list[ConsumerInput], list[str]]:
+    """The RMSNorms that normalize over a group's channels (rules._rms_norm: the residual stream under
+    prune_hidden=True), as ConsumerInputs of the module that issues each one (its forward's first argument is the
+    norm's input; ``fqn`` is the norm's weight), and the mean nodes of those no module of the model issues with
+    its own weight (no hook can reach them)."""
+    an = pruner.analysis
+    found, lost = [], []
+    for name, rec in an.rms_norms.items():
+        cm = rec["cmap"]
+        g, idx = an.positions(cm)
+        if not (g == gid).any():
+            continue
+        node = next(n for n in an.gm.graph.nodes if n.name == name)
+        path, weight = node_module_path(node), rec.get("weight")
+        try:
+            module = pruner.model.get_submodule(path) if path else None
+        except AttributeError:
+            module = None
+        if module is None or (weight is not None and weight.rpartition(".")[0] != path):
+            lost.append(name)
+            continue
+        found.append(ConsumerInput(weight or path, module, 0, cm.dim, g, idx))
+    return found, lost
+
+
 def consumer_mask_hooks(pruner: Pruner, gid: int, keep_mask: np.ndarray) -> list:
-    """Forward pre-hooks that zero a group's removed channels in each consumer module's input."""
+    """Forward pre-hooks that zero a group's removed channels in each consumer module's input, and in the input
+    of every RMSNorm over the group (its mean of squares then counts the kept channels only, as the slim norm's
+    does with eps * n / k)."""
     handles = []
-    for c in consumer_inputs(pruner, gid):
+    for c in consumer_inputs(pruner, gid) + norm_inputs(pruner, gid)[0]:
         pos = c.positions(gid, ~keep_mask)
         if not len(pos):
             continue

@@ -27,7 +27,9 @@ finalize(): each cluster keeps its lowest-index channel; T[j, c] = 1 for every m
 cluster, so consumers add their input weights over the cluster: lossless once kernels, BatchNorm parameters and
 running statistics have converged (status() reports all three spreads). With calib=, the core's least-squares
 reconstruction refits T from data instead (exact as well once converged). Groups whose consumers cannot absorb T
-(grouped convs, partial reads) cannot merge and stay at full width (noted in status()).
+(grouped convs, partial reads) cannot merge and stay at full width (noted in status()), and so does the residual
+stream under prune_hidden=True: an RMSNorm over it takes a selection only, and its mean of squares over the kept
+channels is not the one over every twin the trained model computed.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import numpy as np
 import scipy.cluster.vq as vq
 import torch
 
-from fxprune.method import ConfigError, Decision, TrainingMethod, distributed
+from fxprune.method import ConfigError, Decision, TrainingMethod, distributed, norm_inputs
 
 from . import register
 
@@ -75,6 +77,15 @@ class CSGD(TrainingMethod):
             bad = [s for s in g.sources.values() if not s.foldable]
             if bad:  # the merge needs every consumer to sum its input weights over a cluster
                 why = f"csgd cannot merge here: consumers of {bad[0].node} cannot absorb T ({bad[0].why})"
+                ctx.freeze(gid, why)
+                self.notes.append(f"group {gid} ({', '.join(g.modules)}) stays at full width: {why}")
+                continue
+            norms, lost = norm_inputs(self.pruner, gid)
+            if norms or lost:  # the residual stream (prune_hidden=True): an RMSNorm averages over the twins
+                why = (f"csgd cannot merge here: RMSNorm {norms[0].fqn if norms else lost[0]} normalizes over "
+                       "these channels and takes a selection only (its slim mean of squares is over the kept "
+                       "channels, eps * n / k), not the sum over each cluster's twins the trained norm sees, so "
+                       "the merge would not be lossless")
                 ctx.freeze(gid, why)
                 self.notes.append(f"group {gid} ({', '.join(g.modules)}) stays at full width: {why}")
         widths = ctx.widths()
