@@ -260,8 +260,8 @@ def test_id_prunes_heads_training_free_with_T_in_the_output_projection():
 def test_heads_pruned_through_a_norm_over_the_whole_projection(tmp_path):
     """OLMoE's q_norm / k_norm are RMSNorms over all heads of q_proj / k_proj (not per head): a slim norm over the
     kept heads equals the masked model's (removed heads' q and k zeroed) with q_proj / k_proj rows * sqrt(k / n) and
-    weight * sqrt(n / k), without prune_hidden. Reference: the original with the removed heads' q/k/v rows zeroed (float32: transformers'
-    grouped_mm experts refuse float64)."""
+    weight * sqrt(n / k), without prune_hidden. Reference: the original with the removed heads' q/k/v rows
+    zeroed (float32: transformers' grouped_mm experts refuse float64)."""
     torch.manual_seed(0)
     cfg = T.OlmoeConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2,
