@@ -132,6 +132,8 @@ def begin(model: nn.Module, example_inputs, method: str, decide, *, amount=None,
     if not isinstance(strict, bool):
         raise ConfigError(f"strict must be True (refuse when the model's forward cannot follow a pruned width) or "
                           f"False (freeze those groups and prune the rest), got {strict!r}")
+    if not isinstance(prune_hidden, bool):  # before the capture: bad input costs nothing
+        raise ConfigError(f"prune_hidden must be True or False, got {prune_hidden!r}")
     if isinstance(calib_samples, bool) or not isinstance(calib_samples, numbers.Integral) or calib_samples < 1:
         raise ConfigError(f"calib_samples must be a positive int, got {calib_samples!r}")
     opts = Options(round_to=None if round_to is None else int(round_to), calib=calib,
@@ -152,8 +154,6 @@ def begin(model: nn.Module, example_inputs, method: str, decide, *, amount=None,
     dynamic = dynamic_dims(gm)  # where calibration / verification inputs may differ from the example
     opts.calib = calib = _replayable(calib, example, opts.calib_samples, dynamic)
     opts.verify_inputs = None if verify_inputs is None else _check_verify_inputs(verify_inputs, example, dynamic)
-    if not isinstance(prune_hidden, bool):
-        raise ConfigError(f"prune_hidden must be True or False, got {prune_hidden!r}")
     an = analyze(gm, prune_hidden)
     frozen = {}  # the job's own freezing (the analysis is read-only): the user's ignore
     for g in an.groups:

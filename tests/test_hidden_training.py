@@ -61,9 +61,14 @@ def test_csgd_keeps_the_stream_with_the_reason():
     assert why in res.report
 
 
-def test_prune_hidden_must_be_a_bool():
+def test_prune_hidden_must_be_a_bool(monkeypatch):
     model = build("llama")
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    import fxprune.stages
+
+    def no_capture(*a, **k):
+        raise AssertionError("captured before the option was checked")
+    monkeypatch.setattr(fxprune.stages, "capture", no_capture)  # refused before anything runs the model
     with pytest.raises(ConfigError) as e:
         fxprune.prepare(model, (_ids(),), "aofp", optimizer=opt, steps=STEPS, amount=0.5, progress=False,
                         prune_hidden="yes")
