@@ -55,6 +55,9 @@ class PruneResult:
     params: tuple[int, int]
     method: str
     notes: list[str] = field(default_factory=list)
+    # training-time methods: max relative difference of the slim model's outputs to the model as trained (its
+    # masks on) on the example inputs; exact for the selecting methods, C-SGD's merge once clusters converged
+    trained_diff: float | None = None
     verified: float | None = None     # the worst relative difference to the reference, when verified
     verification: list = field(default_factory=list)  # every compared tensor (compare.Check), in graph order
     recalibrated_bn: list[str] = field(default_factory=list)  # BatchNorm modules whose statistics were re-estimated

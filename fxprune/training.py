@@ -32,12 +32,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed, modules
-from .capture import node_module_path
+from .capture import eval_mode, node_module_path
 from .errors import ConfigError
 from . import ops
 from .ops import handler, node_handler
 from .rewrite import Decision
 from .stages import PruneResult, finish
+from .verify import rel_diff
 
 
 class TrainingMethod:
@@ -189,8 +190,21 @@ class Pruner:
             # the model was trained with these channels reading as zero: that masked model is what reconstruction
             # must reproduce, not the unmasked one whose consumers' stale weights for them were never trained
             zeroed = {g: ~m for g, m in self._masks.items()}
+            trained = self._outputs(self.model)  # the model as trained: its masks still on
             self.remove()
-            return finish(self.job, decisions, zeroed=zeroed)
+            result = finish(self.job, decisions, zeroed=zeroed)
+            # verification checks the slim model against a reference built from the decisions; this checks it
+            # against what was trained (a mask that missed a place the slim model changes shows here)
+            result.trained_diff = rel_diff(self._outputs(result.model), trained)
+            result.notes.append(f"the slim model against the model as trained (masks on), on the example inputs: "
+                                f"relative difference {result.trained_diff:.1e}" + (
+                                    " (BatchNorm statistics were re-estimated, so not the trained ones)"
+                                    if result.recalibrated_bn else ""))
+            return result
+
+    def _outputs(self, model: nn.Module):
+        with torch.no_grad(), eval_mode(model):
+            return model(*self.job.example)
 
     def _synchronize(self):
         """Under torchrun, make every rank finalize rank 0's model. DistributedDataParallel keeps the parameters

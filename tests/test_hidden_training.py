@@ -49,6 +49,9 @@ def test_selecting_methods_prune_the_stream_and_the_slim_model_is_the_one_traine
         assert rel_err(slim, ref(x)) < 1e-5
         # the masks zeroed the removed channels at the norms' inputs as well: what was trained is what is returned
         assert rel_err(slim, masked) < 1e-5
+    # finalize's own check of the same thing (on the example inputs), reported with the result
+    assert res.trained_diff is not None and res.trained_diff < 1e-5
+    assert any("as trained (masks on)" in n for n in res.notes)
 
 
 def test_csgd_keeps_the_stream_with_the_reason():
