@@ -270,8 +270,9 @@ def _finish_once(job: Job, decisions, zeroed, retry: Retry) -> PruneResult:
 
 
 def _redecide(job: Job, decisions: dict, retry, redecide) -> dict:
-    """Freeze the groups verification blamed (in the job's own analysis: the user's model is not involved) and
-    let the method decide the rest again; without ``redecide`` the other decisions stand."""
+    """Freeze the groups verification blamed (on the job's PruneContext: the analysis is read-only and the user's
+    model is not involved) and let the method decide the rest again; without ``redecide`` the other decisions
+    stand."""
     t = job.ctx.target
     for g, why in retry.frozen.items():
         job.ctx.freeze(g, why)

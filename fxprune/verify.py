@@ -40,7 +40,7 @@ from torch import nn
 from torch.fx import GraphModule, Interpreter
 
 from .capture import dynamic_dims, node_module_path
-from .compare import DRIFT, Check, Comparison, SlimGraphFailed, abs_diff, compare
+from .compare import DRIFT, Check, Comparison, SlimGraphFailed, compare, tensor_diff
 from .errors import VerificationError
 from .precision import Float32
 from .reference import HookedInterpreter
@@ -61,14 +61,7 @@ def rel_diff(a, b) -> float:
     fa, fb = flat_tensors(a, double=False), flat_tensors(b, double=False)
     if len(fa) != len(fb):
         return float("inf")
-    worst = 0.0
-    for x, y in zip(fa, fb):
-        found = abs_diff(x, y)  # float64 a block at a time, not a float64 copy of each output
-        if found is None:
-            return float("inf")
-        if found[0]:
-            worst = max(worst, found[0] / max(found[1], 1e-12))
-    return worst
+    return max((tensor_diff(x, y)[0] for x, y in zip(fa, fb)), default=0.0)  # float64 a block at a time
 
 
 def finite(out) -> bool:
