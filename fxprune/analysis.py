@@ -286,6 +286,20 @@ class Queries:
         gi = self._elem_table()[slot_or_cmap.ids]
         return gi[:, 0], gi[:, 1]
 
+    def kept_lookup(self, masks: Mapping[int, np.ndarray]):
+        """``f(slot_or_cmap) -> bool per position``: kept by ``masks`` (group id -> keep mask over its width);
+        positions in no group, or in a group without a mask, are kept. One vectorized lookup per call: called
+        for every slot and node, a loop over the groups was most of the rewrite's and verification's time."""
+        offset = np.concatenate([[0], np.cumsum([g.width for g in self.groups])]).astype(np.int64)
+        flat = np.ones(int(offset[-1]) + 1, dtype=bool)  # the last entry answers for positions in no group
+        for g, m in masks.items():
+            flat[offset[g]:offset[g + 1]] = m
+
+        def kept(holder) -> np.ndarray:
+            gid, idx = self.positions(holder)
+            return flat[np.where(gid >= 0, offset[np.maximum(gid, 0)] + idx, len(flat) - 1)]
+        return kept
+
     def describe(self) -> str:
         """Every group (what it couples, or why it is frozen) and every barrier op with its node and module."""
         n_free = sum(g.prunable for g in self.groups)

@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -166,12 +167,20 @@ def _kept_index(plan, node) -> torch.Tensor | None:
     cm = plan.an.cmap(node)
     if cm is None or cm.heads:
         return None
-    gid, idx = plan.an.positions(cm)
-    mask = np.ones(len(gid), dtype=bool)
-    for g, d in plan.decisions.items():
-        sel = gid == g
-        mask[sel] = np.isin(idx[sel], d.keep)
+    mask = _lookup(plan)(cm)
     return None if mask.all() else torch.as_tensor(np.flatnonzero(mask))
+
+
+_LOOKUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _lookup(plan):
+    """The decisions' keep lists as one position lookup, built once per plan (a plan's keep lists are fixed when
+    it is made; reconstruction changes only T)."""
+    if plan not in _LOOKUPS:
+        masks = {g: np.isin(np.arange(plan.an.groups[g].width), d.keep) for g, d in plan.decisions.items()}
+        _LOOKUPS[plan] = plan.an.kept_lookup(masks)
+    return _LOOKUPS[plan]
 
 
 def _leaves(out) -> list[torch.Tensor]:

@@ -40,6 +40,7 @@ class PruneContext:
     notes: list[str] = field(default_factory=list)  # lines the method wants in the report
     frozen: dict[int, str] = field(default_factory=dict)  # this job's freezing on top of the analysis' own
     _cost: CostModel | None = None
+    _producer_slots: dict | None = field(default=None, repr=False)
 
     @property
     def cost(self) -> CostModel:
@@ -74,14 +75,24 @@ class PruneContext:
 
     def producer_rows(self, gid: int):
         """Yield (weight tensor with channels in dim 0, group index per row) for every producer of a group."""
-        for s in self.analysis.slots.values():
-            if s.role != "out":
-                continue
+        for s in self._producers_of().get(gid, ()):
             g, idx = self.analysis.positions(s)
             mine = g == gid
             if mine.any():
                 w = self.analysis.tensor(s.fqn).detach().movedim(s.dim, 0)[torch.as_tensor(np.flatnonzero(mine))]
                 yield w, idx[mine]
+
+    def _producers_of(self) -> dict[int, list]:
+        """{group id: the "out" slots with a row in it}, in slot order (built once: scanning every slot for every
+        group was most of l1's time on deep nets)."""
+        if self._producer_slots is None:
+            by_group: dict[int, list] = {}
+            for s in self.analysis.slots.values():
+                if s.role == "out":
+                    for g in np.unique(self.analysis.positions(s)[0]):
+                        by_group.setdefault(int(g), []).append(s)
+            self._producer_slots = by_group
+        return self._producer_slots
 
     def widths(self, scores: dict[int, np.ndarray] | None = None) -> dict[int, int]:
         """Kept count per prunable group for this target: uniform amounts, or a global fit (by score when

@@ -81,6 +81,7 @@ class Plan:
         self._frozen = dict(frozen or {})
         self._decisions = {g: self._check(g, d) for g, d in decisions.items()}
         self.keep_mask = {g: np.isin(np.arange(an.groups[g].width), d.keep) for g, d in self.decisions.items()}
+        self._kept = an.kept_lookup(self.keep_mask)
         for s in an.slots.values():  # torch has no 0-channel conv/linear: refuse before anything is edited
             if s.role in ("out", "in", "grouped_in") and len(s.ids) and not self.kept_positions(s).any():
                 raise RewriteError(f"these decisions remove every channel of {s.fqn} (dim {s.dim}); keep at "
@@ -150,12 +151,7 @@ class Plan:
 
     # ---- per-position masks ------------------------------------------------------------------------------
     def kept_positions(self, ids_holder) -> np.ndarray:
-        gid, idx = self.an.positions(ids_holder)
-        mask = np.ones(len(gid), dtype=bool)
-        for g, km in self.keep_mask.items():
-            sel = gid == g
-            mask[sel] = km[idx[sel]]
-        return mask
+        return self._kept(ids_holder)
 
     def new_size(self, ids_holder) -> int:
         return int(self.kept_positions(ids_holder).sum())
