@@ -75,3 +75,30 @@ def test_eval_mode_context():
 def test_bad_inputs_rejected():
     with pytest.raises(ConfigError):
         count_flops(tiny_net(), [[1, 2]])
+
+
+class _ItemNet(nn.Module):
+    """A forward that needs a value (fake tensors refuse .item()): counted on the real values instead."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(x) * 2 if x.sum().item() > -1e9 else self.fc(x)
+
+
+def test_flops_on_fake_tensors_match_the_real_run(monkeypatch):
+    from fxprune import cost, zoo
+    model, x = zoo.build("resnet20").eval(), torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), torch.utils.flop_counter.FlopCounterMode(display=False) as real:
+        model(x)  # the independent route: torch's counter on the real forward
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+    monkeypatch.setattr(cost, "_count", lambda m, i, fake, _c=cost._count: seen.append(fake) or _c(m, i, fake))
+    assert count_flops(model, x) == real.get_total_flops()
+    assert seen == [True]  # no fallback: the fake run counted
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    seen.clear()
+    assert count_flops(_ItemNet(), torch.randn(3, 8)) == 2 * 3 * 8 * 4
+    assert seen == [True, False]  # the fake run refused .item(), the real one counted
