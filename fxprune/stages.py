@@ -29,7 +29,7 @@ from torch import nn
 from . import distributed
 from . import verify as _verify
 from .analysis import Analysis, analyze
-from .capture import as_tuple, capture, dynamic_dims, eval_mode
+from .capture import as_tuple, capture, dynamic_dims
 from .context import PruneContext, Target
 from .cost import count_flops, count_params
 from .errors import ConfigError, DataError, NothingToPruneError, TargetError, VerificationError
