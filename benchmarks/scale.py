@@ -160,15 +160,15 @@ def run_child(row: str, max_gb: float, timeout: float) -> dict:
 
 def table(rows: list[dict]) -> str:
     head = ("| model | params | dtype | method | mode | prune s | export s | ratio | model MB | slim MB | "
-            "extra peak MB | extra / model | target MB |\n" + "|---" * 13 + "|\n")
+            "extra peak MB | extra / model | target MB | commit |\n" + "|---" * 14 + "|\n")
     body = ""
     for r in rows:
         if "error" in r:
-            body += f"| {r['row']} | | | | | | | | | | {r['error']} | | |\n"
+            body += f"| {r['row']} | | | | | | | | | | {r['error']} | | | {r.get('commit', '')} |\n"
             continue
         body += (f"| {r['size']} | {r['params'] / 1e6:.0f}M | {r['dtype']} | {r['method']} | {r['mode']} | "
                  f"{r['seconds']} | {r['export_s']} | {r['ratio_to_export']} | {r['model_mb']} | {r['slim_mb']} | "
-                 f"{r['extra_peak_mb']} | {r['extra_ratio']} | {r['target_mb']} |\n")
+                 f"{r['extra_peak_mb']} | {r['extra_ratio']} | {r['target_mb']} | {r.get('commit', '')} |\n")
     return head + body
 
 
@@ -203,7 +203,8 @@ def main():
     ap.add_argument("--profile", metavar="ROW")
     ap.add_argument("--max-gb", type=float, default=8.0)
     ap.add_argument("--timeout", type=float, default=1800)
-    ap.add_argument("--append", action="store_true", help="merge into the existing results (same row replaced)")
+    ap.add_argument("--append", action="store_true",
+                    help="merge into the existing results (the same row at the same commit replaced)")
     a = ap.parse_args()
     if a.one:
         print(json.dumps(one(a.one)), flush=True)
@@ -213,11 +214,11 @@ def main():
         return
     old = {}
     if a.append and (OUT / "scale.json").exists():
-        old = {r["row"]: r for r in json.loads((OUT / "scale.json").read_text())["rows"]}
+        old = {(r["row"], r.get("commit")): r for r in json.loads((OUT / "scale.json").read_text())["rows"]}
     for row in a.rows:
         r = run_child(row, a.max_gb, a.timeout)
         r["commit"] = git_commit()
-        old[row] = r
+        old[(row, r["commit"])] = r
         print(json.dumps(r), flush=True)
     rows = list(old.values())
     write_json_atomic(OUT / "scale.json", {"rows": rows})

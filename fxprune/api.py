@@ -6,7 +6,8 @@ the graph -> verification against the hooked full-width original and of the eage
 -> FLOPs/params before and after.
 
 The user's model is never left half-pruned: the slim model is a copy (each pruned tensor sliced once, shared with the
-slim graph); with ``inplace=True`` the verified result is transplanted into the user's modules at the very end.
+slim graph); with ``inplace=True`` no copy is made: everything is verified lazily first (stages.finish, lazy.py),
+then the user's tensors are slimmed one at a time.
 
 Example::
 
@@ -91,7 +92,8 @@ def compile(model: nn.Module, example_inputs, method: str = "l1", **options) -> 
     method gets least-squares reconstruction of the consumers' inputs (reconstruct=False turns it off) and
     re-estimated BatchNorm statistics (recalibrate_bn=False turns it off). verify: check against the masked
     reference (default True; verify_inputs= to verify on your own inputs). inplace: slim the user's model object
-    itself (after verification) instead of returning a copy. strict: when the model's own forward cannot follow a
+    itself, tensor by tensor after verification, instead of returning a copy (peak: the model plus one tensor plus
+    verification's working set). strict: when the model's own forward cannot follow a
     pruned width (a module stores it), refuse (True) instead of freezing the groups that reach that module and
     pruning the rest (False, the default; the report lists each frozen group and why). Method options (e.g. ID's tol=) pass through; an
     option no one takes is an error.

@@ -180,7 +180,7 @@ class Plan:
             d = self.decisions[g]
             Q = torch.as_tensor(slim_pos[P[d.keep]], device=tensor.device)
             W = tensor.index_select(s.dim, torch.as_tensor(P, device=tensor.device)).movedim(s.dim, -1)
-            folded = (W.double() @ torch.as_tensor(T.T)).to(tensor.dtype).movedim(-1, s.dim)
+            folded = (W.double() @ torch.as_tensor(T.T, device=tensor.device)).to(tensor.dtype).movedim(-1, s.dim)
             out.index_copy_(s.dim, Q, folded)
         return out
 
@@ -339,6 +339,35 @@ class Plan:
         self.apply_params(slim_gm, values)
         self.fix_graph(slim_gm)
         return slim_gm, eager, values
+
+    def graph_only(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        """The slim graph's structure (shape constants rewritten) still holding ``gm``'s full-width tensors, none
+        copied: inplace=True verifies it with each touched tensor slimmed as it is read (verify(lazy=True)), and
+        gives it the user's slim tensors afterwards (transplant.slim_in_place)."""
+        slim_gm = copy_structure(gm, lambda name, t: t)
+        self.fix_graph(slim_gm)
+        return slim_gm
+
+    def skeleton(self, model: nn.Module, values: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+        """The slim eager model's structure without its data: a copy of ``model`` whose touched tensors are meta
+        tensors of their slim shape and whose other tensors are ``model``'s own, shared (read only), or a copy of
+        ``values[fqn]`` (re-estimated statistics); width attributes fixed as in build. Its forward runs with each
+        module's slim tensors computed for that forward alone (lazy.Materializer)."""
+        values = values or {}
+        slim, memo = {}, {}
+        for fqn in self.touched():
+            old = _get(model, fqn)
+            new = self.slim_tensor(fqn, old.detach().to("meta"))  # the shape, no data
+            slim[fqn] = nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
+            for name in self.an.aliases.get(fqn, [fqn]):
+                memo[id(_get(model, name))] = slim[fqn]
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if id(t) not in memo:
+                v = values.get(self.an.canonical(name))
+                memo[id(t)] = t if v is None else v.detach().clone()
+        eager = _deepcopy(model, memo)
+        self.apply_params(eager, slim)
+        return eager
 
     # ---- graph constants ----------------------------------------------------------------------------------
     def fix_graph(self, gm: torch.fx.GraphModule):

@@ -29,15 +29,18 @@ from torch import nn
 from . import distributed
 from . import verify as _verify
 from .analysis import Analysis, analyze
-from .capture import as_tuple, capture, dynamic_dims, eval_mode
+from .capture import as_tuple, capture, dynamic_dims
 from .context import PruneContext, Target
 from .cost import count_flops, count_params
 from .errors import ConfigError, DataError, NothingToPruneError, TargetError, VerificationError
 from .latency import check_latency_options
 from .matching import group_amounts, match_modules, under
+from .lazy import Materializer, check_eager
 from .retry import Retry, apply_updates, next_step
 from .rewrite import Decision, Plan
 from .targets import DEFAULT_ROUND_TO
+from .transplant import slim_in_place
+from .verify import slim_interpreter
 
 DEFAULT_CALIB_SAMPLES = 1000
 _SAME_WEIGHTS = ("Under torchrun every rank must prune the same model: load the same checkpoint on every rank, or "
@@ -229,20 +232,26 @@ def _finish_once(job: Job, decisions, zeroed, retry: Retry) -> PruneResult:
         cal = calibrate(plan, opts.calib, job.example, reconstruct=opts.reconstruct,
                         recalibrate_bn=opts.recalibrate_bn, samples=opts.calib_samples, progress=opts.progress,
                         notes=ctx.notes, zeroed=zeroed)
-    slim_gm, work, _ = plan.build(job.gm, job.model)  # each pruned tensor sliced once, shared with the graph
-    retry.updated = apply_updates(retry, plan, job.gm, slim_gm, work)
-    reference_gm, recalibrated = job.gm, []
-    if cal is not None and cal.bn:
-        # The T_j were fitted with the re-estimated statistics in place, so the model returned is verified as it
-        # is, against a reference with the same statistics (old statistics + new T can overflow a deep net).
-        plan.replace_tensors(work, cal.bn)  # the slim graph shares the slim model's tensors
-        reference_gm = _with_tensors(job.gm, cal.bn)  # shares every other tensor
-        recalibrated = sorted({k.rsplit(".", 1)[0] for k in cal.bn})
+    bn = cal.bn if cal is not None else {}
+    reference_gm = _with_tensors(job.gm, bn) if bn else job.gm  # shares every other tensor
+    recalibrated = sorted({k.rsplit(".", 1)[0] for k in bn})
+    # The T_j were fitted with the re-estimated statistics in place, so the model returned is verified as it is,
+    # against a reference with the same statistics (old statistics + new T can overflow a deep net).
+    if opts.inplace:  # no slim copy: a graph holding the full tensors and a skeleton, both slimmed as they are read
+        slim_gm, work = plan.graph_only(reference_gm), plan.skeleton(job.model, bn)
+        mat = Materializer(plan, work, lambda fqn: _full(job.model, bn, plan, fqn))
+        retry.updated = apply_updates(retry, plan, job.gm, slim_gm, work)
+    else:
+        slim_gm, work = _slim_copy(job, plan, retry, bn)
     checks = []
     if opts.verify:
+        eager = None
+        if opts.inplace:
+            eager = functools.partial(check_eager, mat, slim_interpreter(plan, reference_gm, slim_gm, lazy=True),
+                                      full_copy=lambda: _slim_copy(job, plan, retry, bn))
         try:
             checks = _verify.verify(plan, reference_gm, slim_gm, work, job.example, opts.verify_inputs, opts.calib,
-                                    ctx.notes)
+                                    ctx.notes, lazy=opts.inplace, eager_check=eager)
         except VerificationError as exc:
             exc.fxprune_attempt = (plan, job.gm, slim_gm, work)  # what freeze-and-retry inspects
             raise
@@ -252,21 +261,40 @@ def _finish_once(job: Job, decisions, zeroed, retry: Retry) -> PruneResult:
         # (a rank whose verification raised is reported at this first collective, on every rank)
         diff = None if diff is None else distributed.allreduce_max(diff, "the verified difference")
         samples = int(distributed.allreduce_sum(torch.tensor(samples), "the calibration sample count"))
-        distributed.same_tensors("slim models", work.state_dict(), "Every rank must build the same slim model "
-                                 "from the same decisions: this is a bug in fxprune, please report it")
-    result = PruneResult(model=work, graph=slim_gm, analysis=ctx.analysis, decisions=dict(plan.decisions),
-                         flops=(job.flops_before, count_flops(work, job.one)),
-                         params=(count_params(job.model), count_params(work)), method=job.method,
-                         notes=ctx.notes, verified=diff, verification=checks, recalibrated_bn=recalibrated,
-                         calib_samples=samples, frozen=ctx.all_frozen)
-    if opts.inplace:
-        from .transplant import transplant
-        transplant(work, job.model)
-        if opts.verify:
-            with eval_mode(job.model):
-                _verify.check_eager_matches_graph(job.model, slim_gm, _verify.random_like(job.example))
-        result.model = job.model
-    return result
+        distributed.same_tensors("slim models", mat.state_dict() if opts.inplace else work.state_dict(),
+                                 "Every rank must build the same slim model from the same decisions: this is a bug "
+                                 "in fxprune, please report it")
+    flops_before, params_before = job.flops_before, count_params(job.model)
+    if opts.inplace:  # everything passed: only now is the user's model changed, one tensor at a time
+        del mat
+        slim_in_place(plan, job.model, work, graphs=(slim_gm,), released=tuple({id(g): g for g in
+                                                                               (job.gm, reference_gm)}.values()),
+                      values=bn)
+        # No eager forward of the user's object afterwards: its tensors are bitwise the ones the skeleton's checked
+        # forward computed (Plan.slim_tensor), and a check that failed now could no longer leave the model as it was.
+        del reference_gm
+        work = job.model
+    return PruneResult(model=work, graph=slim_gm, analysis=ctx.analysis, decisions=dict(plan.decisions),
+                       flops=(flops_before, count_flops(work, job.one)), params=(params_before, count_params(work)),
+                       method=job.method, notes=ctx.notes, verified=diff, verification=checks,
+                       recalibrated_bn=recalibrated, calib_samples=samples, frozen=ctx.all_frozen)
+
+
+def _slim_copy(job: Job, plan: Plan, retry: Retry, bn: dict):
+    """The slim graph and a slim copy of the eager model (each pruned tensor sliced once, shared by both), with
+    this round's stored-width updates and the re-estimated statistics. Returns (slim graph, slim model)."""
+    slim_gm, work, _ = plan.build(job.gm, job.model)
+    retry.updated = apply_updates(retry, plan, job.gm, slim_gm, work)
+    if bn:
+        plan.replace_tensors(work, bn)  # the slim graph shares the slim model's tensors
+    return slim_gm, work
+
+
+def _full(model: nn.Module, bn: dict, plan: Plan, fqn: str) -> torch.Tensor:
+    """The full-width tensor a slim one is computed from: the re-estimated statistic, else the model's own."""
+    from .rewrite import _get
+    fqn = plan.an.canonical(fqn)
+    return bn[fqn] if fqn in bn else _get(model, fqn)
 
 
 def _redecide(job: Job, decisions: dict, retry, redecide) -> dict:
@@ -364,10 +392,17 @@ def _flag(name: str, value, calib) -> bool:
 def _check_finite(model: nn.Module):
     """NaN/inf weights make every score and every comparison meaningless: refuse them up front."""
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not _all_finite(t):
             bad = int((~torch.isfinite(t)).sum())
             raise ConfigError(f"model tensor '{name}' has {bad} NaN/inf value(s); fxprune can neither rank nor "
                               "verify such a model: fix or re-initialize those weights first")
+
+
+def _all_finite(t: torch.Tensor, block: int = 1 << 20) -> bool:
+    """torch.isfinite of a whole tensor makes float and bool temporaries of its size (1.7x the embedding of a
+    language model, measured): check a block at a time."""
+    flat = t.detach().reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + block]).all()) for i in range(0, flat.numel(), block))
 
 
 def _with_tensors(gm, values: dict[str, torch.Tensor]):

@@ -289,36 +289,48 @@ def candidate_inputs(example: tuple, verify_inputs=None, calib=None, dynamic=Non
     return out
 
 
-@torch.no_grad()
-def verify(plan: Plan, original_gm: GraphModule, slim_gm: GraphModule, slim_model: nn.Module, example: tuple,
-           verify_inputs=None, calib=None, notes: list | None = None, lazy: bool = False) -> list[Check]:
-    """Every check, on the first candidate input whose reference output is finite. Returns the compared tensors
-    (Check: name, relative difference, scale); the worst difference is the certificate's number.
-    Half models run node by node in float32 without a float32 copy (precision.Float32): each tensor upcast as it
-    is read, the slim graph's touched tensors sliced/folded afresh from the upcast originals after checking that
-    its own half tensor is that recomputation rounded once. ``lazy`` (inplace=True): the slim graph still holds
-    the original tensors; each touched one is slimmed as it is read; no eager model yet (slim_model None)."""
-    dtype = model_dtype(original_gm)
-    ref_gm, check_gm, cast = original_gm, slim_gm, (lambda xs: xs)
-    half = dtype if dtype in HALF else None
+def slim_interpreter(plan: Plan, source_gm: GraphModule, slim_gm: GraphModule, half=None, lazy: bool = False):
+    """An interpreter of the slim graph that computes each touched tensor afresh from ``source_gm``'s full-width
+    one as its get_attr runs (Plan.slim_tensor; in float32 for a half model, ``half``). Copy mode checks the slim
+    graph's own half tensor against that recomputation; ``lazy`` (inplace=True): the slim graph holds the
+    full-width tensors, so the half tensor the user will get is computed the same way and checked."""
     touched = set(plan.touched())
-
-    class Ref(Float32, HookedInterpreter):
-        pass
 
     class Slim(Float32, Interpreter):
         def get_attr(self, target, args, kwargs):
             if plan.an.canonical(target) not in touched:
                 return super().get_attr(target, args, kwargs)
-            full = _fetch(original_gm, target)
+            full = _fetch(source_gm, target)
             fresh = plan.slim_tensor(target, full.float() if half else full)
-            if half and not lazy:
-                _check_rounded(target, _fetch(slim_gm, target), fresh)
+            if half:
+                _check_rounded(target, plan.slim_tensor(target, full) if lazy else _fetch(slim_gm, target), fresh)
             return fresh
+
+    return Slim(slim_gm, half=half)
+
+
+@torch.no_grad()
+def verify(plan: Plan, original_gm: GraphModule, slim_gm: GraphModule, slim_model: nn.Module, example: tuple,
+           verify_inputs=None, calib=None, notes: list | None = None, lazy: bool = False,
+           eager_check=None) -> list[Check]:
+    """Every check, on the first candidate input whose reference output is finite. Returns the compared tensors
+    (Check: name, relative difference, scale); the worst difference is the certificate's number.
+    Half models run node by node in float32 without a float32 copy (precision.Float32): each tensor upcast as it
+    is read, the slim graph's touched tensors sliced/folded afresh from the upcast originals after checking that
+    its own half tensor is that recomputation rounded once. ``lazy`` (inplace=True): the slim graph still holds
+    the original tensors; each touched one is slimmed as it is read. ``eager_check(inputs, rtol)``: replaces the
+    check of ``slim_model`` against the slim graph (inplace: lazy.check_eager on the skeleton)."""
+    dtype = model_dtype(original_gm)
+    ref_gm, check_gm, cast = original_gm, slim_gm, (lambda xs: xs)
+    half = dtype if dtype in HALF else None
+
+    class Ref(Float32, HookedInterpreter):
+        pass
 
     interpreters = None
     if half or lazy:
-        interpreters = (lambda gm, p: Ref(gm, p, half=half)), (lambda gm: Slim(gm, half=half))
+        interpreters = ((lambda gm, p: Ref(gm, p, half=half)),
+                        (lambda gm: slim_interpreter(plan, original_gm, gm, half, lazy)))
     if half and notes is not None:
         notes.append(f"verified in float32, node by node (the model is {str(dtype).replace('torch.', '')}); the "
                      f"{str(dtype).replace('torch.', '')} eager model was checked against its slim graph "
@@ -340,7 +352,9 @@ def verify(plan: Plan, original_gm: GraphModule, slim_gm: GraphModule, slim_mode
                              f"{', ...' if len(run.followed) > 3 else ''}: top-k, sort) were verified on the values "
                              "they select from; past them the slim graph was given the reference's choice (float "
                              "rounding may flip a near-tie)")
-        if slim_model is not None:
+        if eager_check is not None:
+            eager_check(inputs, _half_rtol(dtype) if dtype in HALF else RTOL)
+        elif slim_model is not None:
             with eval_mode(slim_model):
                 check_eager_matches_graph(slim_model, slim_gm, inputs,
                                           rtol=_half_rtol(dtype) if dtype in HALF else RTOL)
