@@ -75,12 +75,9 @@ def _quiet():
     transformers.logging.set_verbosity_error()
 
 
-def _tqdm(it, **kw):
-    try:
-        from tqdm import tqdm
-        return tqdm(it, mininterval=5, **kw)
-    except ImportError:
-        return it
+def _tqdm(it, *, desc: str):
+    from fxprune.console import progress_bar  # a few lines per bar in a log, the live bar in a terminal
+    return progress_bar(it, desc=desc)
 
 
 # ================================================================================================================

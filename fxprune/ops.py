@@ -275,6 +275,16 @@ def asserts_dtype(target) -> bool:
     return op_name(target) in DTYPE_ASSERTS
 
 
+# Ops whose large half-precision weight a float32 recomputation (precision.Float32) need not upcast whole:
+# (the weight's argument index, how): "gather" selects rows of it (exact in the half dtype; upcast after),
+# "rows" makes one output feature per weight row (computed a block of rows at a time).
+HALF_WEIGHT = {"aten.linear": (1, "rows"), "aten.embedding": (0, "gather")}
+
+
+def half_weight(target) -> tuple[int, str] | None:
+    return HALF_WEIGHT.get(op_name(target))
+
+
 def node_handler(node) -> OpHandler | None:
     """The handler of a graph node, or None for nodes that are not op calls (placeholders, get_attr, output)."""
     return handler(node.target) if node.op == "call_function" else None

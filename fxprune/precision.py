@@ -18,11 +18,10 @@ from __future__ import annotations
 import torch
 from torch.fx.node import map_aggregate
 
-from .ops import asserts_dtype
+from .ops import asserts_dtype, half_weight
 
 HALF = (torch.float16, torch.bfloat16)
 BIG = 1 << 22  # elements: a half weight above this is upcast a block at a time by the op reading it
-aten = torch.ops.aten
 
 
 def model_dtype(module: torch.nn.Module) -> torch.dtype:
@@ -65,17 +64,17 @@ class Float32:
     def call_function(self, target, args, kwargs):
         if self.half is not None and asserts_dtype(target):
             return None
-        if target in (aten.linear.default, aten.embedding.default) and len(args) > 1 and \
-                self._big(args[1] if target is aten.linear.default else args[0]):
-            return self._blockwise(target, args, kwargs)
+        how = half_weight(target)
+        if how is not None and len(args) > how[0] and self._big(args[how[0]]):
+            return self._blockwise(target, args, kwargs, how[1])
         return super().call_function(target, map_aggregate(args, self._promote),
                                      map_aggregate(kwargs, self._promote))
 
-    def _blockwise(self, target, args, kwargs):
+    def _blockwise(self, target, args, kwargs, how: str):
         """A language model's embedding and output projection without a float32 copy of their weight (0.3x of a
         156M model in bfloat16): the embedding gathers rows, then upcasts (exact); the linear upcasts BIG
         elements of its weight at a time and concatenates the outputs."""
-        if target is aten.embedding.default:
+        if how == "gather":
             return super().call_function(target, args, kwargs).float()
         x, w, b = self._promote(args[0]), args[1], (args[2] if len(args) > 2 else None)
         rows = max(1, BIG // w.shape[1])

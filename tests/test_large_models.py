@@ -184,3 +184,32 @@ def test_half_parameters_are_upcast_one_op_at_a_time():
     want = Up(gm, half=torch.bfloat16).run(x)  # Interpreter.run: graph order
     first = lambda v: v[0] if isinstance(v, (tuple, list)) else v  # noqa: E731 - the graph's one output
     assert torch.equal(first(out), first(want))
+
+
+def test_big_half_weights_are_upcast_a_block_at_a_time(monkeypatch):
+    """An embedding and an LM head above precision.BIG elements are read in float32 a block of rows at a time (a
+    float32 copy of a language model's head was 0.3x of the model); the outputs are the whole-weight upcast's, and
+    the pruned model still verifies."""
+    import transformers as T
+    from fxprune import precision
+    from fxprune.analysis import analyze
+    from fxprune.capture import capture
+    cfg = T.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+    torch.manual_seed(0)
+    model = reinit(T.LlamaForCausalLM(cfg)).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 96, (2, 10))
+    gm = analyze(capture(model, ids)).gm
+
+    class Up(precision.Float32, torch.fx.Interpreter):
+        pass
+
+    whole = Up(gm, half=torch.bfloat16).run(ids)[0]
+    monkeypatch.setattr(precision, "BIG", 100)  # every weight here is "big": 32 x 96 blocks of 3 rows
+    seen = []
+    monkeypatch.setattr(Up, "_blockwise", lambda self, *a, _f=Up._blockwise: seen.append(a[3]) or _f(self, *a))
+    blocks = Up(gm, half=torch.bfloat16).run(ids)[0]
+    assert {"rows", "gather"} <= set(seen)
+    assert blocks.dtype == torch.float32 and rel_err(blocks, whole) < 1e-5  # float32 sums over 32-64 terms
+    res = fxprune.prune(model, ids, "l1", amount=0.5, progress=False)
+    assert res.verified is not None and res.verified <= 1e-4
