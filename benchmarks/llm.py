@@ -38,7 +38,6 @@ import datetime
 import io
 import logging
 import math
-import os
 import sys
 import time
 import traceback

@@ -115,7 +115,6 @@ def check_eager(mat: Materializer, graph_interp, inputs: tuple, rtol: float, ful
             return
     except Exception:  # noqa: BLE001 - the full copy below says what fails, and where
         pass
-    got = None
     slim_gm, work = full_copy()
     with eval_mode(work):
         check_eager_matches_graph(work, slim_gm, inputs, rtol=rtol)

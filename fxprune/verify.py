@@ -32,8 +32,6 @@ Example::
 
 from __future__ import annotations
 
-import copy
-import warnings
 
 import torch
 from torch import nn
